@@ -195,7 +195,9 @@ class LossConfig:
     init_loss_norm: initial value of the EMA positive-count normalizer.
     loss_norm_momentum: EMA momentum of the normalizer (0.9).
     evaluator_loss_weight: weight of the instance evaluator's MSE.
-    instance_combination: `product` (w = p * sg(q)) or `sum` (w = p + sg(q)).
+    instance_combination: `sum` (w = p + sg(q)) or `product` (w = p * sg(q)). `product`
+      shrinks the weight of positives whose predicted quality q is low, which early in
+      training is all of them; measured to collapse some runs (README, ASL ablation).
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
     contrastive_temperature: InfoNCE temperature tau.
@@ -210,7 +212,7 @@ class LossConfig:
   init_loss_norm: float = 100.0
   loss_norm_momentum: float = 0.9
   evaluator_loss_weight: float = 1.0
-  instance_combination: str = "product"
+  instance_combination: str = "sum"
   instance_start_epoch: int = 0
   contrastive_temperature: float = 0.07
   contrastive_topk: int = 3

@@ -79,8 +79,9 @@ flags.DEFINE_float("label_smoothing", 0.0, "Focal-loss label smoothing.")
 flags.DEFINE_float("reg_loss_weight", 1.0, "DIoU loss weight.")
 flags.DEFINE_float("init_loss_norm", 100.0, "Initial EMA loss normalizer.")
 flags.DEFINE_float("evaluator_loss_weight", 1.0, "Instance evaluator MSE weight.")
-flags.DEFINE_enum("instance_combination", "product", list(config_lib.INSTANCE_COMBINATIONS),
-                  "How class- and instance-level weights combine.")
+flags.DEFINE_enum("instance_combination", "sum", list(config_lib.INSTANCE_COMBINATIONS),
+                  "How class- and instance-level weights combine on positives: sum p + sg(q) "
+                  "or product p * sg(q) (product can collapse training; README, ASL ablation).")
 flags.DEFINE_integer("instance_start_epoch", 0, "First epoch using instance weights.")
 flags.DEFINE_float("contrastive_temperature", 0.07, "InfoNCE temperature.")
 flags.DEFINE_integer("contrastive_topk", 3, "Sensitive points averaged per instance.")

@@ -7,7 +7,8 @@ Each run is `python -m asl_tf.train --flagfile=<dataset flagfile> <variant flags
 --output_dir=<runs_dir>/<variant>/seed<S> <extra flags>`; its `eval/metrics.json` gives the
 average mAP and mAP@0.5. Runs whose metrics already exist are reused (the script resumes), and
 the JSON and Markdown are rewritten after every run, so a stopped grid still reports what ran.
-Variants add one ASL option at a time to ActionFormer, then all of them together.
+Variants add one ASL option at a time to ActionFormer, then all of them together (and, on request,
+the two instance-level variants with the `product` combination).
 
 The runs use a copy of `asl_tf/` and the flagfiles taken when the grid first starts
 (`<runs_dir>/code_snapshot`, with `runs/` linked back; reused on resume), so that edits to the
@@ -38,12 +39,19 @@ VARIANTS: Dict[str, tuple] = {
     "+class": ("--class_sensitivity=true", "--instance_sensitivity=false",
                "--contrastive_weight=0"),
     "+instance": ("--class_sensitivity=false", "--instance_sensitivity=true",
-                  "--contrastive_weight=0"),
+                  "--instance_combination=sum", "--contrastive_weight=0"),
     "+contrastive": ("--class_sensitivity=false", "--instance_sensitivity=false",
                      "--contrastive_weight=0.1"),
     "asl_all": ("--class_sensitivity=true", "--instance_sensitivity=true",
-                "--contrastive_weight=0.1"),
+                "--instance_combination=sum", "--contrastive_weight=0.1"),
+    # The instance weights as ASL_SPEC 2.2 first recommended (w = p * sg(q)); not in the default
+    # grid: it collapses some runs (README, ASL ablation).
+    "+instance_product": ("--class_sensitivity=false", "--instance_sensitivity=true",
+                          "--instance_combination=product", "--contrastive_weight=0"),
+    "asl_all_product": ("--class_sensitivity=true", "--instance_sensitivity=true",
+                        "--instance_combination=product", "--contrastive_weight=0.1"),
 }
+DEFAULT_VARIANTS = ("actionformer", "+class", "+instance", "+contrastive", "asl_all")
 DATASETS = {
     "demo": "configs/demo.flags",
     "thumos_synthetic": "benchmarks/thumos_synthetic.flags",
@@ -165,7 +173,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dataset", choices=sorted(DATASETS), default="demo")
   parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
-  parser.add_argument("--variants", default=",".join(VARIANTS),
+  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                       help=f"comma-separated subset of {','.join(VARIANTS)}")
   parser.add_argument("--extra_flags", default="",
                       help="space-separated training flags added to every run (e.g. --epochs=6)")

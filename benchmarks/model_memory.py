@@ -8,7 +8,7 @@ squares line through (T, peak_delta_mb) gives the slope per 1000 frames. Linear 
 a near-constant `delta_per_1k_frames_mb` and a fit residual that is small relative to the peak.
 
 Usage:
-  python benchmarks/model_memory.py            # THUMOS config, T = 2304 ... 18432
+  python benchmarks/model_memory.py            # THUMOS config, T = 2304 ... 36864
   python benchmarks/model_memory.py --quick    # tiny model and lengths (seconds)
 """
 
@@ -22,8 +22,8 @@ THUMOS = dict(input_dim=2048, embd_dim=512, fpn_dim=512, head_dim=512, n_head=4,
               mha_win_size=(19,), num_classes=20, max_seq_len=2304)
 QUICK = dict(input_dim=64, embd_dim=32, fpn_dim=32, head_dim=32, n_head=4, mha_win_size=(19,),
              num_classes=5, max_seq_len=576)
-FULL_LENGTHS = (2304, 4608, 9216, 18432)
-QUICK_LENGTHS = (576, 1152, 2304, 4608)
+FULL_LENGTHS = (2304, 4608, 9216, 18432, 36864)
+QUICK_LENGTHS = (576, 1152, 2304)
 
 
 def _vm_hwm_mb():

@@ -31,13 +31,14 @@ _REPO_ROOT = os.path.dirname(_HERE)
 BENCHMARKS: Dict[str, tuple] = {
     "data_pipeline": ("data_pipeline.py", ()),
     "train_step": ("train_step.py", ()),
+    "train_step_bench": ("train_step.py", ("--config=bench", "--modes=graph")),
     "inference": ("inference.py", ()),
     "inference_bench": ("inference.py", ("--config=bench",)),
     "evaluation": ("evaluation.py", ()),
     "serving": ("serving.py", ()),
     "model_memory": ("model_memory.py", ()),
 }
-_FULL_ONLY = ("inference_bench",)
+_FULL_ONLY = ("inference_bench", "train_step_bench")
 
 
 def _parse_json(stdout: str) -> dict:
@@ -61,7 +62,7 @@ def run_benchmark(name: str, quick: bool, timeout: float) -> dict:
     record["skipped"] = "script not present"
     return record
   if quick and name in _FULL_ONLY:
-    record["skipped"] = "full runs only (same script as 'inference')"
+    record["skipped"] = "full runs only (the same script as a --quick benchmark)"
     return record
   args = ["--quick"] if quick else list(full_args)
   cmd = [sys.executable, path, *args]
@@ -128,10 +129,14 @@ def _rows_evaluation(r: dict) -> List[List[str]]:
 
 def _rows_model_memory(r: dict) -> List[List[str]]:
   rows = []
-  for entry in r.get("rows", r.get("results", [])):
-    if isinstance(entry, dict) and "seq_len" in entry:
-      rows.append(_row("model_memory", f"{r.get('config', '')} forward T {entry['seq_len']}, "
-                       f"peak +{entry.get('peak_delta_mb', '?')} MiB", entry.get("seconds")))
+  for entry in r["results"]:
+    rows.append(_row("model_memory", f"{r['config']} forward T {entry['seq_len']}, "
+                     f"peak +{entry['peak_delta_mb']} MiB", entry["seconds"]))
+  fit = r.get("linear_fit")
+  if fit:
+    rows.append(["model_memory", f"{r['config']} peak memory vs T: least-squares slope "
+                 f"{fit['slope_mb_per_1k_frames']} MiB per 1000 frames, largest residual "
+                 f"{fit['max_abs_residual_mb']} MiB", "-", "-", "", ""])
   return rows
 
 
@@ -153,10 +158,15 @@ def _rows_data_pipeline(r: dict) -> List[List[str]]:
 
 
 def _rows_train_step(r: dict) -> List[List[str]]:
-  return [_row("train_step", f"{row['config']} ({row['mode']}): T {row['seq_len']}, C "
-               f"{row['input_dim']}, dims {row['embd_dim']}, batch {row['batch_size']}, per step",
-               row["median_sec"], row.get("min_sec"), row.get("max_sec"))
-          for row in r["results"]]
+  rows = []
+  for row in r["results"]:
+    target = f"<= {_fmt(row['target_sec'])}" if row.get("target_sec") else ""
+    ref = f"{_fmt(row['reference_sec'])} (PyTorch)" if row.get("reference_sec") else ""
+    rows.append(_row("train_step", f"{row['config']} {row.get('variant', 'asl')} "
+                     f"({row['mode']}): T {row['seq_len']}, C {row['input_dim']}, dims "
+                     f"{row['embd_dim']}, batch {row['batch_size']}, per step",
+                     row["median_sec"], row.get("min_sec"), row.get("max_sec"), target, ref))
+  return rows
 
 
 def _rows_generic(name: str, r: dict) -> List[List[str]]:
@@ -177,6 +187,7 @@ def _rows_generic(name: str, r: dict) -> List[List[str]]:
 
 _FORMATTERS: Dict[str, Callable[[dict], List[List[str]]]] = {
     "inference": _rows_inference, "inference_bench": _rows_inference,
+    "train_step_bench": _rows_train_step,
     "evaluation": _rows_evaluation, "model_memory": _rows_model_memory,
     "serving": _rows_serving, "data_pipeline": _rows_data_pipeline,
     "train_step": _rows_train_step,

@@ -1,14 +1,15 @@
-"""Seconds per ASL training step (batch 2, synthetic inputs), with and without XLA; prints JSON.
+"""Seconds per training step (batch 2, synthetic inputs), ASL and ActionFormer-only; prints JSON.
 
-Each mode runs in a fresh subprocess: the detector of the chosen flagfile is built with its
-optimizer, `model.train_step` is wrapped in a `tf.function` (optionally `jit_compile=True`),
-warmed up (tracing / compilation, timed separately) and then timed over `--repeats` steps on one
+Each variant (`asl`: the flagfile as is; `actionformer`: every ASL option off, the model the
+PyTorch reference ran) and mode (`graph`: tf.function; `xla`: `jit_compile=True`) runs in a
+fresh subprocess: the detector is built with its optimizer, `model.train_step` is wrapped in a
+`tf.function`, warmed up (tracing / compilation, timed separately) and then timed over `--repeats` steps on one
 fixed synthetic batch (random features, two videos of full and 3/4 length, a few segments).
 `peak_rss_mb` is the process high-water mark, which includes XLA compilation.
 
 Usage:
   python benchmarks/train_step.py                   # configs/thumos_i3d.flags (T=2304, C=2048)
-  python benchmarks/train_step.py --config=bench    # configs/bench.flags (T=768, C=256)
+  python benchmarks/train_step.py --config=bench --modes=graph   # configs/bench.flags (T=768)
   python benchmarks/train_step.py --quick           # tiny sizes (seconds)
 """
 
@@ -20,16 +21,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The public PyTorch ActionFormer on this machine kind (issue 8): seconds per training step, and
+# the targets (0.8 of it). They apply to the `actionformer` variant, the reference's model.
+TARGETS = {"bench": (0.21, 0.265), "thumos_i3d": (3.4, 4.30)}
+VARIANT_FLAGS = {
+    "asl": (),
+    "actionformer": ("--class_sensitivity=false", "--instance_sensitivity=false",
+                     "--contrastive_weight=0"),
+}
 QUICK_FLAGS = ["--input_dim=16", "--embd_dim=16", "--fpn_dim=16", "--head_dim=16",
                "--max_seq_len=64", "--mha_win_size=5", "--backbone_arch=2,1,2",
                "--regression_range=0,4,4,8,8,10000", "--contrastive_proj_dim=8"]
 
 
-def _config(config_name, quick):
+def _config(config_name, quick, extra_flags=()):
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   argv = ["bench", f"--flagfile={os.path.join(REPO, 'configs', config_name + '.flags')}",
           "--batch_size=2"]
-  asl_flags.parse_argv(argv + (QUICK_FLAGS if quick else []))
+  asl_flags.parse_argv(argv + (QUICK_FLAGS if quick else []) + list(extra_flags))
   return asl_flags.build_config()
 
 
@@ -50,13 +59,16 @@ def _batch(config):
           "padding_mask": mask, "gt_segments": segments, "gt_labels": labels}
 
 
-def measure(config_name, quick, jit_compile, repeats):
-  """Child process: times the train step of one configuration; returns a result row."""
-  import time  # pylint: disable=g-import-not-at-top
+def build_step(config_name, quick, jit_compile, extra_flags=()):
+  """Builds the detector, its optimizer and one synthetic batch.
+
+  Returns:
+    (config, model, run): `run()` executes one training step and blocks on its loss.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
   from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  config = _config(config_name, quick)
+  config = _config(config_name, quick, extra_flags)
   model = detector_lib.ASLDetector(config.model, loss_config=config.loss,
                                    clip_grad_norm=config.train.clip_grad_norm)
   model.build_for_training()
@@ -69,11 +81,18 @@ def measure(config_name, quick, jit_compile, repeats):
   def run():
     float(step(batch, epoch)["total_loss"])
 
+  return config, model, run
+
+
+def measure(config_name, quick, jit_compile, repeats, extra_flags=()):
+  """Child process: times the train step of one configuration; returns a result row."""
+  import time  # pylint: disable=g-import-not-at-top
+  config, model, run = build_step(config_name, quick, jit_compile, extra_flags)
   start = time.perf_counter()
   run()
   first_sec = time.perf_counter() - start
   timing = common.time_repeated(run, repeats=repeats, warmup=1)
-  return {"config": config_name, "jit_compile": jit_compile,
+  return {"config": config_name, "jit_compile": jit_compile, "extra_flags": list(extra_flags),
           "seq_len": config.model.max_seq_len, "input_dim": config.model.input_dim,
           "embd_dim": config.model.embd_dim, "mha_win_size": config.model.mha_win_size[0],
           "batch_size": 2, "num_params": int(sum(v.numpy().size
@@ -85,17 +104,32 @@ def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=10)
   parser.add_argument("--config", default="thumos_i3d",
                       help="flagfile name in configs/ (thumos_i3d, bench, ...)")
-  parser.add_argument("--modes", default="graph,xla",
-                      help="comma-separated: graph (tf.function) and/or xla (jit_compile=True)")
+  parser.add_argument("--modes", default="",
+                      help="comma-separated: graph (tf.function) and/or xla (jit_compile=True); "
+                      "default graph,xla (graph alone with --quick)")
+  parser.add_argument("--variants", default="",
+                      help="comma-separated: asl (the flagfile's ASL options) and/or "
+                      "actionformer (every ASL option off, the reference's model); default "
+                      "asl,actionformer (asl alone with --quick)")
   args = parser.parse_args()
   repeats = 2 if args.quick and args.repeats == 10 else args.repeats
+  modes = args.modes or ("graph" if args.quick else "graph,xla")
+  variants = args.variants or ("asl" if args.quick else "asl,actionformer")
+  target, reference = TARGETS.get(args.config, (None, None))
   rows = []
-  for mode in args.modes.split(","):
-    out = common.run_in_subprocess(
-        "benchmarks.train_step:measure",
-        {"config_name": args.config, "quick": args.quick, "jit_compile": mode == "xla",
-         "repeats": repeats}, timeout=3600)
-    rows.append({"mode": mode, **out["result"], "peak_rss_mb": out["peak_rss_mb"]})
+  for variant in variants.split(","):
+    if variant not in VARIANT_FLAGS:
+      parser.error(f"unknown variant {variant!r}; choose from {sorted(VARIANT_FLAGS)}")
+    for mode in modes.split(","):
+      out = common.run_in_subprocess(
+          "benchmarks.train_step:measure",
+          {"config_name": args.config, "quick": args.quick, "jit_compile": mode == "xla",
+           "repeats": repeats, "extra_flags": list(VARIANT_FLAGS[variant])}, timeout=3600)
+      row = {"mode": mode, "variant": variant, **out["result"],
+             "peak_rss_mb": out["peak_rss_mb"]}
+      if variant == "actionformer" and target and not args.quick:
+        row.update(target_sec=target, reference_sec=reference)
+      rows.append(row)
   common.emit({"benchmark": "train_step", "machine": common.machine_info(),
                "results": rows}, args.output)
 

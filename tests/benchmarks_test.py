@@ -74,7 +74,11 @@ def test_ablation_variants_switch_one_option_each():
       "--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0"}
   for name in ("+class", "+instance", "+contrastive"):
     changed = set(ablation.VARIANTS[name]) - set(ablation.VARIANTS["actionformer"])
-    assert len(changed) == 1, name
+    switched = {flag.split("=")[0] for flag in changed} - {"--instance_combination"}
+    assert len(switched) == 1, name
+  assert "--instance_combination=sum" in ablation.VARIANTS["+instance"]
+  assert "--instance_combination=product" in ablation.VARIANTS["+instance_product"]
+  assert set(ablation.DEFAULT_VARIANTS) <= set(ablation.VARIANTS)
 
 
 def test_thumos_synthetic_keeps_real_segments(tmp_path):
@@ -156,3 +160,76 @@ def test_run_all_quick_evaluation_only(tmp_path):
   assert "error" not in record, record.get("error")
   assert record["result"]["evaluate_detections"]["median_sec"] > 0
   assert "| evaluation | mAP" in (tmp_path / "results.md").read_text()
+
+
+def test_run_all_formats_train_step_rows_with_target_on_actionformer_only():
+  stats = {"median_sec": 0.2, "min_sec": 0.19, "max_sec": 0.25}
+  common = {"config": "bench", "mode": "graph", "seq_len": 768, "input_dim": 256,
+            "embd_dim": 128, "batch_size": 2, **stats}
+  result = {"results": [dict(common, variant="asl"),
+                        dict(common, variant="actionformer", target_sec=0.21,
+                             reference_sec=0.265)]}
+  asl_row, af_row = run_all._rows_train_step(result)
+  assert asl_row[1].startswith("bench asl (graph): T 768") and asl_row[4:] == ["", ""]
+  assert af_row[2] == "200.0 ms" and af_row[3] == "190.0 ms / 250.0 ms"
+  assert af_row[4] == "<= 210.0 ms" and af_row[5] == "265.0 ms (PyTorch)"
+
+
+def test_run_all_formats_model_memory_rows_and_slope():
+  result = {"config": "thumos", "results": [
+      {"seq_len": 2304, "peak_delta_mb": 60.0, "seconds": 0.7},
+      {"seq_len": 4608, "peak_delta_mb": 120.0, "seconds": 1.5}],
+            "linear_fit": {"slope_mb_per_1k_frames": 26.04, "intercept_mb": 0.0,
+                           "max_abs_residual_mb": 0.0}}
+  rows = run_all._rows_model_memory(result)
+  assert [r[1] for r in rows[:2]] == ["thumos forward T 2304, peak +60.0 MiB",
+                                      "thumos forward T 4608, peak +120.0 MiB"]
+  assert "slope 26.04 MiB per 1000 frames" in rows[2][1]
+
+
+@pytest.mark.slow
+def test_run_all_quick_train_memory_pipeline_serving(tmp_path):
+  """The remaining scripts in --quick mode through run_all (tiny sizes, one process each)."""
+  names = ["data_pipeline", "train_step", "model_memory", "serving"]
+  _run([os.path.join(_BENCH, "run_all.py"), "--quick", f"--only={','.join(names)}",
+        f"--output_dir={tmp_path}"], timeout=420)
+  records = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())[
+      "benchmarks"]}
+  for name in names:
+    assert "error" not in records[name], records[name].get("error")
+  (step,) = records["train_step"]["result"]["results"]
+  assert step["variant"] == "asl" and step["mode"] == "graph" and step["median_sec"] > 0
+  memory = records["model_memory"]["result"]
+  assert [r["seq_len"] for r in memory["results"]] == [576, 1152, 2304]
+  assert all(r["peak_delta_mb"] >= 0 for r in memory["results"])
+  table = (tmp_path / "results.md").read_text()
+  for name in names:
+    assert f"| {name} |" in table and f"| {name} | failed" not in table
+
+
+def test_profile_summary_sums_op_events_per_step_by_type_category_and_part():
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  profile_step = _load("profile_step")
+  space = xplane_pb2.XSpace()
+  plane = space.planes.add(name="/host:CPU")
+  names = {1: "asl_detector_1/backbone_1/stem_0_1/mlp_fc1_1/Tensordot/MatMul:MatMul",
+           2: "gradient_tape/asl_detector_1/cls_head_1/conv_0_1/conv1d/Conv2DBackpropFilter:"
+              "Conv2DBackpropFilter",
+           3: "adam_w/Mul_3:Mul",
+           4: "ExecutorState::Process",
+           5: "EagerLocalExecute: __inference_train_step_1",
+           6: "global_norm/L2Loss:L2Loss"}
+  for key, name in names.items():
+    plane.event_metadata[key].name = name
+  line = plane.lines.add(name="tf_Compute")
+  # two profiled steps: (metadata id, duration in ms)
+  for key, ms in [(1, 300), (1, 100), (2, 200), (3, 40), (4, 5000), (5, 9000), (6, 60)]:
+    line.events.add(metadata_id=key, duration_ps=int(ms * 1e9))
+  out = profile_step.summarize_xspace(space, steps=2)
+  assert out["op_thread_sec"] == pytest.approx(0.35)  # executor / function events left out
+  assert out["gemm_thread_sec"] == pytest.approx(0.30)
+  assert out["gemm_share"] == pytest.approx(0.30 / 0.35)
+  assert out["by_type"][0] == {"op": "MatMul", "sec": pytest.approx(0.2), "events": 1}
+  parts = {p["part"]: p["sec"] for p in out["by_part"]}
+  assert parts == {"forward backbone": pytest.approx(0.2), "backward cls_head": pytest.approx(0.1),
+                   "optimizer": pytest.approx(0.02), "other": pytest.approx(0.03)}

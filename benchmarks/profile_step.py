@@ -1,0 +1,125 @@
+"""Where a training step's time goes: a TensorBoard profile of a few steps, summed; prints JSON.
+
+  python benchmarks/profile_step.py                                  # THUMOS config, ActionFormer
+  python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, all of ASL
+  python benchmarks/profile_step.py --quick                          # tiny model (seconds)
+
+The step is built exactly as in `benchmarks/train_step.py` (same synthetic batch), warmed up,
+timed, then `--steps` steps are recorded with `tf.profiler` into `--logdir` (open it in
+TensorBoard with the `profile` extra). The durations of the TensorFlow op events in the trace are
+summed per step by op type, by category (`gemm`: MatMul, Conv2D and their gradients; `other`)
+and by model part (`forward backbone`, `backward cls_head`, `optimizer`, ...). Op events sit on
+the executor threads, so two ops running at once both count: `op_thread_sec` can exceed the wall
+time, and `gemm_thread_sec / 2` on 2 cores is a floor for the step no scheduling can beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+from typing import Dict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+GEMM_OPS = frozenset({"MatMul", "BatchMatMulV2", "Conv2D", "Conv2DBackpropFilter",
+                      "Conv2DBackpropInput", "_MklMatMul", "_MklNativeConv2D",
+                      "_MklNativeConv2DBackpropFilter", "_MklNativeConv2DBackpropInput"})
+# "scope/op_name:OpType": exactly one colon, no spaces (executor and function events differ).
+_OP_EVENT = re.compile(r"^([^:\s]+):([A-Za-z_]\w*)$")
+_MODEL_SCOPE = re.compile(r"^asl_detector(_\d+)?$")
+
+
+def model_part(op_name: str) -> str:
+  """`forward <layer>` / `backward <layer>` for ops under the detector, `optimizer`, `other`."""
+  parts = op_name.split("/")
+  backward = parts[0] == "gradient_tape"
+  if backward:
+    parts = parts[1:]
+  if len(parts) > 1 and _MODEL_SCOPE.match(parts[0]):
+    layer = re.sub(r"_\d+$", "", parts[1])
+    return f"{'backward' if backward else 'forward'} {layer}"
+  if parts[0].startswith("adam"):
+    return "optimizer"
+  return "other"
+
+
+def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
+  """Sums op event durations of a profiler `XSpace` proto, per step.
+
+  Args:
+    xspace: `tensorflow.tsl.profiler.protobuf.xplane_pb2.XSpace`.
+    steps: how many steps the trace holds (the sums are divided by it).
+
+  Returns:
+    `op_thread_sec`, `gemm_thread_sec`, `gemm_share` and `by_type` / `by_part` (seconds, largest
+    first, op types with their event count per step).
+  """
+  by_type: Dict[str, float] = collections.Counter()
+  count: Dict[str, int] = collections.Counter()
+  by_part: Dict[str, float] = collections.Counter()
+  for plane in xspace.planes:
+    for line in plane.lines:
+      for event in line.events:
+        match = _OP_EVENT.match(plane.event_metadata[event.metadata_id].name)
+        if not match:
+          continue
+        op_name, op_type = match.groups()
+        sec = event.duration_ps * 1e-12 / steps
+        by_type[op_type] += sec
+        count[op_type] += 1
+        by_part[model_part(op_name)] += sec
+  total = sum(by_type.values())
+  gemm = sum(v for k, v in by_type.items() if k in GEMM_OPS)
+  return {
+      "op_thread_sec": total, "gemm_thread_sec": gemm,
+      "gemm_share": gemm / total if total else 0.0,
+      "by_type": [{"op": k, "sec": v, "events": count[k] // steps}
+                  for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])],
+      "by_part": [{"part": k, "sec": v}
+                  for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])],
+  }
+
+
+def main():
+  parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=5)
+  parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
+  parser.add_argument("--variant", default="actionformer", choices=sorted(train_step.VARIANT_FLAGS))
+  parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+  parser.add_argument("--logdir", default="", help="profile folder (default: a temporary one)")
+  parser.add_argument("--top", type=int, default=25, help="op types / parts kept in the JSON")
+  args = parser.parse_args()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  config, _, run = train_step.build_step(args.config, args.quick, False,
+                                         train_step.VARIANT_FLAGS[args.variant])
+  timing = common.time_repeated(run, repeats=2 if args.quick else args.repeats, warmup=2)
+  logdir = args.logdir or tempfile.mkdtemp(prefix="asl_profile_")
+  tf.profiler.experimental.start(logdir)
+  for _ in range(args.steps):
+    run()
+  tf.profiler.experimental.stop()
+  paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
+  if not paths:
+    raise SystemExit(f"tf.profiler wrote no *.xplane.pb under {logdir}")
+  path = paths[-1]
+  xspace = xplane_pb2.XSpace()
+  with open(path, "rb") as f:
+    xspace.ParseFromString(f.read())
+  summary = summarize_xspace(xspace, args.steps)
+  summary["by_type"] = summary["by_type"][:args.top]
+  summary["by_part"] = summary["by_part"][:args.top]
+  common.emit({"benchmark": "profile_step", "config": args.config, "variant": args.variant,
+               "seq_len": config.model.max_seq_len, "step": timing, "profile": summary,
+               "trace": path, "machine": common.machine_info()}, args.output)
+
+
+if __name__ == "__main__":
+  main()
