@@ -233,3 +233,18 @@ def test_profile_summary_sums_op_events_per_step_by_type_category_and_part():
   parts = {p["part"]: p["sec"] for p in out["by_part"]}
   assert parts == {"forward backbone": pytest.approx(0.2), "backward cls_head": pytest.approx(0.1),
                    "optimizer": pytest.approx(0.02), "other": pytest.approx(0.03)}
+
+
+@pytest.mark.slow
+def test_profile_step_quick(tmp_path):
+  out = tmp_path / "profile.json"
+  _run([os.path.join(_BENCH, "profile_step.py"), "--quick", "--steps=1", "--top=5",
+        f"--logdir={tmp_path / 'trace'}", f"--output={out}"])
+  result = json.loads(out.read_text())
+  profile = result["profile"]
+  assert result["step"]["median_sec"] > 0 and os.path.exists(result["trace"])
+  assert 0 < profile["gemm_thread_sec"] < profile["op_thread_sec"]
+  assert len(profile["by_type"]) == 5
+  for part in profile["by_part"]:
+    assert part["part"] in ("optimizer", "other") or part["part"].split()[0] in (
+        "forward", "backward"), part
