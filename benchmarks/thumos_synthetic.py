@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
+
+from asl_tf.data import dataset_dir
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ANNOTATIONS = os.path.join(os.path.dirname(_REPO_ROOT), "shared", "data", "thumos14",
@@ -92,53 +92,42 @@ def generate(out_dir: str, annotation_file: str = DEFAULT_ANNOTATIONS, input_dim
   params = {"generator_version": GENERATOR_VERSION, "source": os.path.abspath(annotation_file),
             "input_dim": input_dim, "max_videos": max_videos, "fps": FPS,
             "feat_stride": FEAT_STRIDE, "num_frames": NUM_FRAMES}
-  manifest = os.path.join(out_dir, "manifest.json")
-  if os.path.exists(manifest):
-    with open(manifest) as f:
-      if json.load(f) == params:
-        return out_dir
+  return dataset_dir.build_once(
+      out_dir, params, lambda folder: _write_dataset(folder, annotation_file, input_dim,
+                                                     max_videos),
+      tmp_prefix=".thumos_synthetic_tmp_")
+
+
+def _write_dataset(out_dir: str, annotation_file: str, input_dim: int, max_videos: int) -> None:
+  """Writes `annotations.json` and `features/<vid>.npy` into the (empty) `out_dir`."""
   with open(annotation_file) as f:
     database = json.load(f)["database"]
   num_classes = 1 + max(a["label_id"] for v in database.values() for a in v["annotations"])
   rng = np.random.default_rng(_SEED)
   directions, class_context = _directions(rng, num_classes, input_dim)
   drift_basis = rng.normal(size=[4, input_dim]) / np.sqrt(input_dim)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".thumos_synthetic_tmp_", dir=parent)
-  try:
-    os.makedirs(os.path.join(tmp, "features"))
-    out_db, kept = {}, {}
-    for vid in sorted(database):
-      entry = database[vid]
-      subset = entry["subset"]
-      if max_videos and kept.get(subset, 0) >= max_videos:
-        continue
-      kept[subset] = kept.get(subset, 0) + 1
-      duration = float(entry["duration"])
-      length = max(1, int((duration * FPS - NUM_FRAMES) // FEAT_STRIDE) + 1)
-      actions = []
-      for ann in entry["annotations"]:
-        s, e = (np.asarray(ann["segment"], np.float64) * FPS - 0.5 * NUM_FRAMES) / FEAT_STRIDE
-        actions.append((s, e, int(ann["label_id"])))
-      feats = _video_features(rng, length, actions, directions, class_context, drift_basis)
-      np.save(os.path.join(tmp, "features", vid + ".npy"), feats)
-      out_db[vid] = {"subset": subset, "duration": duration, "fps": FPS,
-                     "annotations": [{"label": a["label"], "label_id": a["label_id"],
-                                      "segment": a["segment"]} for a in entry["annotations"]]}
-    with open(os.path.join(tmp, "annotations.json"), "w") as f:
-      json.dump({"version": f"thumos14-shaped synthetic v{GENERATOR_VERSION}",
-                 "database": out_db}, f)
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-      json.dump(params, f, indent=1, sort_keys=True)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
-  return out_dir
-
+  os.makedirs(os.path.join(out_dir, "features"))
+  out_db, kept = {}, {}
+  for vid in sorted(database):
+    entry = database[vid]
+    subset = entry["subset"]
+    if max_videos and kept.get(subset, 0) >= max_videos:
+      continue
+    kept[subset] = kept.get(subset, 0) + 1
+    duration = float(entry["duration"])
+    length = max(1, int((duration * FPS - NUM_FRAMES) // FEAT_STRIDE) + 1)
+    actions = []
+    for ann in entry["annotations"]:
+      s, e = (np.asarray(ann["segment"], np.float64) * FPS - 0.5 * NUM_FRAMES) / FEAT_STRIDE
+      actions.append((s, e, int(ann["label_id"])))
+    feats = _video_features(rng, length, actions, directions, class_context, drift_basis)
+    np.save(os.path.join(out_dir, "features", vid + ".npy"), feats)
+    out_db[vid] = {"subset": subset, "duration": duration, "fps": FPS,
+                   "annotations": [{"label": a["label"], "label_id": a["label_id"],
+                                    "segment": a["segment"]} for a in entry["annotations"]]}
+  with open(os.path.join(out_dir, "annotations.json"), "w") as f:
+    json.dump({"version": f"thumos14-shaped synthetic v{GENERATOR_VERSION}",
+               "database": out_db}, f)
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from asl_tf import config as config_lib
+from asl_tf.data import dataset_dir
 from asl_tf.data import timebase
 
 GENERATOR_VERSION = 1
@@ -90,29 +89,8 @@ def ensure_demo_data(data_config: config_lib.DataConfig) -> str:
   if params["max_length_grid"] < MIN_LENGTH_GRID or params["num_classes"] < 1:
     raise ValueError(f"demo needs max_seq_len >= {MIN_LENGTH_GRID} and num_classes >= 1, got "
                      f"{data_config.max_seq_len}, {data_config.num_classes}")
-  if _read_manifest(demo_dir) == params:
-    return demo_dir
-  parent = os.path.dirname(os.path.abspath(demo_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".demo_tmp_", dir=parent)
-  try:
-    _write_dataset(tmp, params)
-    if os.path.exists(demo_dir):
-      shutil.rmtree(demo_dir)
-    os.replace(tmp, demo_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
-  return demo_dir
-
-
-def _read_manifest(demo_dir: str):
-  path = os.path.join(demo_dir, "manifest.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return dataset_dir.build_once(demo_dir, params, lambda folder: _write_dataset(folder, params),
+                                tmp_prefix=".demo_tmp_")
 
 
 def _place_actions(rng: np.random.Generator, length: int,
@@ -181,5 +159,3 @@ def _write_dataset(out_dir: str, params: Dict[str, float]) -> None:
                             "annotations": anns}
   with open(os.path.join(out_dir, "annotations.json"), "w") as f:
     json.dump({"version": f"asl_tf demo v{GENERATOR_VERSION}", "database": database}, f)
-  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-    json.dump(params, f, indent=2, sort_keys=True)
