@@ -49,12 +49,18 @@ def model_config_from_actionformer(meta: dict) -> config_lib.ModelConfig:
       max_buffer_len_factor=model["max_buffer_len_factor"])
 
 
+def parity_file(filename: str) -> str:
+  """The path of a parity fixture file; skips the test if it is absent (no ../shared here)."""
+  path = os.path.join(PARITY_DIR, filename)
+  if not os.path.exists(path):
+    pytest.skip(f"parity fixture {path} not found (set ASL_PARITY_DIR)")
+  return path
+
+
 @functools.lru_cache(maxsize=None)
 def load_parity_case(name: str) -> ParityCase:
   """Loads `NAME.json` and `NAME.npz`; skips the test if the fixtures are absent."""
-  base = os.path.join(PARITY_DIR, name)
-  if not os.path.exists(base + ".npz"):
-    pytest.skip(f"parity fixture {base}.npz not found (set ASL_PARITY_DIR)")
+  base = parity_file(name + ".npz")[:-len(".npz")]
   with open(base + ".json") as f:
     meta = json.load(f)
   with np.load(base + ".npz") as data:

@@ -1,7 +1,6 @@
 """Tests for asl_tf.postprocess: NumPy reference of ActionFormer's NMS, fixture parity, export."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -9,9 +8,8 @@ import tensorflow as tf
 
 from asl_tf import postprocess
 from asl_tf.config import EvalConfig
-from parity_cases import PARITY_DIR
+from parity_cases import parity_file
 
-FIXTURES = PARITY_DIR
 NUM_LEVELS = 6
 
 # --- NumPy reference of ActionFormer's inference (float32, sequential, as in nms_cpu.cpp) ---
@@ -166,8 +164,8 @@ def assert_matches_reference(out, b, ref):
 
 @pytest.mark.parametrize("name", ["thumos_like", "anet_like"])
 def test_fixture_parity_with_actionformer(name):
-  data = np.load(os.path.join(FIXTURES, name + ".npz"))
-  with open(os.path.join(FIXTURES, name + ".json")) as f:
+  data = np.load(parity_file(name + ".npz"))
+  with open(parity_file(name + ".json")) as f:
     meta = json.load(f)
   test_cfg = meta["test_cfg"]
   cfg = EvalConfig(**{k: test_cfg[k] for k in (

@@ -2,7 +2,6 @@
 
 import collections
 import io
-import os
 import pickle
 import struct
 import zipfile
@@ -11,9 +10,8 @@ import numpy as np
 import pytest
 
 from asl_tf.tools import torch_checkpoint as tc
-from parity_cases import PARITY_DIR
+from parity_cases import parity_file
 
-_FIXTURES = PARITY_DIR
 _CASES = ("thumos_like", "anet_like")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -191,8 +189,8 @@ def _assert_arrays_equal(got, want):
 
 @pytest.mark.parametrize("case", _CASES)
 def test_fixture_checkpoint_matches_npz_exactly(case):
-  ckpt = tc.load_torch_checkpoint(os.path.join(_FIXTURES, case + ".pth.tar"))
-  params = np.load(os.path.join(_FIXTURES, case + ".npz"))
+  ckpt = tc.load_torch_checkpoint(parity_file(case + ".pth.tar"))
+  params = np.load(parity_file(case + ".npz"))
   want = {k[len("param/"):]: params[k] for k in params.files if k.startswith("param/")}
   assert len(want) > 200
   assert ckpt["epoch"] == 35
@@ -308,7 +306,7 @@ def test_out_of_bounds_tensor_is_refused(tmp_path):
 
 
 def test_truncated_and_foreign_files_name_the_file(tmp_path):
-  with open(os.path.join(_FIXTURES, "thumos_like.pth.tar"), "rb") as f:
+  with open(parity_file("thumos_like.pth.tar"), "rb") as f:
     raw = f.read()
   truncated = tmp_path / "truncated.pth.tar"
   truncated.write_bytes(raw[:len(raw) // 2])
