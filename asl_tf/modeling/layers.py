@@ -7,6 +7,11 @@ or 1 on valid frames). Masks are passed explicitly as `padding_mask`, never thro
 import keras
 import tensorflow as tf
 
+from asl_tf.modeling import winograd
+
+# Dense kernel-3 convolutions at least this wide (in and out) use Winograd F(4, 3).
+WINOGRAD_MIN_CHANNELS = 64
+
 
 def pytorch_default_kernel_initializer():
   """PyTorch's default Conv1d init (kaiming-uniform, a = sqrt(5)): U(+-1 / sqrt(fan_in))."""
@@ -37,7 +42,9 @@ class MaskedConv1D(keras.layers.Layer):
   The input is zero-padded by `kernel_size // 2` on both sides and convolved with 'valid'
   padding, so output frame i is centred on input frame `i * strides` (unlike Keras 'same', which
   pads asymmetrically for even totals and shifts strided outputs). The output mask is
-  `padding_mask[:, ::strides]` and the output is multiplied by it.
+  `padding_mask[:, ::strides]` and the output is multiplied by it. Dense, stride-1, kernel-3
+  float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels run as Winograd F(4, 3) (same
+  result up to float32 rounding, half the GEMM work; see `winograd.py`).
 
   Inputs: `x` [B, T, Cin], `padding_mask` [B, T] bool or float.
   Outputs: `(y [B, ceil(T / strides), filters], out_mask [B, ceil(T / strides)] bool)`.
@@ -90,26 +97,39 @@ class MaskedConv1D(keras.layers.Layer):
     check_channels(x, self.in_channels, self.name)
     mask = as_bool_mask(padding_mask)
     out_mask = mask[:, ::self.strides]  # [B, ceil(T / s)]
-    pad = self.kernel_size // 2
-    x = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
     kernel = tf.cast(self.kernel, x.dtype)
-    if self.groups == 1:
-      y = tf.nn.conv1d(x, kernel, stride=self.strides, padding="VALID")
-    elif self.groups == self.in_channels and self.filters == self.in_channels:
-      # Depthwise: kernel [k, 1, C] -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis,
-      # which a height stride leaves at 1: TF needs equal row and column strides).
-      y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
-                                 strides=[1, self.strides, self.strides, 1], padding="VALID")
-      y = y[:, 0]  # [B, T_out, C]
+    if self._use_winograd(x.dtype):
+      y = winograd.conv1d_k3(x, kernel)
     else:
-      xs = tf.split(x, self.groups, axis=-1)
-      ks = tf.split(kernel, self.groups, axis=-1)
-      y = tf.concat([tf.nn.conv1d(xg, kg, stride=self.strides, padding="VALID")
-                     for xg, kg in zip(xs, ks)], axis=-1)
+      pad = self.kernel_size // 2
+      x = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
+      if self.groups == 1:
+        y = tf.nn.conv1d(x, kernel, stride=self.strides, padding="VALID")
+      elif self.groups == self.in_channels and self.filters == self.in_channels:
+        # Depthwise: kernel [k, 1, C] -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis,
+        # which a height stride leaves at 1: TF needs equal row and column strides).
+        y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
+                                   strides=[1, self.strides, self.strides, 1], padding="VALID")
+        y = y[:, 0]  # [B, T_out, C]
+      else:
+        xs = tf.split(x, self.groups, axis=-1)
+        ks = tf.split(kernel, self.groups, axis=-1)
+        y = tf.concat([tf.nn.conv1d(xg, kg, stride=self.strides, padding="VALID")
+                       for xg, kg in zip(xs, ks)], axis=-1)
     if self.use_bias:
       y = y + tf.cast(self.bias, y.dtype)
     y = y * tf.cast(out_mask, y.dtype)[..., None]
     return y, out_mask
+
+  def _use_winograd(self, dtype):
+    """F(4, 3) for dense, stride-1, kernel-3 float32 convolutions of >= 64 channels each way.
+
+    Narrower ones (the heads' output convolutions) gain less GEMM time than the transforms cost;
+    float16 / bfloat16 keep the direct convolution (the transforms' constants up to 8 cost
+    precision there).
+    """
+    return (self.kernel_size == 3 and self.strides == 1 and self.groups == 1 and dtype == tf.float32
+            and min(self.in_channels, self.filters) >= WINOGRAD_MIN_CHANNELS)
 
   def get_config(self):
     config = super().get_config()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from asl_tf.modeling import detector as detector_lib
+from asl_tf.modeling import layers
 from asl_tf.modeling import weight_mapping
 from parity_cases import load_parity_case
 
@@ -28,10 +29,17 @@ def _assert_close(name, got, expected, valid):
   np.testing.assert_array_equal(got[ref_zero], 0.0, err_msg=f"{name}: padded outputs")
 
 
-@pytest.fixture(scope="module", params=["thumos_like", "anet_like"])
+@pytest.fixture(scope="module", params=[("thumos_like", "auto"), ("anet_like", "auto"),
+                                        ("thumos_like", "winograd"), ("anet_like", "winograd")],
+                ids=lambda p: "-".join(p))
 def parity_run(request):
-  case = load_parity_case(request.param)
-  return (case,) + _run(case)
+  """`winograd`: every dense kernel-3 stride-1 conv (fixture dims are 32) runs as F(4, 3)."""
+  name, convs = request.param
+  case = load_parity_case(name)
+  with pytest.MonkeyPatch.context() as patch:
+    if convs == "winograd":
+      patch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    yield (case,) + _run(case)
 
 
 def test_every_level_matches_actionformer(parity_run):
