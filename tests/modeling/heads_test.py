@@ -40,6 +40,28 @@ def test_heads_share_weights_across_levels():
   assert len(head.weights) == 2 * 1 + 2 * 2 + 2  # 2 hidden convs (no bias), 2 norms, output
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_joined_levels_equal_each_level_alone(kernel_size):
+  """The heads run all levels as one sequence; every level must see only its own zero padding.
+
+  LayerNorm biases are non-zero (zeros map to them) and the last frames of video 1 are padding.
+  """
+  head = heads.ClassificationHead(3, 8, kernel_size=kernel_size)
+  feats, masks = _levels(np.random.default_rng(7))
+  head(feats, masks)
+  rng = np.random.default_rng(8)
+  for norm in head.norms:
+    norm.beta.assign(rng.normal(size=norm.beta.shape))
+  for conv in head.hidden + [head.output_conv]:
+    conv.kernel.assign(rng.normal(size=conv.kernel.shape))
+  joined = head(feats, masks)
+  for l, (x, m) in enumerate(zip(feats, masks)):
+    alone = head([x], [m])[0].numpy()
+    assert joined[l].shape == alone.shape
+    np.testing.assert_allclose(joined[l].numpy(), alone, rtol=1e-5, atol=1e-4)
+    assert np.abs(alone[0, -1]).max() > 0  # the last valid frame is not trivially zero
+
+
 def test_regression_head_scale_then_relu():
   head = heads.RegressionHead(3, 8)
   feats, masks = _levels(np.random.default_rng(2))
@@ -48,10 +70,10 @@ def test_regression_head_scale_then_relu():
   head.scales[1].scale.assign(-2.0)
   head.scales[2].scale.assign(2.0)
   out = head(feats, masks)
-  raw = head._level(feats[2], masks[2]).numpy()
+  raw = head._levels([feats[2]], [masks[2]])[0].numpy()
   np.testing.assert_allclose(out[2].numpy(), np.maximum(2.0 * raw, 0.0), atol=1e-6)
   np.testing.assert_allclose(out[1].numpy(),
-                             np.maximum(-2.0 * head._level(feats[1], masks[1]).numpy(), 0.0),
+                             np.maximum(-2.0 * head._levels([feats[1]], [masks[1]])[0].numpy(), 0.0),
                              atol=1e-6)
   for y, m in zip(out, masks):
     assert y.dtype == tf.float32 and y.shape[-1] == 2
