@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+import asl_tf  # pylint: disable=unused-import  (oneDNN default, before any TensorFlow import)
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RESULT_MARKER = "__BENCHMARK_RESULT__"
 _CHILD_CODE = """
@@ -103,7 +105,8 @@ def machine_info() -> Dict[str, Any]:
 
   Returns:
     `cpu_count`, `cpu_affinity` (cores this process may use), `cgroup_cpu_limit`, `cpu_model`,
-    `memory_total_mb`, `platform`, `python` and the `tensorflow` / `keras` / `numpy` versions.
+    `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions and
+    `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
   """
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   mem_kb = _read_key("/proc/meminfo", "MemTotal")
@@ -118,6 +121,7 @@ def machine_info() -> Dict[str, Any]:
       "tensorflow": _version("tensorflow"),
       "keras": _version("keras"),
       "numpy": _version("numpy"),
+      "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
   }
 
 

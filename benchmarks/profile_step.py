@@ -31,7 +31,8 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GEMM_OPS = frozenset({"MatMul", "BatchMatMulV2", "Conv2D", "Conv2DBackpropFilter",
                       "Conv2DBackpropInput", "_MklMatMul", "_MklNativeConv2D",
-                      "_MklNativeConv2DBackpropFilter", "_MklNativeConv2DBackpropInput"})
+                      "_MklNativeConv2DBackpropFilter", "_MklNativeConv2DBackpropInput",
+                      "_MklBatchMatMulV2", "_MklEinsum", "Einsum"})
 # "scope/op_name:OpType": exactly one colon, no spaces (executor and function events differ).
 _OP_EVENT = re.compile(r"^([^:\s]+):([A-Za-z_]\w*)$")
 _MODEL_SCOPE = re.compile(r"^asl_detector(_\d+)?$")

@@ -2,6 +2,8 @@
 
 import pytest
 
+import asl_tf  # pylint: disable=unused-import  (TensorFlow's CPU kernels as users get them: oneDNN)
+
 from parity_cases import PARITY_CASES, ParityCase, load_parity_case
 
 
