@@ -7,10 +7,11 @@
 The step is built exactly as in `benchmarks/train_step.py` (same synthetic batch), warmed up,
 timed, then `--steps` steps are recorded with `tf.profiler` into `--logdir` (open it in
 TensorBoard with the `profile` extra). The durations of the TensorFlow op events in the trace are
-summed per step by op type, by category (`gemm`: MatMul, Conv2D and their gradients; `other`)
-and by model part (`forward backbone`, `backward cls_head`, `optimizer`, ...). Op events sit on
-the executor threads, so two ops running at once both count: `op_thread_sec` can exceed the wall
-time, and `gemm_thread_sec / 2` on 2 cores is a floor for the step no scheduling can beat.
+summed per step by op type, by category (`gemm`: MatMul, BatchMatMul, Einsum, Conv2D and their
+gradients, Eigen or oneDNN; `other`) and by model part (`forward backbone`, `backward cls_head`,
+`optimizer`, ...). Op events sit on the executor threads, so two ops running at once both count:
+`op_thread_sec` can exceed the wall time, and `gemm_thread_sec / 2` on 2 cores is a floor for the
+step no scheduling can beat.
 """
 
 from __future__ import annotations

@@ -52,16 +52,18 @@ class _ConvHead(keras.layers.Layer):
     """
     gap = self.kernel_size // 2
     batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]
-    lengths = [x.shape[1] if x.shape[1] is not None else tf.shape(x)[1] for x in xs]
-    x, mask, keep = [], [], []
+    x, mask, keep, sizes = [], [], [], []
     for l, (level_x, level_mask) in enumerate(zip(xs, masks)):
       if l and gap:
         x.append(tf.zeros([batch, gap, channels], level_x.dtype))
         mask.append(tf.zeros([batch, gap], tf.bool))
         keep.append(tf.zeros([1, gap, 1], level_x.dtype))
+        sizes.append(gap)
+      length = level_x.shape[1] if level_x.shape[1] is not None else tf.shape(level_x)[1]
       x.append(level_x)
       mask.append(layers.as_bool_mask(level_mask))
-      keep.append(tf.ones([1, lengths[l], 1], level_x.dtype))
+      keep.append(tf.ones([1, length, 1], level_x.dtype))
+      sizes.append(length)
     x, mask = tf.concat(x, axis=1), tf.concat(mask, axis=1)  # [B, sum T_l + gaps, C]
     keep = tf.concat(keep, axis=1)  # [1, sum T_l + gaps, 1]: 0 on the gaps
     for i, conv in enumerate(self.hidden):
@@ -70,9 +72,6 @@ class _ConvHead(keras.layers.Layer):
         x = self.norms[i](x) * keep
       x = tf.nn.relu(x)
     y, _ = self.output_conv(x, mask)
-    sizes = []
-    for l, length in enumerate(lengths):
-      sizes += [gap, length] if l and gap else [length]
     parts = tf.split(y, sizes, axis=1)
     return parts[::2] if gap else parts
 

@@ -76,9 +76,10 @@ def _kernel_transform_adjoint(du):
 
 
 def _conv(x, kernel):
+  """F(4, 3) forward: (y [B, T, Cout], transformed input tiles [6, B * n, Cin], n)."""
   v, n = _input_transform(x)
   m = tf.matmul(v, _kernel_transform(kernel))  # [6, B * n, Cout]
-  return _output_transform(m, tf.shape(x)[0], tf.shape(x)[1], n)
+  return _output_transform(m, tf.shape(x)[0], tf.shape(x)[1], n), v, n
 
 
 @tf.custom_gradient
@@ -95,15 +96,13 @@ def conv1d_k3(x, kernel):
   Returns:
     [B, T, Cout].
   """
-  v, n = _input_transform(x)
-  batch, length = tf.shape(x)[0], tf.shape(x)[1]
-  y = _output_transform(tf.matmul(v, _kernel_transform(kernel)), batch, length, n)
+  y, v, n = _conv(x, kernel)
 
   def grad(dy):
     dm = _output_transform_adjoint(dy, n)  # [6, B * n, Cout]
     dkernel = _kernel_transform_adjoint(tf.matmul(v, dm, transpose_a=True))
     # x[t] meets dy[t - j + 1] through tap j: a correlation with taps reversed, transposed.
-    dx = _conv(dy, tf.transpose(kernel[::-1], [0, 2, 1]))
+    dx, _, _ = _conv(dy, tf.transpose(kernel[::-1], [0, 2, 1]))
     return dx, dkernel
 
   return y, grad
