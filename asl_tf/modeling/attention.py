@@ -168,8 +168,9 @@ class TransformerBlock(keras.layers.Layer):
   out = x' + DropPath(LayerScale(MLP(LN2(x')) * out_mask))
   ```
   MaxPoolSkip is a max-pool (kernel stride + 1, symmetric -inf padding) when stride > 1, else the
-  identity; MLP is 1x1 C -> 4C, exact (erf) GELU, dropout, 1x1 4C -> C, dropout. LayerScale
-  (init 1e-4) and DropPath exist only when `droppath > 0`.
+  identity; MLP is 1x1 C -> 4C, exact (erf) GELU, dropout, 1x1 4C -> C, dropout, and LN2 + MLP
+  run on the valid frames only (`layers.apply_to_valid_frames`). LayerScale (init 1e-4) and
+  DropPath exist only when `droppath > 0`.
 
   Inputs: `x` [B, T, C], `padding_mask` [B, T] bool or float.
   Outputs: `(y [B, ceil(T / stride), C], out_mask [B, ceil(T / stride)] bool)`.
@@ -230,6 +231,12 @@ class TransformerBlock(keras.layers.Layer):
       return self.drop_path(scale(branch), training=training)
     return branch
 
+  def _mlp(self, x, training):
+    """LN2 -> fc1 -> GELU -> dropout -> fc2 -> dropout, frame by frame: [..., C] -> [..., C]."""
+    hidden = keras.activations.gelu(self.mlp_fc1(self.ln2(x)), approximate=False)  # [..., 4C]
+    hidden = self.mlp_dropout1(hidden, training=training)
+    return self.mlp_dropout2(self.mlp_fc2(hidden), training=training)
+
   def call(self, x, padding_mask, training=False):
     layers.check_channels(x, self.embed_dim, self.name)
     attn, out_mask = self.attn(self.ln1(x), layers.as_bool_mask(padding_mask), training=training)
@@ -237,9 +244,7 @@ class TransformerBlock(keras.layers.Layer):
     scale_attn = self.scale_attn if self.droppath > 0.0 else None
     scale_mlp = self.scale_mlp if self.droppath > 0.0 else None
     out = self._pool_skip(x) * mask + self._residual(attn, scale_attn, training)
-    hidden = keras.activations.gelu(self.mlp_fc1(self.ln2(out)), approximate=False)
-    hidden = self.mlp_dropout1(hidden, training=training)
-    mlp = self.mlp_dropout2(self.mlp_fc2(hidden), training=training) * mask
+    mlp = layers.apply_to_valid_frames(lambda frames: self._mlp(frames, training), out, out_mask)
     out = out + self._residual(mlp, scale_mlp, training)
     return out, out_mask
 

@@ -45,33 +45,44 @@ class _ConvHead(keras.layers.Layer):
   def _levels(self, xs, masks):
     """Outputs of every level: list of [B, T_l, C] -> list of [B, T_l, out_channels].
 
-    The levels run as one sequence, joined along time with `kernel_size // 2` zero frames between
-    them: a few large GEMMs instead of a few per level. Each level sees exactly the zeros its own
-    padding would give: the gaps are masked out of every conv and zeroed again after each
-    LayerNorm (which maps zeros to its bias).
+    The levels and videos run as one sequence, joined along time with `kernel_size // 2` zero
+    frames between them: a few large GEMMs instead of a few per level. Each level sees exactly the
+    zeros its own padding would give: the gaps are masked out of every conv and zeroed again after
+    each LayerNorm (which maps zeros to its bias). Padded frames farther than `kernel_size // 2`
+    from every valid frame are left out: no valid output can see them, and padded outputs are
+    zero anyway.
     """
     gap = self.kernel_size // 2
     batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]
     x, mask, keep, sizes = [], [], [], []
-    for l, (level_x, level_mask) in enumerate(zip(xs, masks)):
-      if l and gap:
-        x.append(tf.zeros([batch, gap, channels], level_x.dtype))
-        mask.append(tf.zeros([batch, gap], tf.bool))
-        keep.append(tf.zeros([1, gap, 1], level_x.dtype))
-        sizes.append(gap)
+    for level_x, level_mask in zip(xs, masks):
       length = level_x.shape[1] if level_x.shape[1] is not None else tf.shape(level_x)[1]
       x.append(level_x)
       mask.append(layers.as_bool_mask(level_mask))
-      keep.append(tf.ones([1, length, 1], level_x.dtype))
+      keep.append(tf.ones([length], tf.bool))
       sizes.append(length)
-    x, mask = tf.concat(x, axis=1), tf.concat(mask, axis=1)  # [B, sum T_l + gaps, C]
-    keep = tf.concat(keep, axis=1)  # [1, sum T_l + gaps, 1]: 0 on the gaps
+      if gap:
+        x.append(tf.zeros([batch, gap, channels], level_x.dtype))
+        mask.append(tf.zeros([batch, gap], tf.bool))
+        keep.append(tf.zeros([gap], tf.bool))
+        sizes.append(gap)
+    x, mask = tf.concat(x, axis=1), tf.concat(mask, axis=1)  # [B, L, C], L = sum T_l + gaps
+    keep = tf.broadcast_to(tf.concat(keep, axis=0)[None], tf.shape(mask))  # [B, L]: False on gaps
+    near_valid = mask
+    if gap:
+      near_valid = tf.nn.max_pool1d(tf.cast(mask, tf.float32)[..., None], 2 * gap + 1, 1,
+                                    "SAME")[..., 0] > 0.0  # [B, L]: within `gap` of a valid frame
+    indices = tf.cast(tf.where(near_valid | ~keep), tf.int32)  # [M, 2]: (video, frame)
+    x = tf.gather_nd(x, indices)[None]  # [1, M, C]: all videos and levels in one row
+    mask = tf.gather_nd(mask, indices)[None]  # [1, M]
+    keep = tf.cast(tf.gather_nd(keep, indices), x.dtype)[None, :, None]  # [1, M, 1]
     for i, conv in enumerate(self.hidden):
       x, _ = conv(x, mask)
       if self.norms:
         x = self.norms[i](x) * keep
       x = tf.nn.relu(x)
-    y, _ = self.output_conv(x, mask)
+    y, _ = self.output_conv(x, mask)  # [1, M, out_channels]
+    y = tf.scatter_nd(indices, y[0], tf.concat([tf.shape(near_valid), [y.shape[-1]]], axis=0))
     parts = tf.split(y, sizes, axis=1)
     return parts[::2] if gap else parts
 

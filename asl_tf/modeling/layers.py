@@ -26,6 +26,33 @@ def as_bool_mask(padding_mask):
   return tf.not_equal(padding_mask, tf.zeros([], padding_mask.dtype))
 
 
+def apply_to_valid_frames(fn, x, padding_mask):
+  """Applies a per-frame computation to the valid frames of a padded batch only.
+
+  The valid frames of `x` are gathered into rows `[N, C]` (N = valid frames), `fn` runs on them,
+  and its rows are scattered back with zeros on padded frames: the same valid frames, gradients
+  included, as `fn(x) * mask` at N / (B * T) of the cost. When no frame is padded `fn` runs on
+  `x` directly (no gather or scatter).
+
+  Args:
+    fn: maps [..., C] to [..., C'] frame by frame (e.g. LayerNorm + MLP).
+    x: [B, T, C].
+    padding_mask: [B, T] bool or float.
+
+  Returns:
+    [B, T, C'], zero on padded frames.
+  """
+  mask = as_bool_mask(padding_mask)
+
+  def valid_rows_only():
+    indices = tf.cast(tf.where(mask), tf.int32)  # [N, 2]: (batch, frame); int32 for XLA
+    rows = fn(tf.gather_nd(x, indices))  # [N, C']
+    shape = tf.concat([tf.shape(mask), [rows.shape[-1]]], axis=0)
+    return tf.scatter_nd(indices, rows, shape)
+
+  return tf.cond(tf.reduce_all(mask), lambda: fn(x), valid_rows_only)
+
+
 def check_channels(x, expected, layer_name):
   """Raises a ValueError when the static channel count of `x` [..., C] is not `expected`."""
   channels = x.shape[-1]

@@ -40,14 +40,27 @@ def test_heads_share_weights_across_levels():
   assert len(head.weights) == 2 * 1 + 2 * 2 + 2  # 2 hidden convs (no bias), 2 norms, output
 
 
+def _one_level_on_its_grid(head, x, mask):
+  """ActionFormer's head on one level, frame grid as is: the reference for `_levels`."""
+  for i, conv in enumerate(head.hidden):
+    x, _ = conv(x, mask)
+    x = tf.nn.relu(head.norms[i](x))
+  return head.output_conv(x, mask)[0].numpy()
+
+
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 def test_joined_levels_equal_each_level_alone(kernel_size):
-  """The heads run all levels as one sequence; every level must see only its own zero padding.
+  """The heads run all levels and videos as one sequence, skipping padded frames no valid output
+  sees; every level must see exactly its own zero padding and its padded frames' LayerNorm bias.
 
-  LayerNorm biases are non-zero (zeros map to them) and the last frames of video 1 are padding.
+  LayerNorm biases are non-zero (zeros map to them, and valid frames next to padding see that),
+  video 1 ends in padding, and video 0 has leading padding, a 1-frame hole and a long hole.
   """
   head = heads.ClassificationHead(3, 8, kernel_size=kernel_size)
-  feats, masks = _levels(np.random.default_rng(7))
+  feats, masks = _levels(np.random.default_rng(7), lengths=(24, 12, 6))
+  masks[0][0, [0, 1, 5, 12, 13, 14, 15, 16, 17]] = False
+  masks[1][0, [0, 6, 7, 8]] = False
+  masks[2][0, 0] = False
   head(feats, masks)
   rng = np.random.default_rng(8)
   for norm in head.norms:
@@ -56,10 +69,11 @@ def test_joined_levels_equal_each_level_alone(kernel_size):
     conv.kernel.assign(rng.normal(size=conv.kernel.shape))
   joined = head(feats, masks)
   for l, (x, m) in enumerate(zip(feats, masks)):
-    alone = head([x], [m])[0].numpy()
+    alone = _one_level_on_its_grid(head, x, m)
     assert joined[l].shape == alone.shape
     np.testing.assert_allclose(joined[l].numpy(), alone, rtol=1e-5, atol=1e-4)
-    assert np.abs(alone[0, -1]).max() > 0  # the last valid frame is not trivially zero
+    np.testing.assert_array_equal(joined[l].numpy()[~m], 0.0)
+    assert np.abs(alone[1, m.shape[1] // 2]).max() > 0  # the last valid frame is not trivially zero
 
 
 def test_regression_head_scale_then_relu():

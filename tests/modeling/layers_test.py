@@ -107,6 +107,38 @@ def test_channel_layer_norm_mixed_precision_keeps_dtype_and_accuracy():
   np.testing.assert_allclose(half.numpy().astype(np.float32), ref, atol=5e-3)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("padded", [True, False])
+def test_apply_to_valid_frames_equals_masked_grid(padded, jit_compile):
+  """Values and gradients equal `fn(x) * mask`, on a padded batch (rows only) and an unpadded one
+  (the grid as is); in graph mode (the gradient of a LayerNorm after the rows once failed
+  Grappler's shape folding) and under XLA."""
+  norm = layers.ChannelLayerNorm()
+  norm.build((None, 3))
+  norm.beta.assign([0.5, -1.0, 2.0])
+  x = tf.constant(np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32))
+  mask = np.ones((2, 7), np.float32)
+  if padded:
+    mask[1, 4:] = 0.0
+    mask[0, 0] = 0.0
+  mask = tf.constant(mask)
+  fn = lambda frames: tf.sin(norm(frames)) * 2.0
+
+  def value_and_grads(compute):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = compute()
+      loss = tf.reduce_sum(y * y)
+    return [y] + tape.gradient(loss, [x, norm.gamma, norm.beta])
+
+  rows = tf.function(lambda: value_and_grads(lambda: layers.apply_to_valid_frames(fn, x, mask)),
+                     jit_compile=jit_compile)()
+  grid = value_and_grads(lambda: fn(x) * mask[..., None])
+  for got, want in zip(rows, grid):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+  assert float(tf.reduce_sum(tf.abs(rows[1]))) > 0.0
+
+
 def test_scale_and_layer_scale():
   scale = layers.Scale(init_value=2.5)
   np.testing.assert_allclose(scale(np.ones((2, 3), np.float32)).numpy(), 2.5)
