@@ -45,12 +45,13 @@ class _ConvHead(keras.layers.Layer):
   def _levels(self, xs, masks):
     """Outputs of every level: list of [B, T_l, C] -> list of [B, T_l, out_channels].
 
-    The levels and videos run as one sequence, joined along time with `kernel_size // 2` zero
-    frames between them: a few large GEMMs instead of a few per level. Each level sees exactly the
-    zeros its own padding would give: the gaps are masked out of every conv and zeroed again after
-    each LayerNorm (which maps zeros to its bias). Padded frames farther than `kernel_size // 2`
-    from every valid frame are left out: no valid output can see them, and padded outputs are
-    zero anyway.
+    All levels of all videos run as one sequence, joined along time with `kernel_size // 2` zero
+    frames after each level: a few large GEMMs instead of a few per level. Each level sees exactly
+    the zeros its own sequence ends would give: the gaps are masked out of every conv and zeroed
+    again after each LayerNorm (which maps zeros to its bias). Padded frames within
+    `kernel_size // 2` of a valid frame stay (they hold that bias, as in the reference, and valid
+    frames see it); farther ones are left out: no valid output sees them, and padded outputs are
+    zero.
     """
     gap = self.kernel_size // 2
     batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]
