@@ -32,10 +32,11 @@ def apply_to_valid_frames(fn, x, padding_mask):
   The valid frames of `x` are gathered into rows `[N, C]` (N = valid frames), `fn` runs on them,
   and its rows are scattered back with zeros on padded frames: the same valid frames, gradients
   included, as `fn(x) * mask` at N / (B * T) of the cost. When no frame is padded `fn` runs on
-  `x` directly (no gather or scatter).
+  all frames as rows (a reshape, no gather or scatter). `fn` always sees rank-2 rows, on which
+  oneDNN fuses MatMul + bias (+ GELU at inference).
 
   Args:
-    fn: maps [..., C] to [..., C'] frame by frame (e.g. LayerNorm + MLP).
+    fn: maps rows [M, C] to [M, C'] frame by frame (e.g. LayerNorm + MLP).
     x: [B, T, C].
     padding_mask: [B, T] bool or float.
 
@@ -47,10 +48,19 @@ def apply_to_valid_frames(fn, x, padding_mask):
   def valid_rows_only():
     indices = tf.cast(tf.where(mask), tf.int32)  # [N, 2]: (batch, frame); int32 for XLA
     rows = fn(tf.gather_nd(x, indices))  # [N, C']
-    shape = tf.concat([tf.shape(mask), [rows.shape[-1]]], axis=0)
-    return tf.scatter_nd(indices, rows, shape)
+    return tf.scatter_nd(indices, rows, tf.concat([tf.shape(mask), [rows.shape[-1]]], axis=0))
 
-  return tf.cond(tf.reduce_all(mask), lambda: fn(x), valid_rows_only)
+  return tf.cond(tf.reduce_all(mask), lambda: apply_to_rows(fn, x), valid_rows_only)
+
+
+def apply_to_rows(fn, x):
+  """`fn` on the frames of `x` [B, T, C] as rows [B * T, C]; returns [B, T, C'].
+
+  Keras Dense on [B, T, C] is a Tensordot; on rows it is one MatMul that oneDNN fuses with the
+  bias add and a following GELU.
+  """
+  rows = fn(tf.reshape(x, [-1, x.shape[-1]]))  # [B * T, C']
+  return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
 
 
 def check_channels(x, expected, layer_name):
