@@ -94,9 +94,9 @@ class LocalMaskedSelfAttention(keras.layers.Layer):
     q, out_mask = self.query_conv(x, mask)
     k, _ = self.key_conv(x, mask)
     v, _ = self.value_conv(x, mask)
-    q = layers.apply_to_rows(lambda rows: self.query(self.query_norm(rows)), q)  # [B, T', C]
-    k = layers.apply_to_rows(lambda rows: self.key(self.key_norm(rows)), k)
-    v = layers.apply_to_rows(lambda rows: self.value(self.value_norm(rows)), v)
+    q = self.query(self.query_norm(q))
+    k = self.key(self.key_norm(k))
+    v = self.value(self.value_norm(v))
     q = self._split_heads(q) * tf.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
     k = self._split_heads(k)
     v = self._split_heads(v)
@@ -106,8 +106,7 @@ class LocalMaskedSelfAttention(keras.layers.Layer):
       out = self._global_attention(q, k, v, out_mask)
     b, t = tf.shape(out)[0], tf.shape(out)[2]
     out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [b, t, self.embed_dim])  # [B, T', C]
-    out = layers.apply_to_rows(lambda rows: self.proj_dropout(self.proj(rows), training=training),
-                               out)
+    out = self.proj_dropout(self.proj(out), training=training)
     return out * tf.cast(out_mask, out.dtype)[..., None], out_mask
 
   def _global_attention(self, q, k, v, mask):

@@ -57,7 +57,8 @@ def apply_to_rows(fn, x):
   """`fn` on the frames of `x` [B, T, C] as rows [B * T, C]; returns [B, T, C'].
 
   Keras Dense on [B, T, C] is a Tensordot; on rows it is one MatMul that oneDNN fuses with the
-  bias add and a following GELU.
+  bias add and, at inference, a following GELU (the transformer MLP). The attention projections
+  stay on [B, T, C]: on rows the training step was slower.
   """
   rows = fn(tf.reshape(x, [-1, x.shape[-1]]))  # [B * T, C']
   return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
