@@ -45,45 +45,33 @@ class _ConvHead(keras.layers.Layer):
   def _levels(self, xs, masks):
     """Outputs of every level: list of [B, T_l, C] -> list of [B, T_l, out_channels].
 
-    All levels of all videos run as one sequence, joined along time with `kernel_size // 2` zero
-    frames after each level: a few large GEMMs instead of a few per level. Each level sees exactly
-    the zeros its own sequence ends would give: the gaps are masked out of every conv and zeroed
-    again after each LayerNorm (which maps zeros to its bias). Padded frames within
-    `kernel_size // 2` of a valid frame stay (they hold that bias, as in the reference, and valid
-    frames see it); farther ones are left out: no valid output sees them, and padded outputs are
-    zero.
+    The levels run as one sequence, joined along time with `kernel_size // 2` zero frames between
+    them: a few large GEMMs instead of a few per level. Each level sees exactly the zeros its own
+    padding would give: the gaps are masked out of every conv and zeroed again after each
+    LayerNorm (which maps zeros to its bias).
     """
     gap = self.kernel_size // 2
     batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]
     x, mask, keep, sizes = [], [], [], []
-    for level_x, level_mask in zip(xs, masks):
+    for l, (level_x, level_mask) in enumerate(zip(xs, masks)):
+      if l and gap:
+        x.append(tf.zeros([batch, gap, channels], level_x.dtype))
+        mask.append(tf.zeros([batch, gap], tf.bool))
+        keep.append(tf.zeros([1, gap, 1], level_x.dtype))
+        sizes.append(gap)
       length = level_x.shape[1] if level_x.shape[1] is not None else tf.shape(level_x)[1]
       x.append(level_x)
       mask.append(layers.as_bool_mask(level_mask))
-      keep.append(tf.ones([length], tf.bool))
+      keep.append(tf.ones([1, length, 1], level_x.dtype))
       sizes.append(length)
-      if gap:
-        x.append(tf.zeros([batch, gap, channels], level_x.dtype))
-        mask.append(tf.zeros([batch, gap], tf.bool))
-        keep.append(tf.zeros([gap], tf.bool))
-        sizes.append(gap)
-    x, mask = tf.concat(x, axis=1), tf.concat(mask, axis=1)  # [B, L, C], L = sum T_l + gaps
-    keep = tf.broadcast_to(tf.concat(keep, axis=0)[None], tf.shape(mask))  # [B, L]: False on gaps
-    near_valid = mask
-    if gap:
-      near_valid = tf.nn.max_pool1d(tf.cast(mask, tf.float32)[..., None], 2 * gap + 1, 1,
-                                    "SAME")[..., 0] > 0.0  # [B, L]: within `gap` of a valid frame
-    indices = tf.cast(tf.where(near_valid | ~keep), tf.int32)  # [M, 2]: (video, frame)
-    x = tf.gather_nd(x, indices)[None]  # [1, M, C]: all videos and levels in one row
-    mask = tf.gather_nd(mask, indices)[None]  # [1, M]
-    keep = tf.cast(tf.gather_nd(keep, indices), x.dtype)[None, :, None]  # [1, M, 1]
+    x, mask = tf.concat(x, axis=1), tf.concat(mask, axis=1)  # [B, sum T_l + gaps, C]
+    keep = tf.concat(keep, axis=1)  # [1, sum T_l + gaps, 1]: 0 on the gaps
     for i, conv in enumerate(self.hidden):
       x, _ = conv(x, mask)
       if self.norms:
         x = self.norms[i](x) * keep
       x = tf.nn.relu(x)
-    y, _ = self.output_conv(x, mask)  # [1, M, out_channels]
-    y = tf.scatter_nd(indices, y[0], tf.concat([tf.shape(near_valid), [y.shape[-1]]], axis=0))
+    y, _ = self.output_conv(x, mask)
     parts = tf.split(y, sizes, axis=1)
     return parts[::2] if gap else parts
 

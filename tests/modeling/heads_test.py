@@ -142,3 +142,15 @@ def test_mixed_precision_outputs_float32():
   for a, b in zip(h16(feats, masks), out32):
     assert a.dtype == tf.float32
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-2)
+
+
+def test_heads_compile_under_xla_on_the_winograd_path():
+  """XLA needs static shapes: the joined levels (64 channels, so the hidden convs take the Winograd
+  path, whose padding depends on the length) must compile and equal graph mode."""
+  head = heads.ClassificationHead(3, 64)
+  feats, masks = _levels(np.random.default_rng(9), lengths=(18, 9, 5), channels=64)
+  want = [y.numpy() for y in head(feats, masks)]
+  assert head.hidden[0]._use_winograd(tf.float32)
+  got = tf.function(head, jit_compile=True)(feats, masks)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-4)
