@@ -50,10 +50,10 @@ def apply_to_valid_frames(fn, x, padding_mask):
     rows = fn(tf.gather_nd(x, indices))  # [N, C']
     return tf.scatter_nd(indices, rows, tf.concat([tf.shape(mask), [rows.shape[-1]]], axis=0))
 
-  return tf.cond(tf.reduce_all(mask), lambda: apply_to_rows(fn, x), valid_rows_only)
+  return tf.cond(tf.reduce_all(mask), lambda: _apply_to_rows(fn, x), valid_rows_only)
 
 
-def apply_to_rows(fn, x):
+def _apply_to_rows(fn, x):
   """`fn` on the frames of `x` [B, T, C] as rows [B * T, C]; returns [B, T, C'].
 
   Keras Dense on [B, T, C] is a Tensordot; on rows it is one MatMul that oneDNN fuses with the

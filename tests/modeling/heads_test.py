@@ -50,8 +50,8 @@ def _one_level_on_its_grid(head, x, mask):
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 def test_joined_levels_equal_each_level_alone(kernel_size):
-  """The heads run all levels and videos as one sequence, skipping padded frames no valid output
-  sees; every level must see exactly its own zero padding and its padded frames' LayerNorm bias.
+  """The heads run all levels as one sequence; every level must see exactly its own zero padding
+  and its padded frames' LayerNorm bias.
 
   LayerNorm biases are non-zero (zeros map to them, and valid frames next to padding see that),
   video 1 ends in padding, and video 0 has leading padding, a 1-frame hole and a long hole.

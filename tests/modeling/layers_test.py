@@ -110,8 +110,8 @@ def test_channel_layer_norm_mixed_precision_keeps_dtype_and_accuracy():
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("padded", [True, False])
 def test_apply_to_valid_frames_equals_masked_grid(padded, jit_compile):
-  """Values and gradients equal `fn(x) * mask`, on a padded batch (rows only) and an unpadded one
-  (the grid as is); in graph mode (the gradient of a LayerNorm after the rows once failed
+  """Values and gradients equal `fn(x) * mask`, on a padded batch (valid rows only) and an
+  unpadded one (all frames as rows); in graph mode (the gradient of a LayerNorm after the rows once failed
   Grappler's shape folding) and under XLA."""
   norm = layers.ChannelLayerNorm()
   norm.build((None, 3))
