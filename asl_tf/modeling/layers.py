@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from asl_tf.modeling import winograd
 
-# Dense kernel-3 convolutions at least this wide (in and out) use Winograd F(4, 3).
+# Dense kernel-3 convolutions at least this wide (in and out) use Winograd F(4, 3); dense
+# stride-1 convolutions with fewer output channels run as one GEMM over the taps.
 WINOGRAD_MIN_CHANNELS = 64
 
 
@@ -64,6 +65,33 @@ def _apply_to_rows(fn, x):
   return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
 
 
+def conv1d_as_tap_gemm(x, kernel):
+  """Stride-1 convolution with `k // 2` zero frames of padding on each side, as one GEMM.
+
+  `x` times all k taps at once ([B * T, Cin] x [Cin, k * Cout]), then the k output blocks are
+  added with their frame shifts. Equals `tf.nn.conv1d` of the padded input (a cross-correlation)
+  up to float32 rounding. For narrow outputs (the heads' class / offset convolutions) this is
+  2-7x faster than the direct convolution on CPU, forward and backward, since oneDNN's
+  convolution kernels are slow when Cout is small.
+
+  Args:
+    x: [B, T, Cin] (static Cin).
+    kernel: [k, Cin, Cout], k odd.
+
+  Returns:
+    [B, T, Cout].
+  """
+  taps, in_channels, out_channels = kernel.shape
+  pad = taps // 2
+  batch, length = tf.shape(x)[0], tf.shape(x)[1]
+  w = tf.reshape(tf.transpose(kernel, [1, 0, 2]), [in_channels, taps * out_channels])
+  y = tf.matmul(tf.reshape(x, [-1, in_channels]), w)  # [B * T, k * Cout]: x[s] W_j
+  y = tf.reshape(y, [batch, length, taps * out_channels])
+  y = tf.pad(y, [[0, 0], [pad, pad], [0, 0]])  # frame t + j holds x[t + j - pad] W_j
+  return tf.add_n([y[:, j:j + length, j * out_channels:(j + 1) * out_channels]
+                   for j in range(taps)])
+
+
 def check_channels(x, expected, layer_name):
   """Raises a ValueError when the static channel count of `x` [..., C] is not `expected`."""
   channels = x.shape[-1]
@@ -82,7 +110,8 @@ class MaskedConv1D(keras.layers.Layer):
   pads asymmetrically for even totals and shifts strided outputs). The output mask is
   `padding_mask[:, ::strides]` and the output is multiplied by it. Dense, stride-1, kernel-3
   float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels run as Winograd F(4, 3) (same
-  result up to float32 rounding, half the GEMM work; see `winograd.py`).
+  result up to float32 rounding, half the GEMM work; see `winograd.py`); dense stride-1 ones with
+  fewer output channels as one GEMM over the taps (`conv1d_as_tap_gemm`).
 
   Inputs: `x` [B, T, Cin], `padding_mask` [B, T] bool or float.
   Outputs: `(y [B, ceil(T / strides), filters], out_mask [B, ceil(T / strides)] bool)`.
@@ -138,6 +167,8 @@ class MaskedConv1D(keras.layers.Layer):
     kernel = tf.cast(self.kernel, x.dtype)
     if self._use_winograd(x.dtype):
       y = winograd.conv1d_k3(x, kernel)
+    elif self._use_tap_gemm():
+      y = conv1d_as_tap_gemm(x, kernel)
     else:
       pad = self.kernel_size // 2
       x = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
@@ -168,6 +199,10 @@ class MaskedConv1D(keras.layers.Layer):
     """
     return (self.kernel_size == 3 and self.strides == 1 and self.groups == 1 and dtype == tf.float32
             and min(self.in_channels, self.filters) >= WINOGRAD_MIN_CHANNELS)
+
+  def _use_tap_gemm(self):
+    """One GEMM over the taps for dense stride-1 convolutions with < 64 output channels."""
+    return self.strides == 1 and self.groups == 1 and self.filters < WINOGRAD_MIN_CHANNELS
 
   def get_config(self):
     config = super().get_config()

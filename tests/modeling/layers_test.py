@@ -44,6 +44,45 @@ def test_masked_conv_matches_reference(t, stride, kernel_size, groups, filters):
   assert y.shape == (2, -(-t // stride), filters)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_tap_gemm_equals_direct_conv_values_and_gradients(kernel_size, jit_compile):
+  """One GEMM over the taps + shifted adds == tf.nn.conv1d on the padded input, incl. grads."""
+  rng = np.random.default_rng(kernel_size)
+  kernel = tf.constant(rng.normal(size=(kernel_size, 6, 5)).astype(np.float32))
+  pad = kernel_size // 2
+
+  def value_and_grads(conv):
+    def fn(x):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = conv(x, kernel)
+        loss = tf.reduce_sum(y * tf.range(1.0, 6.0))  # distinct weight per output channel
+      return (y,) + tuple(tape.gradient(loss, [x, kernel]))
+    return tf.function(fn, jit_compile=jit_compile,
+                       input_signature=[tf.TensorSpec([None, None, 6], tf.float32)])
+
+  tap = value_and_grads(layers.conv1d_as_tap_gemm)
+  direct = value_and_grads(
+      lambda x, k: tf.nn.conv1d(tf.pad(x, [[0, 0], [pad, pad], [0, 0]]), k, 1, "VALID"))
+  for length in (1, 2, 9):
+    x = tf.constant(rng.normal(size=(2, length, 6)).astype(np.float32))
+    got, want = tap(x), direct(x)
+    assert got[0].shape == (2, length, 5)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_conv_takes_the_tap_gemm_only_for_narrow_dense_stride_1():
+  narrow = layers.MaskedConv1D(20, 3)
+  narrow.build((None, None, 512))
+  assert narrow._use_tap_gemm() and not narrow._use_winograd(tf.float32)
+  for conv in (layers.MaskedConv1D(64, 3), layers.MaskedConv1D(20, 3, strides=2),
+               layers.MaskedConv1D(20, 3, groups=4)):
+    conv.build((None, None, 64))
+    assert not conv._use_tap_gemm()
+
+
 def test_strided_conv_output_i_is_centred_on_input_2i():
   # A centre-tap kernel copies the input frame the output is centred on.
   conv = layers.MaskedConv1D(1, 3, strides=2, use_bias=False,
