@@ -4,6 +4,9 @@ All layers are channels-last: sequences are `[B, T, C]` and masks `[B, T]` (bool
 or 1 on valid frames). Masks are passed explicitly as `padding_mask`, never through Keras' masking.
 """
 
+import contextlib
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -12,6 +15,34 @@ from asl_tf.modeling import winograd
 # Dense kernel-3 convolutions at least this wide (in and out) use Winograd F(4, 3); dense
 # stride-1 convolutions with fewer output channels run as one GEMM over the taps.
 WINOGRAD_MIN_CHANNELS = 64
+
+
+_portable_depth = 0  # > 0 while tracing under `portable_graphs()`
+
+
+@contextlib.contextmanager
+def portable_graphs():
+  """Graphs traced inside use no computation that is only fast with oneDNN.
+
+  For SavedModels: a server may run without oneDNN (TensorFlow turns it on by default only on
+  AVX-512 / AMX CPUs), where the inference LayerNorm of `ChannelLayerNorm` would be 3x slower.
+  """
+  global _portable_depth
+  _portable_depth += 1
+  try:
+    yield
+  finally:
+    _portable_depth -= 1
+
+
+@functools.cache
+def onednn_enabled():
+  """Whether TensorFlow's oneDNN CPU kernels are on in this process."""
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def pytorch_default_kernel_initializer():
@@ -222,7 +253,12 @@ class MaskedConv1D(keras.layers.Layer):
 class ChannelLayerNorm(keras.layers.Layer):
   """LayerNorm over channels (ActionFormer's LayerNorm): biased variance, affine gamma / beta.
 
-  Statistics are computed in float32 (also under mixed precision).
+  Statistics are computed in float32 (also under mixed precision). At inference in a graph with
+  a dynamic length and oneDNN on (outside `portable_graphs()`), the normalization is written as a
+  training-mode FusedBatchNorm over rows, the form Grappler's oneDNN remapper fuses into one
+  `_MklLayerNorm` kernel: one pass instead of six element-wise ops (same values up to float32
+  rounding; unfused, or without oneDNN, that form is slower, hence the conditions). Training
+  keeps the element-wise form.
 
   Inputs: `x` [B, T, C]. Outputs: [B, T, C].
 
@@ -239,19 +275,55 @@ class ChannelLayerNorm(keras.layers.Layer):
     self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
     self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
-  def call(self, x):
+  def call(self, x, training=False):
     x32 = tf.cast(x, tf.float32)
-    mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
-    centred = x32 - mean
-    var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-    y = centred * tf.math.rsqrt(var + self.epsilon)
-    y = y * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
+    if training or not _fusable_layer_norm(x32):
+      mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
+      centred = x32 - mean
+      var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
+      y = centred * tf.math.rsqrt(var + self.epsilon)
+      y = y * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
+      return tf.cast(y, x.dtype)
+    # The remapper's pattern is AddV2(beta, Mul(Reshape(FusedBatchNorm), gamma)) with inputs in
+    # this order; Grappler sorts the inputs of commutative ops by name, hence the names.
+    y = _normalize_as_batch_norm(x32, self.epsilon, name="a_normalized")
+    with tf.name_scope("b_beta"):
+      beta = tf.cast(self.beta, tf.float32)
+    with tf.name_scope("c_gamma"):
+      gamma = tf.cast(self.gamma, tf.float32)
+    y = tf.add(beta, tf.multiply(y, gamma, name="d_scaled"), name="e_shifted")
     return tf.cast(y, x.dtype)
 
   def get_config(self):
     config = super().get_config()
     config.update({"epsilon": self.epsilon})
     return config
+
+
+def _fusable_layer_norm(x):
+  """Whether the inference LayerNorm of `x` [..., C] takes the form oneDNN fuses.
+
+  Only in graphs (eager ops are not rewritten) with a dynamic leading shape (with a static one,
+  constant folding turns the pattern's Fill ops into constants and nothing is fused), with
+  oneDNN on, outside `portable_graphs()`.
+  """
+  return (onednn_enabled() and not _portable_depth and not tf.executing_eagerly()
+          and not x.shape[:-1].is_fully_defined())
+
+
+def _normalize_as_batch_norm(x, epsilon, name):
+  """(x - mean) / sqrt(var + eps) over the last axis, as Keras 2's fused LayerNorm wrote it.
+
+  Each row of `x` [..., C] becomes one channel of an NCHW batch [1, rows, C, 1], normalized by a
+  training-mode FusedBatchNorm with unit scale and zero offset (filled at run time).
+  """
+  shape = tf.shape(x)
+  rows = tf.reduce_prod(shape[:-1])
+  channels = x.shape[-1] if x.shape[-1] is not None else shape[-1]
+  y = tf.reshape(x, [1, rows, channels, 1])
+  y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, tf.fill([rows], 1.0), tf.fill([rows], 0.0),
+                                             epsilon=epsilon, data_format="NCHW")
+  return tf.reshape(y, shape, name=name)
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")

@@ -138,6 +138,57 @@ def test_channel_layer_norm_golden():
   np.testing.assert_allclose(norm(x).numpy()[0, 0], expected, rtol=1e-6)
 
 
+def _graph_op_types(fn, *specs):
+  graph = tf.function(fn).get_concrete_function(*specs).graph
+  return {op.type for op in graph.get_operations()}
+
+
+def test_channel_layer_norm_inference_form_equals_training_form(monkeypatch):
+  """At inference with oneDNN the LayerNorm is a FusedBatchNorm over rows: same values, incl.
+  all-zero (padded) rows -> beta and rows with a large mean; not in training, not in
+  `portable_graphs()` (SavedModels)."""
+  monkeypatch.setattr(layers, "onednn_enabled", lambda: True)
+  norm = layers.ChannelLayerNorm()
+  norm.build((None, None, 16))
+  rng = np.random.default_rng(3)
+  norm.gamma.assign(rng.normal(size=16).astype(np.float32))
+  norm.beta.assign(rng.normal(size=16).astype(np.float32))
+  x = rng.normal(size=(2, 9, 16)).astype(np.float32)
+  x[0, 3] += 1000.0
+  x[1, 6:] = 0.0
+  spec = tf.TensorSpec([None, None, 16], tf.float32)
+  infer = tf.function(lambda x: norm(x, training=False), input_signature=[spec])
+  train = tf.function(lambda x: norm(x, training=True), input_signature=[spec])
+  got, want = infer(x).numpy(), train(x).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1, 6:], np.broadcast_to(norm.beta.numpy(), (3, 16)), atol=1e-6)
+  assert "FusedBatchNormV3" in _graph_op_types(lambda x: norm(x, training=False), spec)
+  assert "FusedBatchNormV3" not in _graph_op_types(lambda x: norm(x, training=True), spec)
+  with layers.portable_graphs():
+    assert "FusedBatchNormV3" not in _graph_op_types(lambda x: norm(x, training=False), spec)
+
+
+def test_channel_layer_norm_inference_form_fuses_into_one_onednn_kernel(tmp_path):
+  """Grappler's oneDNN remapper turns the inference form into `_MklLayerNorm` (the speed-up)."""
+  if not layers.onednn_enabled():
+    pytest.skip("oneDNN is off in this process")
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  norm = layers.ChannelLayerNorm()
+  forward = tf.function(lambda x: norm(x, training=False) * 2.0,
+                        input_signature=[tf.TensorSpec([None, None, 32], tf.float32)])
+  x = tf.ones([1, 64, 32])
+  forward(x)
+  tf.profiler.experimental.start(str(tmp_path))
+  forward(x).numpy()
+  tf.profiler.experimental.stop()
+  space = xplane_pb2.XSpace()
+  space.ParseFromString(next(tmp_path.rglob("*.xplane.pb")).read_bytes())
+  ops = {plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
+         for plane in space.planes for line in plane.lines for event in line.events}
+  assert "_MklLayerNorm" in ops
+  assert not {"FusedBatchNormV3", "_MklNativeFusedBatchNormV3", "Mean"} & ops
+
+
 def test_channel_layer_norm_mixed_precision_keeps_dtype_and_accuracy():
   x = np.random.default_rng(2).normal(size=(2, 5, 8)).astype(np.float32) * 100
   ref = layers.ChannelLayerNorm()(x).numpy()

@@ -114,6 +114,20 @@ def test_layout_assets_and_warmup(exported):
   assert [d.size for d in shape.dim] == [1, MAX_SEQ_LEN, C]
 
 
+def test_the_graphs_are_portable_across_onednn_settings(exported):
+  """No computation that is only fast with oneDNN (the inference LayerNorm as FusedBatchNorm,
+  3x slower without it): a server may run without oneDNN."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  saved = saved_model_pb2.SavedModel()
+  with open(os.path.join(exported[3], "saved_model.pb"), "rb") as f:
+    saved.ParseFromString(f.read())
+  graph = saved.meta_graphs[0].graph_def
+  ops = {node.op for node in graph.node}
+  ops |= {node.op for fn in graph.library.function for node in fn.node_def}
+  assert "Mean" in ops  # the element-wise LayerNorm
+  assert not {op for op in ops if op.startswith("FusedBatchNorm")}
+
+
 def test_serving_default_equals_model_detect(exported):
   model, _, _, _, loaded = exported
   # 37: not a multiple of max_div_factor (8) and > max_seq_len, padded in-graph to 48.
