@@ -190,7 +190,7 @@ class ASLDetector(keras.Model):
     sens = None
     if self.sensitivity is not None:
       sens = self.sensitivity(out["level_features"], out["level_masks"], out["points"],
-                              gt_segments, gt_labels, targets)
+                              gt_segments, gt_labels, targets, training=training)
     use_instance = True if epoch is None else epoch >= lc.instance_start_epoch
     ctx = tf.distribute.get_replica_context()
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1

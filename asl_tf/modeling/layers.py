@@ -6,6 +6,7 @@ or 1 on valid frames). Masks are passed explicitly as `padding_mask`, never thro
 
 import contextlib
 import functools
+import threading
 
 import keras
 import tensorflow as tf
@@ -17,22 +18,26 @@ from asl_tf.modeling import winograd
 WINOGRAD_MIN_CHANNELS = 64
 
 
-_portable_depth = 0  # > 0 while tracing under `portable_graphs()`
+_tracing = threading.local()  # .portable_depth > 0 inside `portable_graphs()` (this thread)
 
 
 @contextlib.contextmanager
 def portable_graphs():
-  """Graphs traced inside use no computation that is only fast with oneDNN.
+  """Graphs traced inside (in this thread) use no computation that is only fast with oneDNN.
 
   For SavedModels: a server may run without oneDNN (TensorFlow turns it on by default only on
   AVX-512 / AMX CPUs), where the inference LayerNorm of `ChannelLayerNorm` would be 3x slower.
+  A `tf.function` traced before keeps its graph: enter this before the first trace.
   """
-  global _portable_depth
-  _portable_depth += 1
+  _tracing.portable_depth = _portable_depth() + 1
   try:
     yield
   finally:
-    _portable_depth -= 1
+    _tracing.portable_depth -= 1
+
+
+def _portable_depth():
+  return getattr(_tracing, "portable_depth", 0)
 
 
 @functools.cache
@@ -117,10 +122,12 @@ def conv1d_as_tap_gemm(x, kernel):
   batch, length = tf.shape(x)[0], tf.shape(x)[1]
   w = tf.reshape(tf.transpose(kernel, [1, 0, 2]), [in_channels, taps * out_channels])
   y = tf.matmul(tf.reshape(x, [-1, in_channels]), w)  # [B * T, k * Cout]: x[s] W_j
-  y = tf.reshape(y, [batch, length, taps * out_channels])
+  y = tf.reshape(tf.cast(y, tf.float32), [batch, length, taps * out_channels])  # f32 sums
   y = tf.pad(y, [[0, 0], [pad, pad], [0, 0]])  # frame t + j holds x[t + j - pad] W_j
-  return tf.add_n([y[:, j:j + length, j * out_channels:(j + 1) * out_channels]
-                   for j in range(taps)])
+  y = tf.add_n([y[:, j:j + length, j * out_channels:(j + 1) * out_channels]
+                for j in range(taps)])
+  y.set_shape(x.shape[:-1].concatenate([out_channels]))  # the slices lose the static shape
+  return tf.cast(y, x.dtype)
 
 
 def check_channels(x, expected, layer_name):
@@ -254,11 +261,11 @@ class ChannelLayerNorm(keras.layers.Layer):
   """LayerNorm over channels (ActionFormer's LayerNorm): biased variance, affine gamma / beta.
 
   Statistics are computed in float32 (also under mixed precision). At inference in a graph with
-  a dynamic length and oneDNN on (outside `portable_graphs()`), the normalization is written as a
-  training-mode FusedBatchNorm over rows, the form Grappler's oneDNN remapper fuses into one
-  `_MklLayerNorm` kernel: one pass instead of six element-wise ops (same values up to float32
-  rounding; unfused, or without oneDNN, that form is slower, hence the conditions). Training
-  keeps the element-wise form.
+  a dynamic batch or length and oneDNN on (outside `portable_graphs()`), the normalization is
+  written as a training-mode FusedBatchNorm over rows, the form Grappler's oneDNN remapper fuses
+  into one `_MklLayerNorm` kernel: one pass instead of six element-wise ops (same values up to
+  float32 rounding; unfused, or without oneDNN, that form is slower, hence the conditions).
+  Training keeps the element-wise form.
 
   Inputs: `x` [B, T, C]. Outputs: [B, T, C].
 
@@ -303,11 +310,11 @@ class ChannelLayerNorm(keras.layers.Layer):
 def _fusable_layer_norm(x):
   """Whether the inference LayerNorm of `x` [..., C] takes the form oneDNN fuses.
 
-  Only in graphs (eager ops are not rewritten) with a dynamic leading shape (with a static one,
+  Only in graphs (eager ops are not rewritten) with a dynamic batch or length (with static ones,
   constant folding turns the pattern's Fill ops into constants and nothing is fused), with
   oneDNN on, outside `portable_graphs()`.
   """
-  return (onednn_enabled() and not _portable_depth and not tf.executing_eagerly()
+  return (onednn_enabled() and not _portable_depth() and not tf.executing_eagerly()
           and not x.shape[:-1].is_fully_defined())
 
 

@@ -190,14 +190,14 @@ class InstanceEvaluator(keras.layers.Layer):
     self.output_conv = layers.MaskedConv1D(2, kernel_size, dtype=self.dtype_policy,
                                            name="output_conv")
 
-  def call(self, level_features, level_masks):
+  def call(self, level_features, level_masks, training=False):
     outputs = []
     for feat, mask in zip(level_features, level_masks):
       mask = layers.as_bool_mask(mask)
       x = tf.stop_gradient(feat) * tf.cast(mask, feat.dtype)[..., None]  # padding -> 0
       for conv, norm in zip(self.convs, self.norms):
         x, _ = conv(x, mask)
-        x = tf.nn.relu(norm(x))
+        x = tf.nn.relu(norm(x, training=training))
       x, _ = self.output_conv(x, mask)  # [B, T_l, 2]
       outputs.append(tf.sigmoid(tf.cast(x, tf.float32)))
     return tf.concat(outputs, axis=1)  # [B, N, 2]
@@ -306,7 +306,8 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     """`ClassSensitivity.gaussian_parameters()`, or {} when class sensitivity is off."""
     return self.class_level.gaussian_parameters() if self.class_level is not None else {}
 
-  def call(self, level_features, level_masks, points, gt_segments, gt_labels, targets):
+  def call(self, level_features, level_masks, points, gt_segments, gt_labels, targets,
+           training=False):
     points = tf.cast(points, tf.float32)
     gt_segments = tf.cast(gt_segments, tf.float32)
     gt_labels = tf.cast(gt_labels, tf.int32)
@@ -322,7 +323,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
       out["p_cls"] = tf.ones(tf.shape(positive), tf.float32)
       out["p_loc"] = out["p_cls"]
     if self.instance_level is not None:
-      out["q"] = self.instance_level(level_features, level_masks)
+      out["q"] = self.instance_level(level_features, level_masks, training=training)
     if self.projection is not None:
       num_level0 = tf.shape(level_features[0])[1]
       t0 = points[:num_level0, 0]  # level-0 points (stride 1)

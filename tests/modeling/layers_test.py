@@ -63,6 +63,7 @@ def test_tap_gemm_equals_direct_conv_values_and_gradients(kernel_size, jit_compi
                        input_signature=[tf.TensorSpec([None, None, 6], tf.float32)])
 
   tap = value_and_grads(layers.conv1d_as_tap_gemm)
+  assert tap.get_concrete_function().structured_outputs[0].shape.as_list() == [None, None, 5]
   direct = value_and_grads(
       lambda x, k: tf.nn.conv1d(tf.pad(x, [[0, 0], [pad, pad], [0, 0]]), k, 1, "VALID"))
   for length in (1, 2, 9):
@@ -201,8 +202,8 @@ def test_channel_layer_norm_mixed_precision_keeps_dtype_and_accuracy():
 @pytest.mark.parametrize("padded", [True, False])
 def test_apply_to_valid_frames_equals_masked_grid(padded, jit_compile):
   """Values and gradients equal `fn(x) * mask`, on a padded batch (valid rows only) and an
-  unpadded one (all frames as rows); in graph mode (the gradient of a LayerNorm after the rows once failed
-  Grappler's shape folding) and under XLA."""
+  unpadded one (all frames as rows); in graph mode (the gradient of a LayerNorm after the rows
+  once failed Grappler's shape folding) and under XLA."""
   norm = layers.ChannelLayerNorm()
   norm.build((None, 3))
   norm.beta.assign([0.5, -1.0, 2.0])

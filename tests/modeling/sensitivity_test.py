@@ -150,6 +150,27 @@ def test_instance_evaluator_ignores_padded_inputs():
   np.testing.assert_allclose(q_noisy[valid], q[valid], rtol=1e-5, atol=1e-6)
 
 
+def test_instance_evaluator_traced_first_in_a_graph_with_dynamic_lengths(monkeypatch):
+  """Built inside a tf.function over unknown lengths (its bias-free convs must keep the channel
+  count for the norms' weights); `training` reaches the norms: only the inference trace takes the
+  oneDNN LayerNorm form."""
+  from asl_tf.modeling import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "onednn_enabled", lambda: True)
+  feats, masks = _levels()
+  layer = sensitivity.InstanceEvaluator(6)
+  specs = ([tf.TensorSpec([None, None, feats[0].shape[-1]], tf.float32)] * 3,
+           [tf.TensorSpec([None, None], tf.bool)] * 3)
+  ops = {}
+  for training in (True, False):
+    fn = tf.function(lambda f, m, training=training: layer(f, m, training=training))
+    graph = fn.get_concrete_function(*specs).graph
+    ops[training] = {op.type for op in graph.get_operations()}
+    q = fn(feats, [tf.constant(m) for m in masks])
+    assert tuple(q.shape) == (2, 17, 2)
+  assert "FusedBatchNormV3" not in ops[True]
+  assert "FusedBatchNormV3" in ops[False]
+
+
 def test_instance_evaluator_mixed_precision():
   feats, masks = _levels()
   q = sensitivity.InstanceEvaluator(6, dtype="mixed_float16")(feats, masks)
