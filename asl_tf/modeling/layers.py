@@ -288,12 +288,11 @@ class ChannelLayerNorm(keras.layers.Layer):
       mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
       centred = x32 - mean
       var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-      y = centred * tf.math.rsqrt(var + self.epsilon)
-      y = y * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
-      return tf.cast(y, x.dtype)
+      y = tf.multiply(centred, tf.math.rsqrt(var + self.epsilon), name="a_normalized")
+    else:
+      y = _normalize_as_batch_norm(x32, self.epsilon, name="a_normalized")
     # The remapper's pattern is AddV2(beta, Mul(Reshape(FusedBatchNorm), gamma)) with inputs in
     # this order; Grappler sorts the inputs of commutative ops by name, hence the names.
-    y = _normalize_as_batch_norm(x32, self.epsilon, name="a_normalized")
     with tf.name_scope("b_beta"):
       beta = tf.cast(self.beta, tf.float32)
     with tf.name_scope("c_gamma"):

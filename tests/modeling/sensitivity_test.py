@@ -10,6 +10,7 @@ import tensorflow as tf
 from asl_tf import config as config_lib
 from asl_tf import losses
 from asl_tf import targets as targets_lib
+from asl_tf.modeling import layers
 from asl_tf.modeling import sensitivity
 
 AUTHORS_NAMES = ["mu", "sigma", "mu_reg_left", "sigma_reg_left", "mu_reg_right",
@@ -154,7 +155,6 @@ def test_instance_evaluator_traced_first_in_a_graph_with_dynamic_lengths(monkeyp
   """Built inside a tf.function over unknown lengths (its bias-free convs must keep the channel
   count for the norms' weights); `training` reaches the norms: only the inference trace takes the
   oneDNN LayerNorm form."""
-  from asl_tf.modeling import layers  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(layers, "onednn_enabled", lambda: True)
   feats, masks = _levels()
   layer = sensitivity.InstanceEvaluator(6)
