@@ -16,6 +16,9 @@ ANNOTATION_FORMATS = ("auto", "actionformer", "flat", "activitynet")
 NMS_METHODS = ("soft", "hard", "none")
 SENSITIVITY_PARAMETRIZATIONS = ("authors", "stable")
 INSTANCE_COMBINATIONS = ("product", "sum")
+SENSITIVITY_NORMALIZATIONS = ("none", "instance")
+EVALUATOR_TARGETS = ("separate", "fused")
+EVALUATOR_LOSSES = ("mse", "bce")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -200,6 +203,13 @@ class LossConfig:
       training is all of them; measured to collapse some runs (README, ASL ablation).
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
+    sensitivity_normalization: `none` (positives keep the combined weights w as they are) or
+      `instance` (w divided by its mean over the positives of the same ground-truth instance, so
+      sensitivity moves weight between an instance's frames without changing its loss mass;
+      negatives keep weight 1).
+    evaluator_target: `separate` (q_cls -> sigmoid(GT-class logit), q_loc -> tIoU) or `fused`
+      (both outputs -> sigmoid(logit)^0.2 * tIoU^0.8, the authors' commented-out target).
+    evaluator_loss: `mse` or `bce` (binary cross-entropy of q against the soft targets).
     contrastive_temperature: InfoNCE temperature tau.
     contrastive_topk: sensitive points averaged per instance and sub-task.
     contrastive_num_background: background points sampled per video.
@@ -214,6 +224,9 @@ class LossConfig:
   evaluator_loss_weight: float = 1.0
   instance_combination: str = "sum"
   instance_start_epoch: int = 0
+  sensitivity_normalization: str = "none"
+  evaluator_target: str = "separate"
+  evaluator_loss: str = "mse"
   contrastive_temperature: float = 0.07
   contrastive_topk: int = 3
   contrastive_num_background: int = 8
@@ -440,6 +453,12 @@ def validate(config: Config) -> Config:
   if loss.instance_combination not in INSTANCE_COMBINATIONS:
     problems.append(f"--instance_combination={loss.instance_combination!r}: use one of "
                     f"{INSTANCE_COMBINATIONS}")
+  for flag, value, choices in (
+      ("sensitivity_normalization", loss.sensitivity_normalization, SENSITIVITY_NORMALIZATIONS),
+      ("evaluator_target", loss.evaluator_target, EVALUATOR_TARGETS),
+      ("evaluator_loss", loss.evaluator_loss, EVALUATOR_LOSSES)):
+    if value not in choices:
+      problems.append(f"--{flag}={value!r}: use one of {choices}")
   if ev.nms_method not in NMS_METHODS:
     problems.append(f"--nms_method={ev.nms_method!r}: use one of {NMS_METHODS}")
   if train.mixed_precision not in MIXED_PRECISION_POLICIES:
@@ -536,6 +555,9 @@ def from_flags(flags) -> Config:
       evaluator_loss_weight=f.evaluator_loss_weight,
       instance_combination=f.instance_combination,
       instance_start_epoch=f.instance_start_epoch,
+      sensitivity_normalization=f.sensitivity_normalization,
+      evaluator_target=f.evaluator_target,
+      evaluator_loss=f.evaluator_loss,
       contrastive_temperature=f.contrastive_temperature,
       contrastive_topk=f.contrastive_topk,
       contrastive_num_background=f.contrastive_num_background,

@@ -83,6 +83,15 @@ flags.DEFINE_enum("instance_combination", "sum", list(config_lib.INSTANCE_COMBIN
                   "How class- and instance-level weights combine on positives: sum p + sg(q) "
                   "or product p * sg(q) (product can collapse training; README, ASL ablation).")
 flags.DEFINE_integer("instance_start_epoch", 0, "First epoch using instance weights.")
+flags.DEFINE_enum("sensitivity_normalization", "none",
+                  list(config_lib.SENSITIVITY_NORMALIZATIONS),
+                  "Positives' ASL weights: as they are (none) or divided by their mean over each "
+                  "ground-truth instance's positives (instance).")
+flags.DEFINE_enum("evaluator_target", "separate", list(config_lib.EVALUATOR_TARGETS),
+                  "Instance evaluator targets: separate (sigmoid(logit), tIoU) or fused "
+                  "(sigmoid(logit)^0.2 * tIoU^0.8 for both outputs).")
+flags.DEFINE_enum("evaluator_loss", "mse", list(config_lib.EVALUATOR_LOSSES),
+                  "Instance evaluator loss: mse or bce.")
 flags.DEFINE_float("contrastive_temperature", 0.07, "InfoNCE temperature.")
 flags.DEFINE_integer("contrastive_topk", 3, "Sensitive points averaged per instance.")
 flags.DEFINE_integer("contrastive_num_background", 8, "Background points per video.")

@@ -141,16 +141,22 @@ class LossNormalizer(keras.layers.Layer):
     return config
 
 
-def instance_targets(cls_logits, offsets, targets):
-  """Detached targets of the instance evaluator (ASL_SPEC 2.2, INFERRED).
+# The authors' commented-out fused target sigmoid(logit)^alpha * IoU^(1 - alpha) (ASL_SPEC 2.1).
+FUSED_TARGET_ALPHA = 0.2
 
-  Q_cls = sigmoid(logit of the matched GT's class at the point); Q_loc = tIoU between the
-  segment decoded at the point and its GT (offset parametrisation). Meaningful on positives only.
+
+def instance_targets(cls_logits, offsets, targets, kind="separate"):
+  """Detached targets of the instance evaluator (ASL_SPEC 2.1-2.2, INFERRED).
+
+  `separate`: Q_cls = sigmoid(logit of the matched GT's class at the point), Q_loc = tIoU
+  between the segment decoded at the point and its GT (offset parametrisation). `fused`: both
+  are sigmoid(logit)^0.2 * tIoU^0.8. Meaningful on positives only.
 
   Args:
     cls_logits: [B, N, K] logits.
     offsets: [B, N, 2] predicted (left, right) in stride units.
     targets: `targets.assign_targets(...)` (`matched_label`, `reg_targets`).
+    kind: `separate` or `fused` (LossConfig.evaluator_target).
 
   Returns:
     float32 [B, N, 2] (Q_cls, Q_loc), stop-gradient.
@@ -158,8 +164,65 @@ def instance_targets(cls_logits, offsets, targets):
   cls_logits = tf.cast(cls_logits, tf.float32)
   label = tf.maximum(targets["matched_label"], 0)
   logit = tf.gather(cls_logits, label[..., None], axis=2, batch_dims=2)[..., 0]  # [B, N]
+  score = tf.sigmoid(logit)
   iou = offset_iou_1d(offsets, targets["reg_targets"])
-  return tf.stop_gradient(tf.stack([tf.sigmoid(logit), iou], axis=-1))
+  if kind == "fused":
+    # Off positives reg_targets can be negative, and so the IoU; a NaN there would reach the
+    # evaluator's gradient through the masked loss (0 * NaN).
+    iou = tf.clip_by_value(iou, 0.0, 1.0)
+    fused = tf.pow(score, FUSED_TARGET_ALPHA) * tf.pow(iou, 1.0 - FUSED_TARGET_ALPHA)
+    return tf.stop_gradient(tf.stack([fused, fused], axis=-1))
+  if kind != "separate":
+    raise ValueError(f"evaluator_target={kind!r}: use 'separate' or 'fused'")
+  return tf.stop_gradient(tf.stack([score, iou], axis=-1))
+
+
+def evaluator_loss(q, q_target, kind="mse"):
+  """Per-point loss of the instance evaluator, summed over its two outputs.
+
+  Args:
+    q: float32 [..., 2] predictions in (0, 1).
+    q_target: float32 [..., 2] targets in [0, 1].
+    kind: `mse` (squared error) or `bce` (binary cross-entropy with soft targets; q is clipped
+      to [1e-7, 1 - 1e-7]).
+
+  Returns:
+    float32 [...].
+  """
+  if kind == "mse":
+    return tf.reduce_sum(tf.square(q - q_target), axis=-1)
+  if kind != "bce":
+    raise ValueError(f"evaluator_loss={kind!r}: use 'mse' or 'bce'")
+  q = tf.clip_by_value(q, 1e-7, 1.0 - 1e-7)
+  return -tf.reduce_sum(q_target * tf.math.log(q) + (1.0 - q_target) * tf.math.log(1.0 - q),
+                        axis=-1)
+
+
+def normalize_per_instance(weights, positive, matched_gt, num_gt):
+  """Divides each positive's weight by the mean weight of its GT instance's positives.
+
+  Every GT instance's positives then have mean weight exactly 1 (the loss mass of plain
+  ActionFormer), and the weights only move emphasis between its frames. Negatives are returned
+  unchanged. Gradients flow through the mean.
+
+  Args:
+    weights: float32 [B, N] per-point weights (> 0 on positives).
+    positive: bool [B, N].
+    matched_gt: int [B, N] index of each point's GT in [0, num_gt) (read on positives only).
+    num_gt: M, the padded GT count (static or scalar tensor).
+
+  Returns:
+    float32 [B, N].
+  """
+  weights = tf.cast(weights, tf.float32)
+  batch = tf.shape(weights)[0]
+  ids = tf.range(batch)[:, None] * num_gt + tf.clip_by_value(
+      tf.cast(matched_gt, tf.int32), 0, num_gt - 1)  # [B, N]
+  pos = tf.cast(positive, tf.float32)
+  sums = tf.math.unsorted_segment_sum(weights * pos, ids, batch * num_gt)
+  counts = tf.math.unsorted_segment_sum(pos, ids, batch * num_gt)
+  mean = tf.gather(sums / tf.maximum(counts, 1.0), ids)  # [B, N]
+  return tf.where(positive, weights / tf.maximum(mean, 1e-12), weights)
 
 
 def combine_point_weights(class_weight, instance_weight, combination):
@@ -224,14 +287,15 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   * `cls_loss_sum` = sum over valid points of w_cls(t) * sum_k focal(t, k); w_cls = 1 on
     negatives (and everywhere without ASL).
   * `reg_loss_sum` = sum over positives of w_loc(t) * DIoU(t).
-  * `evaluator_loss_sum` = sum over positives of (q_cls - Q_cls)^2 + (q_loc - Q_loc)^2 with
-    detached targets Q (0 without the instance evaluator).
+  * `evaluator_loss_sum` = sum over positives of `evaluator_loss(q, Q)` (MSE or BCE) with
+    detached targets Q (`instance_targets`; 0 without the instance evaluator).
   * `contrastive_loss_sum`, `contrastive_num_anchors`: action-sensitive contrastive loss summed
     over anchors, and the anchor count (0 without ASCL). Unlike the other terms it is a mean over
     anchors, not normalised by the positive count.
   * `num_pos`: positive points (float32).
   With the instance evaluator, w = combine(p, q) on positives (LossConfig.instance_combination)
-  once `use_instance_weights` is true, else w = p.
+  once `use_instance_weights` is true, else w = p; with `sensitivity_normalization=instance`,
+  w is then divided by its mean over each GT instance's positives (`normalize_per_instance`).
 
   Args:
     outputs: the detector's dict: `cls_logits` [B, N, K], `offsets` [B, N, 2],
@@ -270,13 +334,18 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
     w_cls, w_loc = sensitivity["p_cls"], sensitivity["p_loc"]
     if "q" in sensitivity:
       q = tf.cast(sensitivity["q"], tf.float32)  # [B, N, 2]
-      q_target = instance_targets(cls_logits, offsets, targets)  # [B, N, 2]
-      sq = tf.reduce_sum(tf.square(q - q_target), axis=-1)
-      evaluator_sum = tf.reduce_sum(tf.where(positive, sq, 0.0))
+      q_target = instance_targets(cls_logits, offsets, targets,
+                                  loss_config.evaluator_target)  # [B, N, 2]
+      per_point = evaluator_loss(q, q_target, loss_config.evaluator_loss)
+      evaluator_sum = tf.reduce_sum(tf.where(positive, per_point, 0.0))
       use = tf.logical_and(positive, tf.cast(use_instance_weights, tf.bool))
       combination = loss_config.instance_combination
       w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination), w_cls)
       w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination), w_loc)
+    if loss_config.sensitivity_normalization == "instance":
+      num_gt = tf.shape(gt_labels)[1]
+      w_cls = normalize_per_instance(w_cls, positive, targets["matched_gt"], num_gt)
+      w_loc = normalize_per_instance(w_loc, positive, targets["matched_gt"], num_gt)
     if "embeddings" in sensitivity:
       rank_cls, rank_loc = sensitivity["rank_cls"], sensitivity["rank_loc"]
       if "q" in sensitivity:

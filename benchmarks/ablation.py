@@ -10,15 +10,22 @@ the JSON and Markdown are rewritten after every run, so a stopped grid still rep
 Variants add one ASL option at a time to ActionFormer, then all of them together (and, on request,
 the two instance-level variants with the `product` combination).
 
-The runs use a copy of `asl_tf/` and the flagfiles taken when the grid first starts
-(`<runs_dir>/code_snapshot`, with `runs/` linked back; reused on resume), so that edits to the
-working tree during a long grid neither mix code versions nor break a run (AutoGraph re-reads
-source files when it traces, e.g. the evaluation at the end of training).
+The runs use a copy of `asl_tf/` and the flagfiles (`<runs_dir>/code_<digest>`, named after a
+hash of their contents, with `runs/` linked back; each record names its copy), so that edits to
+the working tree during a long grid neither mix code versions within a run nor break it
+(AutoGraph re-reads source files when it traces, e.g. the evaluation at the end of training).
+The tables summarise every finished run under the runs folder, so several grids can run side by
+side, one per core:
+
+  taskset -c 0 python benchmarks/ablation.py --dataset=sensitivity_thumos --variants=a,b &
+  taskset -c 1 python benchmarks/ablation.py --dataset=sensitivity_thumos --variants=c,d &
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -33,28 +40,58 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
+# Every variant sets every ASL switch, so changing a default in configs/base.flags never changes
+# what a variant trains.
+_OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrastive_weight": "0",
+        "instance_combination": "sum", "sensitivity_normalization": "none",
+        "evaluator_target": "separate", "evaluator_loss": "mse"}
+
+
+def _variant(**switches) -> tuple:
+  unknown = set(switches) - set(_OFF)
+  if unknown:
+    raise ValueError(f"unknown switches {sorted(unknown)}")
+  return tuple(f"--{k}={switches.get(k, v)}" for k, v in _OFF.items())
+
+
+_CLS, _INST = {"class_sensitivity": "true"}, {"instance_sensitivity": "true"}
+_NORM = {"sensitivity_normalization": "instance"}
+_CONTRA = {"contrastive_weight": "0.1"}
 VARIANTS: Dict[str, tuple] = {
-    "actionformer": _OFF,
-    "+class": ("--class_sensitivity=true", "--instance_sensitivity=false",
-               "--contrastive_weight=0"),
-    "+instance": ("--class_sensitivity=false", "--instance_sensitivity=true",
-                  "--instance_combination=sum", "--contrastive_weight=0"),
-    "+contrastive": ("--class_sensitivity=false", "--instance_sensitivity=false",
-                     "--contrastive_weight=0.1"),
-    "asl_all": ("--class_sensitivity=true", "--instance_sensitivity=true",
-                "--instance_combination=sum", "--contrastive_weight=0.1"),
-    # The instance weights as ASL_SPEC 2.2 first recommended (w = p * sg(q)); not in the default
-    # grid: it collapses some runs (README, ASL ablation).
-    "+instance_product": ("--class_sensitivity=false", "--instance_sensitivity=true",
-                          "--instance_combination=product", "--contrastive_weight=0"),
-    "asl_all_product": ("--class_sensitivity=true", "--instance_sensitivity=true",
-                        "--instance_combination=product", "--contrastive_weight=0.1"),
+    "actionformer": _variant(),
+    "+class": _variant(**_CLS),
+    "+instance": _variant(**_INST),
+    "+contrastive": _variant(**_CONTRA),
+    # The defaults shipped before issue 15: class + instance (sum) + contrastive 0.1.
+    "asl_all": _variant(**_CLS, **_INST, **_CONTRA),
+    # The instance weights as ASL_SPEC 2.2 first recommended (w = p * sg(q)); it collapses some
+    # runs without normalisation (README, ASL ablation).
+    "+instance_product": _variant(**_INST, instance_combination="product"),
+    "asl_all_product": _variant(**_CLS, **_INST, **_CONTRA, instance_combination="product"),
+    # Issue 15's search: weights normalised to mean 1 over each GT instance's positives.
+    "+class_norm": _variant(**_CLS, **_NORM),
+    "+instance_norm": _variant(**_INST, **_NORM, instance_combination="product"),
+    "class_instance_norm": _variant(**_CLS, **_INST, **_NORM, instance_combination="product"),
+    "asl_all_norm": _variant(**_CLS, **_INST, **_NORM, **_CONTRA,
+                             instance_combination="product"),
+    "class_instance_norm_fused": _variant(**_CLS, **_INST, **_NORM, instance_combination="product",
+                                          evaluator_target="fused"),
+    "class_instance_norm_bce": _variant(**_CLS, **_INST, **_NORM, instance_combination="product",
+                                        evaluator_loss="bce"),
+    "+class_contrastive": _variant(**_CLS, **_CONTRA),
 }
 DEFAULT_VARIANTS = ("actionformer", "+class", "+instance", "+contrastive", "asl_all")
 DATASETS = {
     "demo": "configs/demo.flags",
     "thumos_synthetic": "benchmarks/thumos_synthetic.flags",
+    "sensitivity_thumos": "benchmarks/sensitivity_thumos.flags",
+    "sensitivity_ego4d": "benchmarks/sensitivity_ego4d.flags",
+}
+# Datasets generated by a benchmarks/ script before the first run: name -> (module, set).
+GENERATED = {
+    "thumos_synthetic": ("thumos_synthetic", None),
+    "sensitivity_thumos": ("sensitivity_synthetic", "thumos"),
+    "sensitivity_ego4d": ("sensitivity_synthetic", "ego4d"),
 }
 
 
@@ -65,11 +102,26 @@ def _map_at(metrics: dict, tiou: float) -> Optional[float]:
   return None
 
 
+def code_digest() -> str:
+  """12 hex digits of SHA-256 over asl_tf/**.py, configs/* and benchmarks/*.flags (names and
+  contents): runs trained by equal digests ran the same code."""
+  digest = hashlib.sha256()
+  paths = []
+  for sub, suffix in (("asl_tf", ".py"), ("configs", ".flags"), ("benchmarks", ".flags")):
+    for folder, _, names in os.walk(os.path.join(_REPO_ROOT, sub)):
+      paths += [os.path.join(folder, n) for n in names if n.endswith(suffix)]
+  for path in sorted(paths):
+    digest.update(os.path.relpath(path, _REPO_ROOT).encode() + b"\0")
+    with open(path, "rb") as f:
+      digest.update(f.read() + b"\0")
+  return digest.hexdigest()[:12]
+
+
 def snapshot_code(dest: str) -> dict:
   """Copies asl_tf/, configs/ and benchmarks/*.flags into `dest` and links runs/ back.
 
-  An existing snapshot is reused, so a resumed grid runs the same code; delete it to take a
-  new one.
+  An existing snapshot is reused, so a resumed grid runs the same code. `main` names the folder
+  after `code_digest()`, so an edited tree gets a new snapshot while finished runs are kept.
 
   Returns:
     `root` (dest) and `git_head` / `modified` / `taken` (the working tree the copy came from).
@@ -125,6 +177,7 @@ def run_one(flagfile: str, variant: str, seed: int, output_dir: str,
                           check=False)
   wall = time.perf_counter() - start
   record = {"variant": variant, "seed": seed, "command": " ".join(cmd[1:]),
+            "code": os.path.basename(code_root),
             "wall_sec": round(wall, 1), "load_avg_after": os.getloadavg()[0],
             "returncode": proc.returncode}
   if proc.returncode == 0 and os.path.exists(metrics_path):
@@ -136,6 +189,33 @@ def run_one(flagfile: str, variant: str, seed: int, output_dir: str,
   with open(timing_path, "w") as f:
     json.dump(record, f, indent=1)
   return record
+
+
+def collect_runs(runs_dir: str) -> List[dict]:
+  """The records (`ablation_run.json`) of every finished run under `runs_dir`, sorted by
+  variant (VARIANTS order) and seed."""
+  runs = []
+  for variant in VARIANTS:
+    folder = os.path.join(runs_dir, variant.lstrip("+"))
+    if not os.path.isdir(folder):
+      continue
+    for name in os.listdir(folder):
+      path = os.path.join(folder, name, "ablation_run.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          record = json.load(f)
+        if record.get("variant") == variant:
+          runs.append(record)
+  order = {v: i for i, v in enumerate(VARIANTS)}
+  return sorted(runs, key=lambda r: (order[r["variant"]], r["seed"]))
+
+
+def _write_atomic(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def summarize(runs: List[dict]) -> Dict[str, dict]:
@@ -191,29 +271,33 @@ def main():
                                                           args.dataset))
   output = args.output or os.path.join(_REPO_ROOT, "benchmarks", "results",
                                        f"ablation_{args.dataset}.json")
-  code = snapshot_code(os.path.join(runs_dir, "code_snapshot"))
+  if args.dataset in GENERATED:
+    module, name = GENERATED[args.dataset]
+    generator = importlib.import_module(module)
+    out = os.path.join(_REPO_ROOT, "runs", f"sensitivity_{name}" if name else module)
+    print(generator.generate(name, out) if name else generator.generate(out), flush=True)
+  code = snapshot_code(os.path.join(runs_dir, "code_" + code_digest()))
   flagfile = os.path.join(code["root"], DATASETS[args.dataset])
-  runs = []
   # Seed-major order: an interrupted grid still covers every variant.
   for seed in seeds:
     for variant in variants:
       record = run_one(flagfile, variant, seed,
                        os.path.join(runs_dir, variant.lstrip("+"), f"seed{seed}"), extra,
                        code["root"])
-      runs.append(record)
       print(json.dumps(record), flush=True)
-      summary = summarize(runs)
+      # Every finished run under runs_dir, so grids run side by side (e.g. one per core under
+      # taskset) each write the whole table.
+      runs = collect_runs(runs_dir)
       result = {"benchmark": "ablation", "dataset": args.dataset,
                 "flagfile": DATASETS[args.dataset], "extra_flags": extra,
-                "variants": {v: list(VARIANTS[v]) for v in variants}, "summary": summary,
-                "runs": runs, "code": code, "machine": common.machine_info()}
-      os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-      with open(output, "w") as f:
-        json.dump(result, f, indent=1, default=common.json_default)
+                "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})},
+                "summary": summarize(runs), "runs": runs, "code": code,
+                "machine": common.machine_info()}
       title = f"{args.dataset} ({DATASETS[args.dataset]} {' '.join(extra)})".replace(" )", ")")
-      with open(os.path.splitext(output)[0] + ".md", "w") as f:
-        f.write(markdown_table(summary, title))
-  print(markdown_table(summarize(runs)))
+      _write_atomic(output, json.dumps(result, indent=1, default=common.json_default))
+      _write_atomic(os.path.splitext(output)[0] + ".md",
+                    markdown_table(result["summary"], title))
+  print(markdown_table(summarize(collect_runs(runs_dir))))
 
 
 if __name__ == "__main__":
