@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pickle
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -354,27 +355,73 @@ class VideoScores:
     return None
 
 
+# Globals a pickled score file may name: NumPy's array reconstruction, nothing callable beyond
+# it. Everything else (os.system, builtins.eval, ...) is refused before it is called.
+_SCORE_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class _ScoreUnpickler(pickle.Unpickler):
+  """Unpickles plain containers and NumPy arrays only."""
+
+  def __init__(self, stream, path):
+    super().__init__(stream)
+    self._path = path
+
+  def find_class(self, module, name):
+    if (module, name) not in _SCORE_PICKLE_GLOBALS:
+      raise ValueError(f"--ext_score_file={self._path}: refusing to unpickle {module}.{name}; a "
+                       "score file holds only {video_id: [scores]} (NumPy arrays or lists). "
+                       "Convert it to JSON if it comes from elsewhere")
+    return super().find_class(module, name)
+
+
 def load_video_scores(path: str) -> VideoScores:
   """Reads a video-level classifier file.
 
-  JSON: `{"results": {video_id: [score per class]}, "class": [names]}` (CUHK layout; a bare
-  `{video_id: [scores]}` dict also works). Pickle: `{video_id: [scores]}` (UntrimmedNet THUMOS).
-  CUHK keys carry no `v_` prefix; `VideoScores.lookup` matches ids with or without it.
+  JSON (`.json`): `{"results": {video_id: [score per class]}, "class": [names]}` (CUHK layout; a
+  bare `{video_id: [scores]}` dict also works). Pickle (`.pkl` / `.pickle`): `{video_id:
+  [scores]}` (UntrimmedNet THUMOS), read by an unpickler that admits only containers and NumPy
+  arrays, so a crafted file cannot run code. CUHK keys carry no `v_` prefix;
+  `VideoScores.lookup` matches ids with or without it.
+
+  Raises:
+    ValueError: naming the file, for another extension, unreadable content or ragged scores.
   """
-  if path.endswith(".json"):
-    with open(path) as f:
-      data = json.load(f)
-  else:
-    with open(path, "rb") as f:
-      data = pickle.load(f)
+  where = f"--ext_score_file={path}"
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".json", ".pkl", ".pickle"):
+    raise ValueError(f"{where}: use a .json file (or an UntrimmedNet .pkl); got {ext or 'none'}")
+  try:
+    if ext == ".json":
+      with open(path) as f:
+        data = json.load(f)
+    else:
+      with open(path, "rb") as f:
+        data = _ScoreUnpickler(f, path).load()
+  except OSError as e:
+    raise ValueError(f"{where}: cannot read it ({e.strerror})") from None
+  except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{where}: not a valid {ext[1:].upper()} score file ({e})") from None
+  if not isinstance(data, dict) or not isinstance(data.get("results", data), dict):
+    raise ValueError(f"{where}: expected {{video_id: [scores]}} or a CUHK {{\"results\": ...}} "
+                     "object")
   results = data.get("results", data)
   names = tuple(data.get("class", ())) if "results" in data else ()
-  scores = {str(k): np.asarray(v, np.float64).reshape(-1) for k, v in results.items()}
+  scores = {}
+  for k, v in results.items():
+    try:
+      scores[str(k)] = np.asarray(v, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+      raise ValueError(f"{where}: video {k!s}: scores are not a list of numbers") from None
   widths = {v.shape[0] for v in scores.values()}
   if len(widths) > 1:
-    raise ValueError(f"{path}: videos have different numbers of class scores {sorted(widths)}")
+    raise ValueError(f"{where}: videos have different numbers of class scores {sorted(widths)}")
   if names and widths and len(names) != widths.pop():
-    raise ValueError(f"{path}: {len(names)} class names but score vectors of another length")
+    raise ValueError(f"{where}: {len(names)} class names but score vectors of another length")
   return VideoScores(scores=scores, class_names=names)
 
 

@@ -29,6 +29,7 @@ def _load(name):
 ablation = _load("ablation")
 run_all = _load("run_all")
 thumos_synthetic = _load("thumos_synthetic")
+sensitivity_synthetic = _load("sensitivity_synthetic")
 
 
 def _run(args, timeout=240):
@@ -69,16 +70,49 @@ def test_ablation_reuses_finished_runs(tmp_path):
   assert ablation.run_one("unused.flags", "asl_all", 3, str(out)) == record
 
 
-def test_ablation_variants_switch_one_option_each():
-  assert set(ablation.VARIANTS["actionformer"]) == {
-      "--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0"}
-  for name in ("+class", "+instance", "+contrastive"):
-    changed = set(ablation.VARIANTS[name]) - set(ablation.VARIANTS["actionformer"])
-    switched = {flag.split("=")[0] for flag in changed} - {"--instance_combination"}
-    assert len(switched) == 1, name
-  assert "--instance_combination=sum" in ablation.VARIANTS["+instance"]
+def test_ablation_variants_set_every_switch_and_add_one_part_each():
+  """Every variant names every ASL switch (a base.flags default never leaks in); the +part
+  variants differ from ActionFormer in one part."""
+  off = dict(flag[2:].split("=") for flag in ablation.VARIANTS["actionformer"])
+  assert off["class_sensitivity"] == "false" and off["instance_sensitivity"] == "false"
+  assert off["contrastive_weight"] == "0"
+  for name, flags in ablation.VARIANTS.items():
+    assert [f.split("=")[0][2:] for f in flags] == list(off), name
+  parts = {"+class": {"class_sensitivity"}, "+instance": {"instance_sensitivity"},
+           "+contrastive": {"contrastive_weight"},
+           "+class_norm": {"class_sensitivity", "sensitivity_normalization"}}
+  for name, switched in parts.items():
+    flags = dict(flag[2:].split("=") for flag in ablation.VARIANTS[name])
+    assert {k for k in off if flags[k] != off[k]} == switched, name
   assert "--instance_combination=product" in ablation.VARIANTS["+instance_product"]
   assert set(ablation.DEFAULT_VARIANTS) <= set(ablation.VARIANTS)
+  with pytest.raises(ValueError, match="unknown switches"):
+    ablation._variant(class_sensitivty="true")
+
+
+def test_ablation_collects_every_finished_run_under_the_folder(tmp_path):
+  """Two grids writing into one folder each see both: the table is built from the folder."""
+  for variant, seed in (("actionformer", 2), ("actionformer", 1), ("+class", 1)):
+    folder = tmp_path / variant.lstrip("+") / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "ablation_run.json").write_text(json.dumps(_fake_run(variant, seed, 0.5, 0.6)))
+  (tmp_path / "class" / "seed9").mkdir()  # a run still going: no record yet
+  runs = ablation.collect_runs(str(tmp_path))
+  assert [(r["variant"], r["seed"]) for r in runs] == [
+      ("actionformer", 1), ("actionformer", 2), ("+class", 1)]
+
+
+def test_code_digest_follows_the_sources(tmp_path, monkeypatch):
+  for sub in ("asl_tf", "configs", "benchmarks"):
+    (tmp_path / sub).mkdir()
+  (tmp_path / "asl_tf" / "a.py").write_text("x = 1\n")
+  (tmp_path / "benchmarks" / "b.flags").write_text("--a=1\n")
+  monkeypatch.setattr(ablation, "_REPO_ROOT", str(tmp_path))
+  first = ablation.code_digest()
+  (tmp_path / "asl_tf" / "notes.txt").write_text("not code")
+  assert ablation.code_digest() == first
+  (tmp_path / "benchmarks" / "b.flags").write_text("--a=2\n")
+  assert ablation.code_digest() != first and len(first) == 12
 
 
 def test_thumos_synthetic_keeps_real_segments(tmp_path):
@@ -102,6 +136,82 @@ def test_thumos_synthetic_keeps_real_segments(tmp_path):
   mtime = os.path.getmtime(os.path.join(out, "manifest.json"))
   assert thumos_synthetic.generate(out, str(src), input_dim=16) == out
   assert os.path.getmtime(os.path.join(out, "manifest.json")) == mtime  # not regenerated
+
+
+def test_sensitivity_action_signal_has_key_phase_cues_and_blurred_edges():
+  """One 20-feature instance: the class's own direction dominates exactly the key phase, the
+  other phases point along the group direction, the start / end cues sit on the first / last
+  feature, and the signal ramps up from the boundaries."""
+  rng = np.random.default_rng(0)
+  bank = sensitivity_synthetic.ClassBank(rng, ((0, 1), (2,)), 64)
+  label, n = 1, 20
+  signal = bank.action_signal(np.random.default_rng(1), label, n)
+  bounds = np.round(np.cumsum(bank.phase_fractions[label]) * n).astype(int)
+  key = bank.key_phase[label]
+  lo, hi = (0 if key == 0 else bounds[key - 1]), bounds[key]
+  own = signal @ bank.own[label]
+  generic = signal @ bank.generic[label]
+  inner = np.arange(1, n - 1)  # away from the cues
+  in_key = (inner >= lo) & (inner < hi)
+  assert np.all(own[inner][in_key] > generic[inner][in_key])
+  assert np.all(generic[inner][~in_key] > own[inner][~in_key])
+  assert signal[0] @ bank.start_cue[label] > 1.0 and signal[-1] @ bank.end_cue[label] > 1.0
+  assert abs(signal[n // 2] @ bank.start_cue[label]) < 1.0
+  strength = np.linalg.norm(signal - np.outer(signal @ bank.start_cue[label],
+                                              bank.start_cue[label]), axis=1)
+  mid_phase = [i for i in inner if (i >= lo) == (1 >= lo) and (i < hi) == (1 < hi)]
+  assert strength[1] < strength[max(mid_phase)]  # ramped near the start
+
+
+def test_sensitivity_sets_keep_annotations_and_put_bursts_outside_actions(tmp_path, monkeypatch):
+  src = tmp_path / "thumos.json"
+  database = {
+      "video_validation_1": {"subset": "Validation", "duration": 120.0, "fps": 29.97,
+                             "annotations": [{"label": "A", "label_id": 0, "segment": [2.0, 9.0]},
+                                             {"label": "B", "label_id": 19,
+                                              "segment": [40.0, 44.0]}]},
+      "video_test_1": {"subset": "Test", "duration": 30.0, "fps": 30.0,
+                       "annotations": [{"label": "B", "label_id": 19, "segment": [1.0, 3.0]}]},
+      "video_other_1": {"subset": "Other", "duration": 30.0, "fps": 30.0, "annotations": []},
+  }
+  src.write_text(json.dumps({"database": database}))
+  sets = dict(sensitivity_synthetic.SETS)
+  sets["thumos"] = (str(src),) + sets["thumos"][1:]
+  monkeypatch.setattr(sensitivity_synthetic, "SETS", sets)
+  out = sensitivity_synthetic.generate("thumos", str(tmp_path / "data"))
+  written = json.loads((tmp_path / "data" / "annotations.json").read_text())["database"]
+  assert set(written) == {"video_validation_1", "video_test_1"}  # unknown subsets left out
+  assert written["video_validation_1"]["annotations"][1]["segment"] == [40.0, 44.0]
+  feats = np.load(os.path.join(out, "features", "video_validation_1.npy"))
+  assert feats.shape == (int((120.0 * 30 - 16) // 16) + 1, sensitivity_synthetic.INPUT_DIM)
+  assert feats.dtype == np.float32 and np.isfinite(feats).all()
+  mtime = os.path.getmtime(os.path.join(out, "manifest.json"))
+  assert sensitivity_synthetic.generate("thumos", out) == out
+  assert os.path.getmtime(os.path.join(out, "manifest.json")) == mtime  # reused
+
+
+def test_sensitivity_bursts_only_land_on_free_features():
+  rng = np.random.default_rng(5)
+  bank = sensitivity_synthetic.ClassBank(rng, ((0,), (1,)), 32)
+  sensitivity_synthetic.NOISE_STD, noise = 0.0, sensitivity_synthetic.NOISE_STD
+  sensitivity_synthetic.DRIFT_STD, drift = 0.0, sensitivity_synthetic.DRIFT_STD
+  try:
+    feats = sensitivity_synthetic.video_features(np.random.default_rng(2), bank, 600, [],
+                                                 np.zeros((4, 32)))
+    busy = sensitivity_synthetic.video_features(np.random.default_rng(2), bank, 600,
+                                                [(-1.0, 601.0, 0)], np.zeros((4, 32)))
+  finally:
+    sensitivity_synthetic.NOISE_STD, sensitivity_synthetic.DRIFT_STD = noise, drift
+  hit = np.linalg.norm(feats, axis=1) > 0
+  assert 0 < hit.sum() < 600  # ~10 bursts of 2-6 features, nothing else
+  own = np.abs(feats[hit] @ bank.own.T).max(axis=1)
+  np.testing.assert_allclose(own, np.linalg.norm(feats[hit], axis=1), rtol=1e-5)
+  # Over one action covering the video, every feature lies in the span of class 0's own,
+  # generic and cue directions: no other class's burst was added.
+  basis, _ = np.linalg.qr(np.stack([bank.own[0], bank.generic[0], bank.start_cue[0],
+                                    bank.end_cue[0]], axis=1))
+  residual = busy - (busy @ basis) @ basis.T
+  assert np.abs(residual).max() < 1e-4 and np.linalg.norm(busy, axis=1).min() > 0.1
 
 
 def test_run_all_collects_json_and_writes_table(tmp_path, monkeypatch):

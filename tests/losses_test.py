@@ -59,6 +59,68 @@ def test_instance_targets_golden():
   assert all(g is None for g in tape.gradient(q_target, [logits, offsets]))
 
 
+def test_fused_instance_targets_golden():
+  """sigmoid(ln 3) = 0.75, tIoU 0.6: 0.75^0.2 * 0.6^0.8 for both outputs; a negative IoU off
+  positives (reg target (-5, 1): IoU -4 / 6) is clipped to 0 instead of giving NaN."""
+  logits = np.array([[[5.0, -1.0, math.log(3.0)], [0.0, 7.0, 7.0]]], np.float32)
+  offsets = np.array([[[1.0, 3.0], [2.0, 4.0]]], np.float32)
+  targets = {"matched_label": np.array([[2, 0]], np.int32),
+             "reg_targets": np.array([[[2, 2], [-5, 1]]], np.float32)}
+  q_target = losses.instance_targets(logits, offsets, targets, "fused").numpy()
+  expected = 0.75 ** 0.2 * 0.6 ** 0.8
+  np.testing.assert_allclose(q_target[0, 0], [expected, expected], rtol=1e-6)
+  np.testing.assert_array_equal(q_target[0, 1], [0.0, 0.0])
+
+
+def test_evaluator_loss_mse_and_bce_golden():
+  """q = (0.5, 0.8) vs Q = (0.75, 0.6): MSE 0.0625 + 0.04; BCE -(0.75 ln 0.5 + 0.25 ln 0.5)
+  - (0.6 ln 0.8 + 0.4 ln 0.2)."""
+  q = tf.constant([[0.5, 0.8]])
+  target = tf.constant([[0.75, 0.6]])
+  np.testing.assert_allclose(losses.evaluator_loss(q, target, "mse").numpy(), [0.1025],
+                             rtol=1e-6)
+  bce = -(math.log(0.5)) - (0.6 * math.log(0.8) + 0.4 * math.log(0.2))
+  np.testing.assert_allclose(losses.evaluator_loss(q, target, "bce").numpy(), [bce], rtol=1e-6)
+  with pytest.raises(ValueError, match="evaluator_loss"):
+    losses.evaluator_loss(q, target, "l1")
+
+
+def test_normalize_per_instance_golden():
+  """Video 0: GT 0 has positives with weights 0.2, 0.6 (mean 0.4) -> 0.5, 1.5; GT 1 has one
+  positive 0.9 -> 1. A negative keeps 0.3 even though its matched_gt says GT 0. Video 1: GT 0
+  has 1, 2, 3 (mean 2) -> 0.5, 1, 1.5. Gradients reach the weights through the means."""
+  weights = tf.Variable([[0.2, 0.6, 0.9, 0.3], [1.0, 2.0, 3.0, 1.0]])
+  positive = np.array([[True, True, True, False], [True, True, True, False]])
+  matched = np.array([[0, 0, 1, 0], [0, 0, 0, 1]], np.int32)
+  with tf.GradientTape() as tape:
+    out = losses.normalize_per_instance(weights, positive, matched, 2)
+    picked = out[0, 0]
+  np.testing.assert_allclose(out.numpy(), [[0.5, 1.5, 1.0, 0.3], [0.5, 1.0, 1.5, 1.0]],
+                             rtol=1e-6)
+  # d(w0 / ((w0 + w1) / 2)) / dw0 = 2 w1 / (w0 + w1)^2 = 1.2 / 0.64; / dw1 = -2 w0 / 0.64
+  grad = tape.gradient(picked, weights).numpy()
+  np.testing.assert_allclose(grad[0, :2], [1.2 / 0.64, -0.4 / 0.64], rtol=1e-5)
+  assert np.all(grad[0, 2:] == 0) and np.all(grad[1] == 0)
+
+
+def test_instance_normalization_keeps_each_instance_loss_mass():
+  """With normalisation, scaling every positive's class-level weight by 0.1 leaves the losses
+  unchanged (only relative weights within an instance count); without it they shrink."""
+  outputs, targets = _small_case()
+  targets["matched_gt"] = np.zeros((1, 4), np.int32)
+  sens = {"p_cls": np.array([[1.0, 0.8, 1.0, 1.0]], np.float32),
+          "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32)}
+  small = {k: np.where(targets["positive_mask"], v * 0.1, v) for k, v in sens.items()}
+  labels = np.zeros((1, 1), np.int32)
+  norm = config_lib.LossConfig(sensitivity_normalization="instance")
+  a = losses.asl_loss_sums(outputs, targets, sens, None, labels, norm)
+  b = losses.asl_loss_sums(outputs, targets, small, None, labels, norm)
+  np.testing.assert_allclose(float(a["cls_loss_sum"]), 2 * NEG + POS, rtol=1e-6)
+  np.testing.assert_allclose(float(b["reg_loss_sum"]), 0.44, rtol=1e-5)
+  plain = losses.asl_loss_sums(outputs, targets, small, None, labels, config_lib.LossConfig())
+  np.testing.assert_allclose(float(plain["reg_loss_sum"]), 0.05 * 0.44, rtol=1e-5)
+
+
 def test_loss_normalizer_ema():
   """100 -> 0.9 * 100 + 0.1 * 27 = 92.7 -> (no positive: max(0, 1)) 0.9 * 92.7 + 0.1 = 83.53."""
   norm = losses.LossNormalizer(100.0, 0.9)

@@ -1,6 +1,8 @@
 """Tests for asl_tf.postprocess: NumPy reference of ActionFormer's NMS, fixture parity, export."""
 
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -377,3 +379,50 @@ def test_score_fusion_hand_case(tmp_path, caplog):
   np.testing.assert_array_equal(out["labels"], [1, 1, 2, 2])
   np.testing.assert_array_equal(out["segments_sec"], [[3, 5], [1, 2], [3, 5], [1, 2]])
   assert set(fused.detections) == {"v_abc"}
+
+
+class _Payload:
+  """Unpickling this calls os.system (touches a marker file) if the reader lets it."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_score_file_cannot_run_code(tmp_path):
+  marker = tmp_path / "pwned"
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(pickle.dumps({"vid": _Payload(marker)}))
+  with pytest.raises(ValueError, match=r"--ext_score_file=.*scores.pkl: refusing to unpickle "
+                                       r"(posix|os)\.system"):
+    postprocess.load_video_scores(str(path))
+  assert not marker.exists()
+  other = tmp_path / "scores.txt"
+  other.write_bytes(pickle.dumps({"vid": _Payload(marker)}))
+  with pytest.raises(ValueError, match=r"scores.txt: use a .json file"):
+    postprocess.load_video_scores(str(other))
+  assert not marker.exists()
+
+
+def test_pickled_numpy_score_file_still_loads(tmp_path):
+  """UntrimmedNet's THUMOS file: {video_id: float32 array}; arrays and numpy scalars pass."""
+  path = tmp_path / "thumos14_cls_scores.pkl"
+  path.write_bytes(pickle.dumps({"video_test_1": np.array([0.1, 0.9], np.float32),
+                                 "video_test_2": [np.float64(0.3), 0.7]}))
+  scores = postprocess.load_video_scores(str(path))
+  np.testing.assert_allclose(scores.scores["video_test_1"], [0.1, 0.9], rtol=1e-6)
+  np.testing.assert_allclose(scores.scores["video_test_2"], [0.3, 0.7])
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"{not json", "not a valid JSON score file"),
+    (b"[1, 2]", "expected"),
+    (b'{"v": ["a", "b"]}', "video v: scores are not a list of numbers"),
+])
+def test_bad_score_files_name_the_file(tmp_path, content, message):
+  path = tmp_path / "cls.json"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=f"--ext_score_file={path}: {message}"):
+    postprocess.load_video_scores(str(path))
