@@ -29,6 +29,9 @@ import numpy as np
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _MODULE_PREFIX = "module."
+# The pickle of a checkpoint describes tensors (kilobytes to a few MiB); a larger one is refused
+# before it is decompressed.
+MAX_PICKLE_BYTES = 256 << 20
 
 
 class CheckpointError(ValueError):
@@ -236,7 +239,17 @@ def _to_array(tensor: _PendingTensor, flat: np.ndarray, path: str) -> np.ndarray
     base = base[:len(base) // item * item].view(stored)
   else:
     base = flat[storage.view_offset:storage.view_offset + storage.numel]
-  if any(s == 0 for s in tensor.size):
+  elements = 1
+  for n in tensor.size:
+    elements *= n  # Python ints: no overflow
+  if elements > len(base):
+    # Checked before allocating: stride-0 (expanded) or overlapping tensors would let a tiny file
+    # ask for any amount of memory.
+    raise CheckpointError(
+        f"tensor of size {tensor.size} / stride {tensor.stride} has {elements} elements but its "
+        f"storage holds {len(base)} in {path}: expanded or overlapping tensors are not "
+        "supported (save tensor.contiguous())")
+  if elements == 0:
     array = np.zeros(tensor.size, dtype=stored)
   else:
     last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
@@ -299,6 +312,9 @@ def _load_zip(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
     pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pkls) != 1:
       raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")
+    if zf.getinfo(pkls[0]).file_size > MAX_PICKLE_BYTES:
+      raise CheckpointError(f"{path}: {pkls[0]} declares {zf.getinfo(pkls[0]).file_size} bytes "
+                            f"(> {MAX_PICKLE_BYTES}); not a checkpoint of tensors")
     prefix = pkls[0][:-len("data.pkl")]
     big_endian = False
     if prefix + "byteorder" in names:
@@ -311,6 +327,14 @@ def _load_zip(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
       if record not in names:
         raise CheckpointError(f"{path} lacks the storage record {record}")
       nbytes = storage.numel * np.dtype(_TORCH_DTYPES[storage.torch_dtype][0]).itemsize
+      info = zf.getinfo(record)
+      if info.compress_type != zipfile.ZIP_STORED:
+        # torch.save stores storages uncompressed; a compressed one could inflate without bound.
+        raise CheckpointError(f"storage record {record} in {path} is compressed; torch.save "
+                              "writes storages uncompressed (re-save the checkpoint)")
+      if info.file_size < nbytes:
+        raise CheckpointError(f"storage record {record} in {path} holds {info.file_size} bytes "
+                              f"but its storage declares {nbytes}: truncated or forged")
       with zf.open(record) as f:
         data = f.read(nbytes)
       if len(data) < nbytes:

@@ -305,6 +305,44 @@ def test_out_of_bounds_tensor_is_refused(tmp_path):
     tc.load_torch_checkpoint(path)
 
 
+@pytest.mark.parametrize("size,stride", [
+    ((4096, 4096), (0, 0)),          # 64 MiB out of one stored float
+    ((1 << 20, 1 << 20), (0, 0)),    # 4 TiB: MemoryError before the check
+    ((3, 2), (1, 1)),                # overlapping rows: 6 elements over a storage of 4
+])
+def test_tensors_with_more_elements_than_their_storage_are_refused(tmp_path, size, stride):
+  storage = _Storage("0", "FloatStorage", np.ones(4, np.float32))
+  path = tmp_path / "expanded.pth"
+  _write_zip(path, {"w": _Tensor(storage, 0, size, stride)})
+  assert path.stat().st_size < 1000
+  with pytest.raises(tc.CheckpointError, match=r"has \d+ elements but its storage holds 4 in "
+                                               r".*expanded.pth"):
+    tc.load_torch_checkpoint(path)
+
+
+def _zip_checkpoint_with_record(path, declared, record_bytes, compress):
+  storage = _Storage("0", "FloatStorage", np.zeros(declared, np.float32))
+  buf = io.BytesIO()
+  _TorchLikePickler(buf, legacy=False).dump({"w": _Tensor(storage, 0, (declared,), (1,))})
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", buf.getvalue())
+    zf.writestr("archive/data/0", record_bytes,
+                compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+
+
+def test_compressed_or_short_storage_records_are_refused_before_reading(tmp_path):
+  bomb = tmp_path / "bomb.pth"
+  _zip_checkpoint_with_record(bomb, 1 << 22, bytes(16 << 20), compress=True)
+  assert bomb.stat().st_size < 100_000  # 16 MiB of zeros inflate from a few KB
+  with pytest.raises(tc.CheckpointError, match=r"data/0 in .*bomb.pth is compressed"):
+    tc.load_torch_checkpoint(bomb)
+  short = tmp_path / "short.pth"
+  _zip_checkpoint_with_record(short, 1 << 20, bytes(400), compress=False)
+  with pytest.raises(tc.CheckpointError, match=r"holds 400 bytes but its storage declares "
+                                               r"4194304: truncated or forged"):
+    tc.load_torch_checkpoint(short)
+
+
 def test_truncated_and_foreign_files_name_the_file(tmp_path):
   with open(parity_file("thumos_like.pth.tar"), "rb") as f:
     raw = f.read()
