@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any, Optional, Sequence, Tuple
 
+from asl_tf import files
+
 ANNOTATION_FORMATS = ("auto", "actionformer", "flat", "activitynet")
 NMS_METHODS = ("soft", "hard", "none")
 SENSITIVITY_PARAMETRIZATIONS = ("authors", "stable")
@@ -361,8 +363,7 @@ class Config:
 
   def save(self, path: str) -> None:
     """Writes the resolved configuration as JSON."""
-    with open(path, "w") as f:
-      f.write(self.to_json())
+    files.write_text_atomic(path, self.to_json())
 
   @classmethod
   def load(cls, path: str) -> "Config":

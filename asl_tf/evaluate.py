@@ -1,9 +1,11 @@
 """Evaluate a checkpoint: `python -m asl_tf.evaluate --flagfile=... --checkpoint=RUN_OR_CKPT`.
 
-Prints the mAP table and writes `<output_dir>/eval/metrics.json`, `detections.json` (ActivityNet
-results layout) and `per_class_ap.csv`. `--checkpoint` may be a checkpoint prefix, a checkpoint
-folder or a training `--output_dir` (its best checkpoint, else its latest). Without `--flagfile`
-the run's saved config.json is used as it is.
+Prints the mAP table and writes `eval/metrics.json`, `detections.json` (ActivityNet results
+layout) and `per_class_ap.csv` into the checkpoint's run folder, or into `--output_dir` when that
+is given on the command line. `--checkpoint` may be a checkpoint prefix, a checkpoint folder or a
+training `--output_dir` (its best checkpoint, else its latest). Without `--flagfile` the run's
+saved config.json is used, with the data / evaluation flags given on the command line applied
+(model and training flags that would change the trained model are refused).
 """
 
 import os
@@ -24,10 +26,11 @@ def main(argv):
   try:
     config = asl_flags.build_config()
     checkpoint = config.export.checkpoint or config.train.output_dir
-    model, config = inference.load_model(checkpoint,
-                                         config if asl_flags.FLAGFILE_GIVEN else None)
-    output_dir = (config.train.output_dir if asl_flags.FLAGFILE_GIVEN
-                  or not os.path.isdir(checkpoint) else checkpoint)
+    if not asl_flags.FLAGFILE_GIVEN:
+      config = asl_flags.overlay_command_line(inference.checkpoint_config(checkpoint, None))
+    output_dir = (asl_flags.FLAGS.output_dir if "output_dir" in asl_flags.COMMAND_LINE_FLAGS
+                  else checkpoints.run_folder(checkpoint))
+    model, config = inference.load_model(checkpoint, config)
     metrics = inference.evaluate_model(model, config, output_dir=output_dir)
   except (config_lib.ConfigError, checkpoints.CheckpointError, annotations.AnnotationError,
           features.FeatureError, ValueError) as e:

@@ -32,6 +32,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from asl_tf import files
+
 
 @dataclasses.dataclass
 class Detections:
@@ -356,8 +358,8 @@ def write_results_json(path: str, detections: Detections,
         "label_id": label_id,
         "score": float(detections.scores[i]),
     })
-  with open(path, "w") as f:
-    json.dump({"version": "VERSION 1.3", "results": results, "external_data": {}}, f)
+  files.write_json_atomic(path, {"version": "VERSION 1.3", "results": results,
+                                 "external_data": {}})
 
 
 def read_results_json(path: str, class_names: Optional[Sequence[str]] = None,

@@ -7,6 +7,7 @@ parses, and converts the flags once into a frozen `asl_tf.config.Config`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import List
 
@@ -140,7 +141,10 @@ flags.DEFINE_string("features_path", "", "infer: a [T, C] feature file (.npy/.np
 flags.DEFINE_string("saved_model", "", "infer: an exported SavedModel (version folder) to run "
                     "instead of --checkpoint.")
 flags.DEFINE_string("results_file", "", "infer: where to write the detections (ActivityNet "
-                    "results JSON); default <output_dir>/infer/detections.json.")
+                    "results JSON); default infer/detections.json in the checkpoint's run "
+                    "folder (or in --output_dir when given).")
+flags.DEFINE_boolean("overwrite", False, "infer: replace an existing --results_file that is not "
+                     "an ActivityNet results file.")
 flags.DEFINE_list("video_ids", [], "visualize: videos to draw (default: the first "
                   "--num_videos of --eval_subset).")
 flags.DEFINE_integer("num_videos", 3, "visualize: how many videos to draw without --video_ids.")
@@ -198,14 +202,62 @@ def _read_flagfile(path: str, base_dir: str, depth: int) -> List[str]:
 
 def parse_argv(argv: List[str]) -> List[str]:
   """absl `flags_parser`: expands flagfiles, then parses into FLAGS."""
-  global FLAGFILE_GIVEN
+  global FLAGFILE_GIVEN, COMMAND_LINE_FLAGS
   FLAGFILE_GIVEN = any(a.startswith("--flagfile=") for a in argv)
+  COMMAND_LINE_FLAGS = frozenset(_flag_name(a) for a in argv[1:] if a.startswith("--")
+                                 and not a.startswith("--flagfile=")) - {""}
   return FLAGS(expand_flagfiles(list(argv)))
+
+
+def _flag_name(arg: str) -> str:
+  name = arg[2:].split("=", 1)[0]
+  if "=" not in arg and name.startswith("no") and name not in FLAGS and name[2:] in FLAGS:
+    return name[2:]  # --noflag
+  return name
 
 
 # Whether the command line named a --flagfile (evaluation / export then take the model from the
 # flags and check it against the checkpoint; without one they use the checkpoint's config.json).
 FLAGFILE_GIVEN = False
+# The flags named on the command line itself (not inside a flagfile).
+COMMAND_LINE_FLAGS: frozenset = frozenset()
+# Config fields whose flag has another name.
+_FLAG_OF_FIELD = {("eval", "batch_size"): "eval_batch_size"}
+# Sections a trained checkpoint's config.json may have changed by flags at evaluation time.
+_EVALUATION_SECTIONS = ("data", "eval", "export")
+
+
+def overlay_command_line(saved: config_lib.Config) -> config_lib.Config:
+  """A checkpoint's saved config with the flags given on the command line applied.
+
+  Data, evaluation and export flags replace the saved values. A model, loss or training flag
+  cannot change a trained model: given with another value than the checkpoint's, it is an error
+  naming it (`--output_dir` is exempt: tools read it as where to write).
+
+  Raises:
+    config_lib.ConfigError: naming every such flag.
+  """
+  given = build_config()
+  sections, refused = {}, []
+  for section in dataclasses.fields(saved):
+    old, new = getattr(saved, section.name), getattr(given, section.name)
+    changes = {}
+    for field in dataclasses.fields(old):
+      flag = _FLAG_OF_FIELD.get((section.name, field.name), field.name)
+      if flag not in COMMAND_LINE_FLAGS or flag == "output_dir":
+        continue
+      value = getattr(new, field.name)
+      if section.name in _EVALUATION_SECTIONS:
+        changes[field.name] = value
+      elif value != getattr(old, field.name):
+        refused.append(f"--{flag}={value!r} (the checkpoint was trained with "
+                       f"{getattr(old, field.name)!r})")
+    sections[section.name] = dataclasses.replace(old, **changes)
+  if refused:
+    raise config_lib.ConfigError(
+        "these flags would change the trained model, which evaluation cannot do: "
+        + "; ".join(refused) + ". Drop them, or pass the run's --flagfile")
+  return config_lib.validate(config_lib.Config(**sections))
 
 
 def build_config() -> config_lib.Config:

@@ -130,27 +130,70 @@ def _timebase(num_features: int, path: str, data: config_lib.DataConfig):
   return data.feat_stride, data.num_frames
 
 
+def results_path(config: config_lib.Config, results_file: str, saved_model: str,
+                 overwrite: bool) -> str:
+  """Where infer writes, checked before any work: the folder exists (it is created) and an
+  existing file is only replaced if it is a results file (ActivityNet layout) or `overwrite`.
+
+  Default: `infer/detections.json` in `--output_dir` when given on the command line, else in the
+  checkpoint's run folder.
+  """
+  if results_file:
+    path = results_file
+  elif "output_dir" in asl_flags.COMMAND_LINE_FLAGS:
+    path = os.path.join(asl_flags.FLAGS.output_dir, "infer", "detections.json")
+  elif saved_model:
+    raise InferError("with --saved_model, pass --results_file (where to write the detections)")
+  else:
+    from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
+    path = os.path.join(checkpoints.run_folder(config.export.checkpoint), "infer",
+                        "detections.json")
+  if os.path.isdir(path):
+    raise InferError(f"--results_file={path} is a folder; name a .json file")
+  if os.path.exists(path) and not overwrite and not _is_results_file(path):
+    raise InferError(f"--results_file={path} exists and is not an ActivityNet results file; "
+                     "choose another path or pass --overwrite to replace it")
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise InferError(f"--results_file={path}: cannot create {folder} ({e.strerror})") from None
+  if not os.access(folder, os.W_OK):
+    raise InferError(f"--results_file={path}: {folder} is not writable")
+  return path
+
+
+def _is_results_file(path: str) -> bool:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(data, dict) and isinstance(data.get("results"), dict)
+
+
 def main(argv):
   del argv
   f = asl_flags.FLAGS
+  from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   try:
     config = asl_flags.build_config()
+    if not f.saved_model and not config.export.checkpoint:
+      raise InferError("pass --checkpoint (a checkpoint or training output_dir) or "
+                       "--saved_model")
+    out_path = results_path(config, f.results_file, f.saved_model, f.overwrite)
     videos = list_feature_files(f.features_path, config.data.file_prefix)
     if f.saved_model:
       per_video, class_names = run_saved_model(f.saved_model, config, videos)
     else:
-      if not config.export.checkpoint:
-        raise InferError("pass --checkpoint (a checkpoint or training output_dir) or "
-                         "--saved_model")
       fps = f.fps or config.data.fps_override or config.data.default_fps
       per_video, class_names = run_checkpoint(config, videos, fps)
-  except (InferError, config_lib.ConfigError, ValueError, OSError) as e:
+    from asl_tf import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.write_results_json(out_path, evaluation.Detections.from_per_video(per_video),
+                                  class_names, [v for v, _ in videos])
+  except (InferError, config_lib.ConfigError, checkpoints.CheckpointError, ValueError,
+          OSError) as e:
     sys.exit(f"asl_tf.infer: {e}")
-  from asl_tf import evaluation  # pylint: disable=g-import-not-at-top
-  out_path = f.results_file or os.path.join(config.train.output_dir, "infer", "detections.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  evaluation.write_results_json(out_path, evaluation.Detections.from_per_video(per_video),
-                                class_names, [v for v, _ in videos])
   for video_id, det in per_video.items():
     top = ", ".join(f"{class_names[int(k)]} {s:.1f}-{e:.1f}s ({p:.2f})"
                     for (s, e), k, p in list(zip(det["segments_sec"], det["labels"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ from absl import logging
 
 from asl_tf import config as config_lib
 from asl_tf import evaluation
+from asl_tf import files
 from asl_tf import postprocess
 from asl_tf.data import annotations as annotations_lib
 from asl_tf.data import pipeline as pipeline_lib
@@ -213,16 +215,16 @@ def write_eval_outputs(output_dir: str, metrics: dict, detections: evaluation.De
   """Writes metrics.json, detections.json and per_class_ap.csv into `<output_dir>/eval`."""
   eval_dir = os.path.join(output_dir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
-  with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  files.write_json_atomic(os.path.join(eval_dir, "metrics.json"), metrics, indent=2)
   evaluation.write_results_json(os.path.join(eval_dir, "detections.json"), detections,
                                 class_names, list(video_ids))
-  with open(os.path.join(eval_dir, "per_class_ap.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["class"] + [f"AP@{t:.2f}" for t in metrics["tiou_thresholds"]]
-                    + ["average"])
-    for name, aps in metrics["per_class_ap"].items():
-      writer.writerow([name] + [f"{a:.4f}" for a in aps] + [f"{np.mean(aps):.4f}"])
+  table = io.StringIO()
+  writer = csv.writer(table)
+  writer.writerow(["class"] + [f"AP@{t:.2f}" for t in metrics["tiou_thresholds"]]
+                  + ["average"])
+  for name, aps in metrics["per_class_ap"].items():
+    writer.writerow([name] + [f"{a:.4f}" for a in aps] + [f"{np.mean(aps):.4f}"])
+  files.write_text_atomic(os.path.join(eval_dir, "per_class_ap.csv"), table.getvalue())
   return eval_dir
 
 

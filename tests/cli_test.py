@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -92,6 +93,69 @@ def test_evaluate_refuses_flags_that_contradict_the_checkpoint(run_dir):
   with pytest.raises(SystemExit, match=r"model.embd_dim: 16 \(checkpoint\) vs 32 \(flags\)"):
     _run(evaluate.main, [f"--flagfile={run_dir['flagfile']}", "--embd_dim=32", "--fpn_dim=32",
                          f"--checkpoint={run_dir['run']}"])
+
+
+def _copy_run(run_dir, tmp_path):
+  copy = tmp_path / "copied_run"
+  shutil.copytree(run_dir["run"], copy, ignore=shutil.ignore_patterns("eval", "infer"))
+  return str(copy)
+
+
+def _mtime(path):
+  return os.path.getmtime(path) if os.path.exists(path) else None
+
+
+def test_evaluate_writes_into_the_checkpoints_run_not_the_one_in_config_json(run_dir, tmp_path):
+  """A copied run keeps the original's output_dir in config.json; evaluating the copy by a
+  checkpoint prefix writes into the copy and leaves the original alone."""
+  copy = _copy_run(run_dir, tmp_path)
+  prefix = tf.train.latest_checkpoint(os.path.join(copy, "checkpoints"))
+  original = os.path.join(run_dir["run"], "eval", "metrics.json")
+  before = _mtime(original)
+  _run(evaluate.main, [f"--checkpoint={prefix}"])
+  assert os.path.exists(os.path.join(copy, "eval", "metrics.json"))
+  assert _mtime(original) == before
+  out = tmp_path / "elsewhere"
+  _run(evaluate.main, [f"--checkpoint={prefix}", f"--output_dir={out}"])
+  assert os.path.exists(out / "eval" / "metrics.json")
+
+
+def test_evaluate_without_flagfile_applies_or_refuses_every_given_flag(run_dir, tmp_path):
+  copy = _copy_run(run_dir, tmp_path)
+  _run(evaluate.main, [f"--checkpoint={copy}", "--tiou_thresholds=0.5", "--max_seg_num=5"])
+  with open(os.path.join(copy, "eval", "metrics.json")) as f:
+    assert json.load(f)["tiou_thresholds"] == [0.5]
+  with open(os.path.join(copy, "eval", "detections.json")) as f:
+    assert max(len(d) for d in json.load(f)["results"].values()) <= 5
+  with pytest.raises(SystemExit, match=r"--embd_dim=32 \(the checkpoint was trained with 16\)"):
+    _run(evaluate.main, [f"--checkpoint={copy}", "--embd_dim=32"])
+
+
+def test_infer_with_a_missing_checkpoint_is_one_line(tmp_path):
+  missing = tmp_path / "nothing_here"
+  with pytest.raises(SystemExit, match=f"asl_tf.infer: --checkpoint={missing} is neither"):
+    _run(infer.main, [f"--checkpoint={missing}", f"--features_path={tmp_path}"])
+
+
+def test_infer_writes_beside_the_run_and_never_replaces_a_foreign_file(run_dir, tmp_path):
+  copy = _copy_run(run_dir, tmp_path)
+  video = sorted(os.listdir(os.path.join(run_dir["data"], "features")))[0]
+  feats = os.path.join(run_dir["data"], "features", video)
+  _run(infer.main, [f"--checkpoint={copy}", f"--features_path={feats}"])
+  default = os.path.join(copy, "infer", "detections.json")
+  with open(default) as f:
+    assert list(json.load(f)["results"]) == [os.path.splitext(video)[0]]
+  _run(infer.main, [f"--checkpoint={copy}", f"--features_path={feats}"])  # own output: replaced
+  precious = tmp_path / "annotations.json"
+  precious.write_text('{"database": {}}')
+  with pytest.raises(SystemExit, match=r"annotations.json exists and is not an ActivityNet "
+                                       r"results file; .* --overwrite"):
+    _run(infer.main, [f"--checkpoint={copy}", f"--features_path={feats}",
+                      f"--results_file={precious}"])
+  assert precious.read_text() == '{"database": {}}'
+  _run(infer.main, [f"--checkpoint={copy}", f"--features_path={feats}",
+                    f"--results_file={precious}", "--overwrite"])
+  assert "results" in json.loads(precious.read_text())
 
 
 def test_infer_matches_the_detector_and_writes_results(run_dir, tmp_path):

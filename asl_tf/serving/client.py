@@ -36,6 +36,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from asl_tf import files
+
 MAX_MESSAGE_BYTES = 2**31 - 1  # TF Serving's own limit; gRPC's default is 4 MB.
 DEFAULT_SIGNATURE = "serving_default"
 DETECTION_KEYS = ("segments_sec", "segments_grid", "scores", "labels")
@@ -426,8 +428,7 @@ def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
       print(f"  {d['segment'][0]:9.2f} s - {d['segment'][1]:9.2f} s  {d['score']:.4f}  "
             f"{d['label']}", file=out)
   if fv.output_json:
-    with open(fv.output_json, "w") as f:
-      json.dump({"results": results}, f, indent=1)
+    files.write_json_atomic(fv.output_json, {"results": results}, indent=1)
   return 0
 
 

@@ -172,6 +172,13 @@ def resolve_checkpoint(path: str) -> Tuple[str, Optional[str]]:
                         "nor a folder")
 
 
+def run_folder(path: str) -> str:
+  """The run folder of a checkpoint (`resolve_checkpoint`'s argument): the folder holding its
+  config.json, else the checkpoint's own folder."""
+  prefix, config_path = resolve_checkpoint(path)
+  return os.path.dirname(config_path) if config_path else os.path.dirname(prefix)
+
+
 def _run_dir_of(checkpoint_dir: str) -> str:
   d = os.path.normpath(checkpoint_dir)
   for _ in range(3):  # ckpt folder, checkpoints/, the run folder

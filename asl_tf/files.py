@@ -1,0 +1,39 @@
+"""Durable writes of result and config files: a full new file or the old one, never half.
+
+Each writer writes a temporary file in the destination's folder, flushes it to disk and renames
+it over the destination (atomic on POSIX), so a full disk or a kill mid-write leaves the
+previous file intact and no partial JSON behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Replaces `path` with `text` (UTF-8) atomically; creates no folders.
+
+  Raises:
+    OSError: the folder is missing or not writable, or the disk is full; `path` is unchanged.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any, **dump_kwargs) -> None:
+  """`json.dumps(obj, **dump_kwargs)` written with `write_text_atomic` (the object is fully
+  serialised before the file is touched)."""
+  write_text_atomic(path, json.dumps(obj, **dump_kwargs))
