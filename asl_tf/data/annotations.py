@@ -8,8 +8,9 @@ Supported layouts (`DataConfig.annotation_format`, `auto` detects them):
 * `activitynet`: the official ActivityNet JSON (`taxonomy` + `database`, labels by name only).
 
 Label ids come from, in this order: `label_map_file` (JSON `{name: id}` or one name per line);
-the ActivityNet taxonomy (index among sorted leaf names); the file's `label_id` fields when every
-segment has one; otherwise the index among the sorted label names. `num_classes == 1` is
+the ActivityNet taxonomy (index among sorted leaf names); the file's `label_id` fields when any
+segment has one (a row without one must name a label another row gives an id, else the file is
+refused as ambiguous); otherwise the index among the sorted label names. `num_classes == 1` is
 class-agnostic: every label becomes id 0 (ActionFormer ANet proposals). Densely labelled data
 (overlapping segments of different classes) is kept as is.
 
@@ -25,6 +26,7 @@ import collections
 import dataclasses
 import json
 import math
+import reprlib
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -266,7 +268,7 @@ def _read_database(path: str, annotation_format: str) -> Tuple[dict, str, Option
   if fmt == "auto":
     if not wrapped:
       fmt = "flat"
-    elif taxonomy is not None or not _all_have_label_ids(database):
+    elif taxonomy is not None or not _any_label_ids(database):
       fmt = "activitynet"
     else:
       fmt = "actionformer"
@@ -284,9 +286,9 @@ def _annotations_of(entry: dict) -> list:
   return anns if isinstance(anns, list) else []
 
 
-def _all_have_label_ids(database: dict) -> bool:
-  anns = [a for e in database.values() for a in _annotations_of(e)]
-  return bool(anns) and all(isinstance(a, dict) and "label_id" in a for a in anns)
+def _any_label_ids(database: dict) -> bool:
+  return any(isinstance(a, dict) and "label_id" in a
+             for e in database.values() for a in _annotations_of(e))
 
 
 def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
@@ -298,10 +300,14 @@ def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
     parents = {n.get("parentName") for n in taxonomy}
     leaves = sorted({n["nodeName"] for n in taxonomy if n.get("nodeName") not in parents})
     return {name: i for i, name in enumerate(leaves)}
-  if fmt != "activitynet" and _all_have_label_ids(database):
+  if fmt != "activitynet" and _any_label_ids(database):
+    # The file's ids, wherever a row gives one; a row without one must name a label that
+    # another row gives an id (anything else would need a guess).
     name_to_id, id_to_name = {}, {}
     for video_id, entry in database.items():
       for a in _annotations_of(entry):
+        if not isinstance(a, dict) or "label_id" not in a:
+          continue
         name, label_id = str(a.get("label", a["label_id"])), a["label_id"]
         if not isinstance(label_id, int) or isinstance(label_id, bool) or label_id < 0:
           raise AnnotationError(f"{path}: video {video_id!r}: label_id {label_id!r} of label "
@@ -315,6 +321,13 @@ def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
               f"{path}: video {video_id!r}: label_id {label_id} names {name!r} here but "
               f"{id_to_name[label_id]!r} elsewhere; fix the file or pin ids with "
               "--label_map_file")
+    for video_id, entry in database.items():
+      for a in _annotations_of(entry):
+        if isinstance(a, dict) and "label_id" not in a and str(a.get("label")) not in name_to_id:
+          raise AnnotationError(
+              f"{path}: video {video_id!r}: label {a.get('label')!r} has no label_id, and no "
+              "other row gives it one (the file's other rows carry label_id); add its "
+              "label_id or pin ids with --label_map_file")
     return name_to_id
   names = sorted({str(a["label"]) for e in database.values() for a in _annotations_of(e)
                   if isinstance(a, dict) and "label" in a})
@@ -377,7 +390,12 @@ def _check_label_ids(path: str, database: dict, name_to_id: Dict[str, int],
 
 
 def _finite_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  if not isinstance(x, (int, float)) or isinstance(x, bool):
+    return False
+  try:
+    return math.isfinite(float(x))
+  except OverflowError:  # a JSON integer beyond float range
+    return False
 
 
 def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, int],
@@ -387,8 +405,8 @@ def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, in
   where = f"{path}: video {video_id!r}"
   duration = entry.get("duration")
   if not _finite_number(duration) or duration <= 0:
-    raise AnnotationError(f"{where}: field 'duration' is {duration!r}; it must be a positive "
-                          "number of seconds")
+    raise AnnotationError(f"{where}: field 'duration' is {reprlib.repr(duration)}; it must be "
+                          "a positive number of seconds")
   duration = float(duration)
   if fps_override > 0:
     fps = float(fps_override)
@@ -409,8 +427,8 @@ def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, in
     seg = ann.get("segment") if isinstance(ann, dict) else None
     if (not isinstance(seg, (list, tuple)) or len(seg) != 2 or
         not all(_finite_number(x) for x in seg)):
-      raise AnnotationError(f"{where}: annotations[{k}] field 'segment' is {seg!r}; expected "
-                            "[start_sec, end_sec] with two finite numbers")
+      raise AnnotationError(f"{where}: annotations[{k}] field 'segment' is {reprlib.repr(seg)}; "
+                            "expected [start_sec, end_sec] with two finite numbers")
     if "label" in ann:
       name = str(ann["label"])
     elif "label_id" in ann and num_classes == 1:

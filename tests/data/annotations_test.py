@@ -183,6 +183,41 @@ def test_malformed_rows_name_video_and_field(tmp_path, entry, field):
     annotations.load_annotations(path, "training", num_classes=2)
 
 
+def test_huge_json_integers_are_named_not_overflowing(tmp_path):
+  huge = 10 ** 400
+  path = _write(tmp_path, {"database": {"v": {"subset": "training", "duration": huge,
+                                              "annotations": []}}})
+  with pytest.raises(annotations.AnnotationError, match=r"video 'v': field 'duration' is 1000"):
+    annotations.load_annotations(path, "training", num_classes=2)
+  path = _write(tmp_path, {"database": {"v": {"subset": "training", "duration": 9.0,
+                                              "annotations": [_ann("a", 0, 1, huge)]}}})
+  with pytest.raises(annotations.AnnotationError, match=r"annotations\[0\] field 'segment'"):
+    annotations.load_annotations(path, "training", num_classes=2)
+
+
+def test_a_row_without_label_id_keeps_the_files_ids(tmp_path):
+  """Ids 5 and 2 from the file (sorted names would give a -> 0, b -> 1); the row without
+  label_id takes the id its label has elsewhere."""
+  path = _write(tmp_path, {"database": {
+      "v1": {"subset": "training", "duration": 9.0,
+             "annotations": [_ann("b", 2, 1, 2), _ann("a", 5, 3, 4)]},
+      "v2": {"subset": "training", "duration": 9.0,
+             "annotations": [{"label": "a", "segment": [1, 2]}]}}})
+  records, report = annotations.load_annotations(path, "training", num_classes=6)
+  assert [r.labels.tolist() for r in records] == [[2, 5], [5]]
+  assert report.class_names[2] == "b" and report.class_names[5] == "a"
+
+
+def test_a_row_whose_label_has_no_id_anywhere_is_refused_naming_it(tmp_path):
+  path = _write(tmp_path, {"database": {
+      "v1": {"subset": "training", "duration": 9.0, "annotations": [_ann("a", 0, 1, 2)]},
+      "v2": {"subset": "training", "duration": 9.0,
+             "annotations": [{"label": "zebra", "segment": [1, 2]}]}}})
+  with pytest.raises(annotations.AnnotationError, match=r"video 'v2': label 'zebra' has no "
+                                                        r"label_id"):
+    annotations.load_annotations(path, "training", num_classes=2)
+
+
 def test_inconsistent_label_ids_in_file(tmp_path):
   path = _write(tmp_path, {"database": {
       "v1": {"subset": "training", "duration": 9.0, "annotations": [_ann("a", 0, 1, 2)]},
