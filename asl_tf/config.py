@@ -367,8 +367,22 @@ class Config:
 
   @classmethod
   def load(cls, path: str) -> "Config":
-    with open(path) as f:
-      return cls.from_json(f.read())
+    """Reads a saved config.json.
+
+    Raises:
+      ConfigError: naming the file, when it is unreadable, truncated or not a config.
+    """
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except OSError as e:
+      raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+      raise ConfigError(f"{path} is not valid JSON ({e}): the file is damaged (e.g. truncated); "
+                        "restore it from a copy of the run or retrain") from None
+    if not isinstance(data, dict):
+      raise ConfigError(f"{path} holds a {type(data).__name__}, not a saved configuration")
+    return cls.from_dict(data)
 
 
 def _section_from_dict(section_cls, d: dict):

@@ -82,6 +82,11 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
   """
   path, _ = ckpt_lib.resolve_checkpoint(checkpoint)
   config = checkpoint_config(checkpoint, config)
+  problem = ckpt_lib.damage(path)
+  if problem:
+    raise ckpt_lib.CheckpointError(
+        f"{path} is damaged ({problem}): its .index or .data file is truncated or corrupt; "
+        "pass another checkpoint of the run (checkpoints/ckpt-N) or retrain")
   model = build_detector(config)
   saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
   if "model_variables" not in saved:

@@ -131,6 +131,18 @@ def test_evaluate_without_flagfile_applies_or_refuses_every_given_flag(run_dir, 
     _run(evaluate.main, [f"--checkpoint={copy}", "--embd_dim=32"])
 
 
+@pytest.mark.parametrize("part", [".index", ".data-00000-of-00001"])
+def test_truncated_checkpoint_is_one_line_naming_it(run_dir, tmp_path, part):
+  copy = _copy_run(run_dir, tmp_path)
+  prefix = tf.train.latest_checkpoint(os.path.join(copy, "checkpoints"))
+  with open(prefix + part, "r+b") as f:
+    f.truncate(os.path.getsize(prefix + part) // 2)
+  for main, extra in ((evaluate.main, []),
+                      (infer.main, [f"--features_path={run_dir['data']}/features"])):
+    with pytest.raises(SystemExit, match=f"{prefix} is damaged"):
+      _run(main, [f"--checkpoint={prefix}"] + extra)
+
+
 def test_infer_with_a_missing_checkpoint_is_one_line(tmp_path):
   missing = tmp_path / "nothing_here"
   with pytest.raises(SystemExit, match=f"asl_tf.infer: --checkpoint={missing} is neither"):

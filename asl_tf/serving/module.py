@@ -56,6 +56,34 @@ class ExportError(RuntimeError):
   """An export that cannot be written; the message says what to change."""
 
 
+_STAGING_PREFIX = ".export-"
+
+
+def remove_leftover_exports(export_dir: str) -> list:
+  """Removes staging folders (`.export-<version>-<pid>-*`) of exports whose process is gone
+  (killed mid-write); returns them. A live export's folder is left alone."""
+  removed = []
+  if not os.path.isdir(export_dir):
+    return removed
+  for name in os.listdir(export_dir):
+    parts = name[len(_STAGING_PREFIX):].split("-") if name.startswith(_STAGING_PREFIX) else []
+    if len(parts) < 3 or not parts[1].isdigit():
+      continue
+    try:
+      os.kill(int(parts[1]), 0)
+      continue  # that export is still running
+    except ProcessLookupError:
+      pass
+    except PermissionError:
+      continue  # alive, another user's
+    shutil.rmtree(os.path.join(export_dir, name), ignore_errors=True)
+    removed.append(name)
+  if removed:
+    logging.warning("removed %d leftover staging folder(s) of killed exports in %s: %s",
+                    len(removed), export_dir, ", ".join(removed))
+  return removed
+
+
 def export_timebase(config: config_lib.Config) -> Dict[str, float]:
   """The constants the exported graph uses to turn grid units into seconds.
 
@@ -279,7 +307,9 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
                     "features before serving, and convert segments_grid to seconds with each "
                     "video's own feat_stride / num_frames (segments_sec assumes %s)",
                     config.data.resize_length, timebase)
-  staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=export_dir)
+  remove_leftover_exports(export_dir)
+  staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{version}-{os.getpid()}-",
+                             dir=export_dir)
   try:
     asset_dir = os.path.join(staging, "asset_sources")
     os.makedirs(asset_dir)

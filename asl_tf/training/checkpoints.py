@@ -6,6 +6,7 @@ Layout of a run (`TrainConfig.output_dir`):
   checkpoints/best/      the checkpoint with the best validation average mAP
   logs/                  TensorBoard
   eval/                  metrics and detections
+  .lock                  held by the training writing the run (the holder's pid inside)
 
 TensorFlow writes a checkpoint's files under temporary names and only then records it in the
 `checkpoint` state file (an atomic rename), so a write interrupted by a kill or a full disk
@@ -15,6 +16,8 @@ leaves the previously recorded checkpoint as the latest one.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +27,7 @@ from absl import logging
 from asl_tf import config as config_lib
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = os.path.join(CHECKPOINT_DIR, "best")
 
@@ -35,6 +39,51 @@ RESUMABLE_TRAIN_FIELDS = ("output_dir", "resume", "log_every", "profile_steps", 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; the message names it and says what to do."""
+
+
+class RunLock:
+  """Exclusive use of a run folder by one training process.
+
+  An advisory `flock` on `<run_dir>/.lock`, which records the holder's pid. The kernel drops
+  the lock when its process ends, however it ends, so a killed training leaves no stale lock:
+  the file may remain, and the next run takes it over.
+
+  Args:
+    run_dir: the run folder (created by `acquire` if missing).
+  """
+
+  def __init__(self, run_dir: str):
+    self.path = os.path.join(run_dir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self) -> None:
+    """Takes the lock.
+
+    Raises:
+      CheckpointError: another process holds it (the message names its pid).
+    """
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      raise CheckpointError(
+          f"{os.path.dirname(self.path)} is in use by another training (pid {holder}); wait "
+          "for it to finish or choose another --output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    """Drops the lock (the file stays; it is free for the next run)."""
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
 
 
 def config_differences(saved: config_lib.Config, new: config_lib.Config) -> List[str]:
@@ -88,16 +137,42 @@ class RunCheckpointer:
     return tf.train.latest_checkpoint(os.path.join(self.run_dir, CHECKPOINT_DIR))
 
   def restore_latest(self) -> Optional[str]:
-    """Restores the newest epoch checkpoint; returns its path (None when there is none)."""
-    path = self.latest
-    if path is None:
+    """Restores the newest intact epoch checkpoint; returns its path (None when there is none).
+
+    A damaged checkpoint (truncated `.index` or `.data`, e.g. a disk that filled up outside
+    TensorFlow's atomic write) is skipped with a warning naming it, and the next older one is
+    tried.
+
+    Raises:
+      CheckpointError: every kept checkpoint is damaged, or one does not fit the model.
+    """
+    folder = os.path.join(self.run_dir, CHECKPOINT_DIR)
+    state = tf.train.get_checkpoint_state(folder)
+    if state is None or not state.model_checkpoint_path:
       return None
-    try:
-      self.checkpoint.restore(path).assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-      raise CheckpointError(f"cannot restore {path}: {e}. The run's configuration or code "
-                            "changed since it was written; start a new --output_dir.") from e
-    return path
+    candidates = list(state.all_model_checkpoint_paths or [])
+    if state.model_checkpoint_path not in candidates:
+      candidates.append(state.model_checkpoint_path)
+    damaged = []
+    for path in reversed(candidates):
+      path = path if os.path.isabs(path) else os.path.join(folder, path)
+      problem = damage(path)
+      if problem:
+        logging.warning("skipping the damaged checkpoint %s (%s)%s", path, problem,
+                        "; trying an older one" if path != candidates[0] else "")
+        damaged.append(path)
+        continue
+      try:
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+      except (tf.errors.OpError, AssertionError, ValueError) as e:
+        raise CheckpointError(f"cannot restore {path}: {e}. The run's configuration or code "
+                              "changed since it was written; start a new --output_dir.") from e
+      if damaged:
+        logging.warning("resuming from %s, the newest intact checkpoint (%d newer one(s) "
+                        "damaged: %s)", path, len(damaged), ", ".join(damaged))
+      return path
+    raise CheckpointError(f"every checkpoint in {folder} is damaged ({', '.join(damaged)}); "
+                          "start a new --output_dir")
 
   def save(self, epoch: int, best: bool = False) -> str:
     """Writes the checkpoint of a finished epoch (and the best copy when `best`).
@@ -119,6 +194,38 @@ class RunCheckpointer:
             "space and rerun with --resume.") from e
       path = path or saved
     return path
+
+
+def remove_leftover_writes(run_dir: str) -> List[str]:
+  """Removes the `ckpt-N_temp*` files / folders of checkpoint writes that were killed, in
+  `run_dir/checkpoints` and its `best/`; returns what was removed (logged)."""
+  found = []
+  for folder in (os.path.join(run_dir, CHECKPOINT_DIR), os.path.join(run_dir, BEST_DIR)):
+    for name in tf.io.gfile.glob(os.path.join(folder, "ckpt-*_temp*")):
+      if tf.io.gfile.isdir(name):
+        tf.io.gfile.rmtree(name)
+      else:
+        tf.io.gfile.remove(name)
+      found.append(name)
+  if found:
+    logging.warning("removed %d leftover partial checkpoint(s) of a killed write: %s",
+                    len(found), ", ".join(found))
+  return found
+
+
+def damage(prefix: str) -> str:
+  """'' if the checkpoint `prefix` reads back whole, else what is wrong with it.
+
+  Reads the index and every saved tensor (a checkpoint of this project is a few hundred MB at
+  most), so truncated `.index` and `.data` files are both found.
+  """
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+  except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
+    return (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
+  return ""
 
 
 def _remove_partial(prefix: str) -> None:

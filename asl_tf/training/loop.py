@@ -103,7 +103,20 @@ class Trainer:
     self.output_dir = config.train.output_dir
     self.chief = is_chief(self.strategy)
     self.replicas = self.strategy.num_replicas_in_sync
+    self._lock = ckpt_lib.RunLock(self.output_dir) if self.chief else None
+    if self._lock:
+      self._lock.acquire()  # before anything reads or writes the run folder
+    try:
+      self._setup(config)
+    except BaseException:
+      if self._lock:
+        self._lock.release()
+      raise
+
+  def _setup(self, config: config_lib.Config) -> None:
     check_run_folder(config)
+    if self.chief:
+      ckpt_lib.remove_leftover_writes(self.output_dir)
     self.global_batch = config.train.batch_size * self.replicas
     if config.train.jit_compile and self.replicas > 1:
       raise config_lib.ConfigError(
@@ -176,6 +189,8 @@ class Trainer:
     finally:
       if self._scratch_dir:
         shutil.rmtree(self._scratch_dir, ignore_errors=True)
+      if self._lock:
+        self._lock.release()
 
   def _train(self) -> TrainResult:
     cfg = self.config

@@ -48,6 +48,41 @@ def test_existing_checkpoints_without_resume_are_refused(tiny_data, tmp_path):
     loop.check_run_folder(_config(tiny_data, tmp_path / "run"))
 
 
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_folder_in_use_is_refused_naming_the_holder(tiny_data, tmp_path):
+  """A second training into a folder another process trains into is refused before it reads
+  or writes anything; once the holder is gone (killed), the lock is free again."""
+  run = tmp_path / "run"
+  run.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run / ckpt_lib.LOCK_FILE)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=f"{run} is in use by another training \\(pid {holder.pid}\\)"):
+      loop.Trainer(_config(tiny_data, run))
+    assert not (run / "config.json").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  lock = ckpt_lib.RunLock(str(run))  # stale file of a killed holder: taken over
+  lock.acquire()
+  assert (run / ckpt_lib.LOCK_FILE).read_text().strip() == str(os.getpid())
+  with pytest.raises(ckpt_lib.CheckpointError, match=f"pid {os.getpid()}"):
+    ckpt_lib.RunLock(str(run)).acquire()
+  lock.release()
+  ckpt_lib.RunLock(str(run)).acquire()
+
+
 def test_resume_with_an_incompatible_config_names_the_field(tiny_data, tmp_path):
   _fake_run(tiny_data, str(tmp_path / "run"))
   config = _config(tiny_data, tmp_path / "run", resume=True, learning_rate=2e-3,
