@@ -412,7 +412,9 @@ def normalize_ext(ext: str) -> str:
 def validate(config: Config) -> Config:
   """Checks cross-field consistency; raises ConfigError saying what to change."""
   data, model, loss, train, ev = config.data, config.model, config.loss, config.train, config.eval
-  problems = []
+  problems = _range_problems(config)
+  if problems:  # the checks below divide by some of these
+    raise ConfigError("invalid flags:\n  - " + "\n  - ".join(problems))
   if data.input_dim != model.input_dim:
     problems.append(f"data.input_dim={data.input_dim} differs from model.input_dim="
                     f"{model.input_dim}")
@@ -486,16 +488,95 @@ def validate(config: Config) -> Config:
   return config
 
 
-def _floats(values: Optional[Sequence]) -> Tuple[float, ...]:
-  return tuple(float(v) for v in values or ())
+# (section, field, flag, test, what the flag needs): single-value ranges checked first.
+_POSITIVE = lambda v: v > 0  # pylint: disable=unnecessary-lambda-assignment
+_NON_NEGATIVE = lambda v: v >= 0  # pylint: disable=unnecessary-lambda-assignment
+_RANGES = (
+    ("data", "input_dim", "input_dim", _POSITIVE, "a positive integer"),
+    ("data", "num_classes", "num_classes", _POSITIVE, "a positive integer"),
+    ("data", "feat_stride", "feat_stride", _POSITIVE, "a positive number of frames"),
+    ("data", "num_frames", "num_frames", _NON_NEGATIVE, ">= 0 frames"),
+    ("data", "default_fps", "default_fps", _POSITIVE, "a positive fps"),
+    ("data", "fps_override", "fps_override", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("data", "max_seq_len", "max_seq_len", _POSITIVE, "a positive length"),
+    ("data", "resize_length", "resize_length", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("data", "max_segments", "max_segments", _POSITIVE, "a positive integer"),
+    ("data", "trunc_thresh", "trunc_thresh", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("model", "embd_dim", "embd_dim", _POSITIVE, "a positive integer"),
+    ("model", "fpn_dim", "fpn_dim", _POSITIVE, "a positive integer"),
+    ("model", "head_dim", "head_dim", _POSITIVE, "a positive integer"),
+    ("model", "n_head", "n_head", _POSITIVE, "a positive integer"),
+    ("model", "embd_kernel_size", "embd_kernel_size", _POSITIVE, "a positive integer"),
+    ("model", "head_num_layers", "head_num_layers", _POSITIVE, "a positive integer"),
+    ("model", "scale_factor", "scale_factor", lambda v: v >= 2, "an integer >= 2"),
+    ("model", "dropout", "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model", "droppath", "droppath", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model", "cls_prior_prob", "cls_prior_prob", lambda v: 0 < v < 1, "a probability in (0, 1)"),
+    ("model", "evaluator_layers", "evaluator_layers", _NON_NEGATIVE, ">= 0"),
+    ("model", "contrastive_weight", "contrastive_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("model", "contrastive_proj_dim", "contrastive_proj_dim", _NON_NEGATIVE, ">= 0"),
+    ("loss", "label_smoothing", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss", "reg_loss_weight", "reg_loss_weight", _NON_NEGATIVE, ">= 0"),
+    ("loss", "init_loss_norm", "init_loss_norm", _POSITIVE, "positive"),
+    ("loss", "evaluator_loss_weight", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
+    ("loss", "instance_start_epoch", "instance_start_epoch", _NON_NEGATIVE, ">= 0"),
+    ("loss", "contrastive_temperature", "contrastive_temperature", _POSITIVE, "positive"),
+    ("loss", "contrastive_topk", "contrastive_topk", _POSITIVE, "a positive integer"),
+    ("loss", "contrastive_num_background", "contrastive_num_background", _POSITIVE,
+     "a positive integer"),
+    ("train", "epochs", "epochs", _POSITIVE, "at least 1 (cosine epochs after the warm-up)"),
+    ("train", "warmup_epochs", "warmup_epochs", _NON_NEGATIVE, ">= 0"),
+    ("train", "batch_size", "batch_size", _POSITIVE, "a positive number of videos"),
+    ("train", "learning_rate", "learning_rate", _POSITIVE,
+     "positive (<= 0 would not train, or train backwards)"),
+    ("train", "weight_decay", "weight_decay", _NON_NEGATIVE, ">= 0"),
+    ("train", "ema_decay", "ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
+    ("train", "keep_checkpoints", "keep_checkpoints", _POSITIVE, "a positive integer"),
+    ("train", "log_every", "log_every", _POSITIVE, "a positive number of steps"),
+    ("train", "num_cpu_devices", "num_cpu_devices", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("eval", "batch_size", "eval_batch_size", _POSITIVE, "a positive number of videos"),
+    ("eval", "pre_nms_topk", "pre_nms_topk", _POSITIVE, "a positive integer"),
+    ("eval", "max_seg_num", "max_seg_num", _POSITIVE, "a positive integer"),
+    ("eval", "nms_sigma", "nms_sigma", _POSITIVE, "positive"),
+    ("eval", "fusion_topk", "fusion_topk", _POSITIVE, "a positive integer"),
+)
 
 
-def _ints(values: Optional[Sequence]) -> Tuple[int, ...]:
-  return tuple(int(v) for v in values or ())
+def _range_problems(config: Config) -> list:
+  """One line per flag whose value is out of its range (names the flag and the range)."""
+  problems = []
+  for section, field, flag, ok, need in _RANGES:
+    value = getattr(getattr(config, section), field)
+    if not ok(value):
+      problems.append(f"--{flag}={value} must be {need}")
+  data, ev = config.data, config.eval
+  if not ev.tiou_thresholds or not all(0 < t <= 1 for t in ev.tiou_thresholds):
+    problems.append(f"--tiou_thresholds={','.join(map(str, ev.tiou_thresholds))} needs one or "
+                    "more values in (0, 1]")
+  if any(not d.strip() for d in data.feature_dir):
+    problems.append(f"--feature_dir={','.join(data.feature_dir)} has an empty entry (a stray "
+                    "comma?); list one folder per feature stream")
+  return problems
+
+
+def _floats(values: Optional[Sequence], name: str) -> Tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in values or ())
+  except ValueError:
+    raise ConfigError(f"--{name}={','.join(map(str, values))}: expected comma-separated "
+                      "numbers") from None
+
+
+def _ints(values: Optional[Sequence], name: str) -> Tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values or ())
+  except ValueError:
+    raise ConfigError(f"--{name}={','.join(map(str, values))}: expected comma-separated "
+                      "integers") from None
 
 
 def _pairs(values: Sequence[float], name: str) -> Tuple[Tuple[float, float], ...]:
-  values = _floats(values)
+  values = _floats(values, name)
   if len(values) % 2:
     raise ConfigError(f"--{name} needs an even number of values (lo,hi pairs), got {values}")
   return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
@@ -504,10 +585,10 @@ def _pairs(values: Sequence[float], name: str) -> Tuple[Tuple[float, float], ...
 def from_flags(flags) -> Config:
   """Builds and validates a Config from parsed absl flags (see asl_tf/flags.py)."""
   f = flags
-  crop = _floats(f.crop_ratio)
+  crop = _floats(f.crop_ratio, "crop_ratio")
   if crop and len(crop) != 2:
     raise ConfigError(f"--crop_ratio needs two values LO,HI, got {crop}")
-  profile = _ints(f.profile_steps)
+  profile = _ints(f.profile_steps, "profile_steps")
   if profile and len(profile) != 2:
     raise ConfigError(f"--profile_steps needs START,END, got {profile}")
   data = DataConfig(
@@ -537,23 +618,23 @@ def from_flags(flags) -> Config:
   )
   model = ModelConfig(
       input_dim=f.input_dim,
-      stream_dims=_ints(f.stream_dims),
-      stream_proj_dims=_ints(f.stream_proj_dims),
+      stream_dims=_ints(f.stream_dims, "stream_dims"),
+      stream_proj_dims=_ints(f.stream_proj_dims, "stream_proj_dims"),
       num_classes=f.num_classes,
       max_seq_len=f.max_seq_len,
-      backbone_arch=_ints(f.backbone_arch),
+      backbone_arch=_ints(f.backbone_arch, "backbone_arch"),
       embd_dim=f.embd_dim,
       embd_kernel_size=f.embd_kernel_size,
       fpn_dim=f.fpn_dim,
       head_dim=f.head_dim,
       head_num_layers=f.head_num_layers,
       n_head=f.n_head,
-      mha_win_size=_ints(f.mha_win_size),
+      mha_win_size=_ints(f.mha_win_size, "mha_win_size"),
       use_abs_pe=f.use_abs_pe,
       dropout=f.dropout,
       droppath=f.droppath,
       cls_prior_prob=f.cls_prior_prob,
-      head_empty_cls=_ints(f.head_empty_cls),
+      head_empty_cls=_ints(f.head_empty_cls, "head_empty_cls"),
       regression_range=_pairs(f.regression_range, "regression_range"),
       class_sensitivity=f.class_sensitivity,
       sensitivity_parametrization=f.sensitivity_parametrization,
@@ -599,7 +680,7 @@ def from_flags(flags) -> Config:
       num_cpu_devices=f.num_cpu_devices,
   )
   ev = EvalConfig(
-      tiou_thresholds=_floats(f.tiou_thresholds),
+      tiou_thresholds=_floats(f.tiou_thresholds, "tiou_thresholds"),
       pre_nms_thresh=f.pre_nms_thresh,
       pre_nms_topk=f.pre_nms_topk,
       max_seg_num=f.max_seg_num,

@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.parse_argv)
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.evaluate"))

@@ -1,14 +1,16 @@
 """Every command-line flag of asl_tf. Imported only by the entry points.
 
-Entry points call `parse_and_build(argv)` (through `absl.app.run(main, flags_parser=...)`),
-which expands `--flagfile` (nested flagfiles resolve relative to the file that names them),
-parses, and converts the flags once into a frozen `asl_tf.config.Config`.
+Entry points run `absl.app.run(main, flags_parser=cli_parser("asl_tf.<tool>"))`, which expands
+`--flagfile` (nested flagfiles resolve relative to the file that names them) and parses; `main`
+then converts the flags once into a frozen `asl_tf.config.Config` with `build_config()`. A bad
+flag ends the program with one line naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import List
 
 from absl import flags
@@ -201,12 +203,33 @@ def _read_flagfile(path: str, base_dir: str, depth: int) -> List[str]:
 
 
 def parse_argv(argv: List[str]) -> List[str]:
-  """absl `flags_parser`: expands flagfiles, then parses into FLAGS."""
+  """Expands flagfiles, then parses into FLAGS.
+
+  Raises:
+    config_lib.ConfigError: an unknown flag (with the closest names) or a malformed value, in
+      one line naming the flag.
+  """
   global FLAGFILE_GIVEN, COMMAND_LINE_FLAGS
   FLAGFILE_GIVEN = any(a.startswith("--flagfile=") for a in argv)
   COMMAND_LINE_FLAGS = frozenset(_flag_name(a) for a in argv[1:] if a.startswith("--")
                                  and not a.startswith("--flagfile=")) - {""}
-  return FLAGS(expand_flagfiles(list(argv)))
+  try:
+    return FLAGS(expand_flagfiles(list(argv)))
+  except flags.Error as e:
+    raise config_lib.ConfigError(" ".join(str(e).split())) from None
+
+
+def cli_parser(prog: str):
+  """An absl `flags_parser` for entry point `prog`: `parse_argv`, ending the program with one
+  line `prog: message` (no traceback) on a flag error."""
+
+  def parse(argv: List[str]) -> List[str]:
+    try:
+      return parse_argv(argv)
+    except config_lib.ConfigError as e:
+      sys.exit(f"{prog}: {e}")
+
+  return parse
 
 
 def _flag_name(arg: str) -> str:

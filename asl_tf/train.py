@@ -15,13 +15,6 @@ from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
 
-def _parse(argv):
-  try:
-    return asl_flags.parse_argv(argv)
-  except config_lib.ConfigError as e:
-    sys.exit(f"asl_tf.train: {e}")
-
-
 def _data_error(error) -> str:
   """The FeatureError line inside a tf.data error (e.g. NaN found while reading), or ''."""
   found = re.findall(r"(?:FeatureError|AnnotationError|PipelineError): ([^\n]+)", str(error))
@@ -62,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.train"))

@@ -97,3 +97,39 @@ def test_unknown_field_in_saved_config_is_named():
 def test_missing_flagfile_is_named():
   with pytest.raises(config_lib.ConfigError, match="nope.flags"):
     asl_flags.expand_flagfiles(["--flagfile=nope.flags"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning_rate=0"], r"--learning_rate=0.0 must be positive"),
+    (["--learning_rate=-1e-4"], r"--learning_rate=-0.0001 must be positive"),
+    (["--batch_size=0"], r"--batch_size=0 must be a positive number of videos"),
+    (["--batch_size=-1"], r"--batch_size=-1 must be a positive"),
+    (["--n_head=0"], r"--n_head=0 must be a positive integer"),
+    (["--feat_stride=0"], r"--feat_stride=0.0 must be a positive number of frames"),
+    (["--max_seq_len=0"], r"--max_seq_len=0 must be a positive length"),
+    (["--epochs=0"], r"--epochs=0 must be at least 1"),
+    (["--mha_win_size=abc"], r"--mha_win_size=abc: expected comma-separated integers"),
+    (["--tiou_thresholds=abc"], r"--tiou_thresholds=abc: expected comma-separated numbers"),
+    (["--tiou_thresholds=0.5,1.5"], r"--tiou_thresholds=0.5,1.5 needs one or more values"),
+    (["--feature_dir=feats,"], r"--feature_dir=feats, has an empty entry"),
+])
+def test_bad_flag_values_are_named_up_front(argv, message):
+  """Each used to train backwards, divide by zero or fail deep inside TensorFlow."""
+  with pytest.raises(config_lib.ConfigError, match=message):
+    _parse(argv)
+
+
+def test_unknown_or_malformed_flag_is_one_line_naming_it():
+  with pytest.raises(config_lib.ConfigError, match=r"epochz.*Did you mean.*epochs") as e:
+    _parse(["--epochz=3"])
+  assert "\n" not in str(e.value)
+  with pytest.raises(config_lib.ConfigError, match=r"--epochs"):
+    _parse(["--epochs=three"])
+
+
+def test_entry_points_end_with_one_line_on_a_bad_flag():
+  """No absl traceback: the tool's name and the message, exit status 1."""
+  with pytest.raises(SystemExit) as e:
+    asl_flags.cli_parser("asl_tf.evaluate")(["prog", "--checkpont=runs/x"])
+  assert str(e.value).startswith("asl_tf.evaluate: Unknown command line flag 'checkpont'")
+  assert "checkpoint" in str(e.value)

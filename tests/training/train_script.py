@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 
 from asl_tf import train  # pylint: disable=g-import-not-at-top
+from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
 
 
 def _install_hooks():
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=sys.argv, flags_parser=train._parse)  # pylint: disable=protected-access
+  app.run(main, argv=sys.argv, flags_parser=asl_flags.cli_parser("asl_tf.train"))
