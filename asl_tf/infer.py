@@ -37,37 +37,26 @@ def list_feature_files(path: str, file_prefix: str = "") -> List[Tuple[str, str]
       raise InferError(f"{path} holds no {'/'.join(FEATURE_EXTS)} feature files")
   else:
     raise InferError(f"--features_path={path} does not exist")
-  out = []
+  out, seen = [], {}
   for f in files:
     stem = os.path.splitext(os.path.basename(f))[0]
     if file_prefix and stem.startswith(file_prefix):
       stem = stem[len(file_prefix):]
+    if stem in seen:
+      raise InferError(f"video {stem!r} has two feature files, {seen[stem]} and {f}; keep one")
+    seen[stem] = f
     out.append((stem, f))
   return out
 
 
 def read_features(path: str, input_dim: int, npz_key: str) -> np.ndarray:
-  """float32 [T, C] features of one file; errors name the file and the expected shape."""
+  """float32 [T, C] features of one file (`features.read_feature_file`: the checks training
+  applies); errors name the file and the expected shape."""
+  from asl_tf.data import features  # pylint: disable=g-import-not-at-top
   try:
-    if path.endswith(".npz"):
-      with np.load(path) as data:
-        if npz_key not in data:
-          raise InferError(f"{path}: no array {npz_key!r} (has {sorted(data.files)}); set "
-                           "--npz_key")
-        x = data[npz_key]
-    else:
-      x = np.load(path)
-  except (OSError, ValueError) as e:
-    if isinstance(e, InferError):
-      raise
-    raise InferError(f"{path}: not a readable numpy file ({e})") from e
-  if x.ndim != 2 or x.shape[1] != input_dim or x.shape[0] < 1:
-    raise InferError(f"{path}: features have shape {x.shape}, expected [T, {input_dim}] (time "
-                     "first, channels = --input_dim)")
-  if not np.all(np.isfinite(x)):
-    row = int(np.argwhere(~np.isfinite(x))[0][0])
-    raise InferError(f"{path}: non-finite value at row {row}")
-  return x.astype(np.float32)
+    return features.read_feature_file(path, npz_key, input_dim)
+  except features.FeatureError as e:
+    raise InferError(str(e)) from None
 
 
 def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],

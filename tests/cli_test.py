@@ -202,8 +202,7 @@ def test_infer_matches_the_detector_and_writes_results(run_dir, tmp_path):
 def test_infer_names_a_file_with_the_wrong_channel_count(run_dir, tmp_path):
   bad = tmp_path / "bad.npy"
   np.save(bad, np.zeros([40, 5], np.float32))
-  with pytest.raises(SystemExit, match=r"bad.npy: features have shape \(40, 5\), expected "
-                     r"\[T, 8\]"):
+  with pytest.raises(SystemExit, match=r"bad.npy has shape \(40, 5\), expected \[T, 8\]"):
     _run(infer.main, [f"--checkpoint={run_dir['run']}", f"--features_path={bad}"])
 
 
@@ -235,3 +234,11 @@ def test_a_checkpoint_without_model_variables_is_refused(run_dir, tmp_path):
 def test_config_file_round_trips_through_the_run_folder(run_dir):
   saved = config_lib.Config.load(os.path.join(run_dir["run"], "config.json"))
   assert saved == run_dir["config"]
+
+
+def test_a_video_with_both_npy_and_npz_is_named(tmp_path):
+  np.save(tmp_path / "vid.npy", np.zeros([4, 8], np.float32))
+  np.savez(tmp_path / "vid.npz", feats=np.zeros([4, 8], np.float32))
+  with pytest.raises(infer.InferError, match=r"video 'vid' has two feature files, .*vid.npy and "
+                                            r".*vid.npz"):
+    infer.list_feature_files(str(tmp_path))

@@ -72,6 +72,86 @@ class FeatureInfo:
   num_frames: float
 
 
+# Errors numpy raises on files that are not what their name says (0 bytes: EOFError; a zip
+# named .npy: an NpzFile instead of an array; a pickle: ValueError with allow_pickle=False).
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
+                zipfile.BadZipFile)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_feature_array(array, where: str, input_dim: Optional[int] = None,
+                        ranks: Sequence[int] = (2,)) -> np.ndarray:
+  """The one set of checks every reader of features applies; returns float32.
+
+  Args:
+    array: what was read (anything).
+    where: the file (or `name`) the message names.
+    input_dim: the expected channel count (last axis), or None to skip that check.
+    ranks: accepted ranks (the serving client also takes [B, T, C]).
+
+  Raises:
+    FeatureError: not an array, not real numbers (bool, complex, strings, objects), wrong rank,
+      no rows, wrong channels, non-finite values or values beyond float32's range.
+  """
+  if not isinstance(array, np.ndarray):
+    raise FeatureError(f"{where} holds a {type(array).__name__}, not a feature array")
+  kind = array.dtype.kind
+  if kind not in "fiu":
+    raise FeatureError(f"{where} has dtype {array.dtype}; features must be real numbers "
+                       "(float or integer)")
+  if array.ndim not in ranks:
+    expected = " or ".join({2: "[T, C]", 3: "[B, T, C]"}[r] for r in ranks)
+    raise FeatureError(f"{where} has shape {array.shape}; expected {expected} (time first)")
+  if array.shape[-2] < 1:
+    raise FeatureError(f"{where} has no rows (shape {array.shape})")
+  if input_dim is not None and array.shape[-1] != input_dim:
+    raise FeatureError(f"{where} has shape {array.shape}, expected [T, {input_dim}] (channels "
+                       "= --input_dim)")
+  if kind == "f" and array.dtype.itemsize > 4:
+    big = np.abs(array[np.isfinite(array)]) > _F32_MAX
+    if big.any():
+      raise FeatureError(f"{where} has values beyond float32's range (e.g. "
+                         f"{array[np.isfinite(array)][big][0]:.3g}); rescale the features")
+  out = np.asarray(array, np.float32)
+  if not np.isfinite(out).all():
+    index = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+    raise FeatureError(f"{where} has a non-finite value at index {index}; fix or drop the file")
+  return out
+
+
+def read_feature_file(path: str, npz_key: str = "feats", input_dim: Optional[int] = None,
+                      ranks: Sequence[int] = (2,)) -> np.ndarray:
+  """Reads one `.npy` (or `npz_key` of a `.npz`) feature file, checked, as float32.
+
+  Never unpickles. Used by inference, the serving client and anything reading a whole file.
+
+  Raises:
+    FeatureError: naming the file: missing, unreadable or failing `check_feature_array`.
+  """
+  if not os.path.isfile(path):
+    raise FeatureError(f"feature file {path} does not exist", "skipped_missing_features")
+  try:
+    if path.endswith(".npz"):
+      with np.load(path, allow_pickle=False) as archive:
+        if npz_key not in archive.files:
+          raise FeatureError(f"feature file {path} has no array {npz_key!r} (it has "
+                             f"{sorted(archive.files)}); set --npz_key")
+        array = archive[npz_key]
+    else:
+      array = np.load(path, allow_pickle=False)
+      if isinstance(array, np.lib.npyio.NpzFile):
+        array.close()
+        raise FeatureError(f"feature file {path} is a .npz archive, not a .npy array; rename "
+                           "it to .npz (and set --feature_ext=.npz / --npz_key)")
+  except FeatureError:
+    raise
+  except _READ_ERRORS as e:
+    raise FeatureError(f"feature file {path} cannot be read as "
+                       f"{'.npz' if path.endswith('.npz') else '.npy'} "
+                       f"({type(e).__name__}: {e or 'empty file'})") from None
+  return check_feature_array(array, f"feature file {path}", input_dim, ranks)
+
+
 def feature_paths(video_id: str, data_config: config_lib.DataConfig) -> Tuple[str, ...]:
   """One path per feature folder for `video_id`."""
   name = f"{data_config.file_prefix}{video_id}{data_config.file_suffix}{data_config.feature_ext}"
@@ -102,12 +182,16 @@ def read_header(path: str, npz_key: str = "feats") -> Tuple[Tuple[int, ...], np.
             shape, _, dtype = np.lib.format.read_array_header_2_0(f)
       return tuple(shape), np.dtype(dtype)
     array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not isinstance(array, np.ndarray):
+      raise FeatureError(f"feature file {path} is a {type(array).__name__}, not a .npy array "
+                         "(a .npz archive? set --feature_ext=.npz)")
     return tuple(array.shape), array.dtype
   except FeatureError:
     raise
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
+  except _READ_ERRORS as e:
     raise FeatureError(f"feature file {path} cannot be read as "
-                       f"{'.npz' if path.endswith('.npz') else '.npy'}: {e}") from None
+                       f"{'.npz' if path.endswith('.npz') else '.npy'} "
+                       f"({type(e).__name__}: {e or 'empty file'})") from None
 
 
 def probe_features(video_id: str, data_config: config_lib.DataConfig
@@ -131,7 +215,7 @@ def probe_features(video_id: str, data_config: config_lib.DataConfig
     if len(shape) != 2:
       raise FeatureError(f"feature file {path} (video {video_id!r}) has shape {shape}; expected "
                          "rank 2 [T, C] (time first)")
-    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+    if dtype.kind not in "fiu":
       raise FeatureError(f"feature file {path} (video {video_id!r}) has dtype {dtype}; expected "
                          "a numeric array")
     if shape[0] == 0:
@@ -251,7 +335,7 @@ def load_features(video_id: str, info: FeatureInfo, data_config: config_lib.Data
       if block.shape[0] != n:
         raise ValueError(f"expected rows [{start}, {stop}) but the file has {array.shape[0]}")
       view[:, col:col + block.shape[1]] = block
-    except (OSError, ValueError, KeyError) as e:
+    except _READ_ERRORS as e:
       raise FeatureError(f"feature file {path} (video {video_id!r}) could not be read: {e}") \
           from None
     if not np.isfinite(view[:, col:col + block.shape[1]]).all():

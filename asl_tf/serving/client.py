@@ -19,6 +19,7 @@ long video exceeds ([18432, 2048] float32 features are ~151 MB).
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import sys
 import time
@@ -37,6 +38,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from asl_tf import files
+from asl_tf.data import features as features_lib
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # TF Serving's own limit; gRPC's default is 4 MB.
 DEFAULT_SIGNATURE = "serving_default"
@@ -405,13 +407,28 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
   """Runs the command line on parsed flags; returns the process exit code."""
-  features = np.load(fv.features)
+  try:
+    features = features_lib.read_feature_file(fv.features, ranks=(2, 3))
+  except features_lib.FeatureError as e:
+    print(f"asl_tf.serving.client: --features: {e}", file=sys.stderr)
+    return 2
+  try:
+    lengths = [int(n) for n in fv.lengths] or None
+  except ValueError:
+    print(f"asl_tf.serving.client: --lengths={','.join(fv.lengths)}: expected comma-separated "
+          "integers (valid frames per video)", file=sys.stderr)
+    return 2
+  if fv.output_json:
+    folder = os.path.dirname(os.path.abspath(fv.output_json))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+      print(f"asl_tf.serving.client: --output_json={fv.output_json}: folder {folder} does not "
+            "exist or is not writable (checked before sending the request)", file=sys.stderr)
+      return 2
   client = ASLServingClient(
       fv.server, model_name=fv.model, model_version=fv.model_version or None, rest=fv.rest,
       timeout_sec=fv.timeout_sec, tls_ca=fv.tls_ca, max_attempts=fv.max_attempts,
       initial_backoff_sec=fv.initial_backoff_sec, validate_inputs=fv.validate_inputs,
       class_names=read_class_names(fv.class_names) if fv.class_names else None)
-  lengths = [int(n) for n in fv.lengths] or None
   try:
     videos = client.detect(features, lengths, signature=fv.signature)
   except ServingError as e:

@@ -134,3 +134,47 @@ def test_load_into_buffer(tmp_path):
   assert np.shares_memory(view, buf)
   np.testing.assert_array_equal(buf[:2], x)
   np.testing.assert_array_equal(buf[2:], -1.0)
+
+
+def _zip_named_npy(path):
+  np.savez(str(path) + ".tmp.npz", feats=np.zeros([3, 6], np.float32))
+  os.replace(str(path) + ".tmp.npz", path)
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda p: p.write_bytes(b""), r"empty\.npy cannot be read as \.npy \(EOFError"),
+    (_zip_named_npy, r"empty\.npy is a \.npz archive, not a \.npy array"),
+    (lambda p: np.save(p, np.ones([4, 6], bool)), r"dtype bool; features must be real numbers"),
+    (lambda p: np.save(p, np.ones([4, 6], np.complex64)), r"dtype complex64"),
+    (lambda p: np.save(p, np.array([["a"] * 6] * 2)), r"dtype <U1"),
+    (lambda p: np.save(p, np.full([4, 6], 1e300)), r"values beyond float32's range"),
+    (lambda p: np.save(p, np.array([[None] * 6], object)), r"cannot be read as \.npy"),
+    (lambda p: np.save(p, np.zeros([6], np.float32)), r"shape \(6,\); expected \[T, C\]"),
+    (lambda p: np.save(p, np.full([2, 6], np.inf, np.float32)),
+     r"non-finite value at index \(0, 0\)"),
+])
+def test_one_reader_names_every_bad_file(tmp_path, make, pattern):
+  """Each used to crash inference (EOFError, AttributeError, TypeError) or pass through as
+  wrong numbers (bool, complex, inf after the float32 cast)."""
+  path = tmp_path / "empty.npy"
+  make(path)
+  with pytest.raises(features.FeatureError, match=pattern):
+    features.read_feature_file(str(path), input_dim=6)
+
+
+def test_reader_returns_float32_and_checks_channels(tmp_path):
+  np.save(tmp_path / "v.npy", np.arange(12, dtype=np.int16).reshape(2, 6))
+  x = features.read_feature_file(str(tmp_path / "v.npy"), input_dim=6)
+  assert x.dtype == np.float32 and x[1, 5] == 11.0
+  with pytest.raises(features.FeatureError, match=r"expected \[T, 8\]"):
+    features.read_feature_file(str(tmp_path / "v.npy"), input_dim=8)
+
+
+def test_empty_or_zip_npy_is_a_counted_skip_in_training(tmp_path):
+  _save(tmp_path, "ok.npy", np.zeros([3, 6], np.float32))
+  (tmp_path / "empty.npy").write_bytes(b"")
+  _zip_named_npy(tmp_path / "zipped.npy")
+  infos, events = features.scan_features(["ok", "empty", "zipped"],
+                                         _config([tmp_path], on_bad_feature="skip"))
+  assert list(infos) == ["ok"]
+  assert sorted(v for v, _ in events["skipped_bad_features"]) == ["empty", "zipped"]

@@ -251,6 +251,27 @@ def test_command_line_rest_and_errors(server, tmp_path):
   assert code == 1 and not out
 
 
+@pytest.mark.parametrize("setup,extra,message", [
+    (None, [], "does not exist"),
+    (lambda d: np.save(d / "video.npy", np.zeros([5], np.float32)), [],
+     r"shape \(5,\); expected \[T, C\] or \[B, T, C\]"),
+    (lambda d: np.save(d / "video.npy", np.zeros([5, 4], np.float32)), ["--lengths=abc"],
+     "--lengths=abc: expected comma-separated integers"),
+    (lambda d: np.save(d / "video.npy", np.zeros([5, 4], np.float32)),
+     ["--output_json=/nonexistent/dir/out.json"], "folder /nonexistent/dir does not exist"),
+])
+def test_command_line_input_errors_are_one_line_before_any_request(tmp_path, capsys, setup,
+                                                                   extra, message):
+  """No server is contacted (the address is dead): every check runs before the request."""
+  if setup:
+    setup(tmp_path)
+  code, out = _run_cli(["--server=127.0.0.1:1", "--max_attempts=1",
+                        f"--features={tmp_path / 'video.npy'}"] + extra)
+  err = capsys.readouterr().err
+  assert code == 2 and not out
+  assert re.search(message, err) and len(err.strip().splitlines()) == 1
+
+
 def test_client_raises_grpc_message_limits(grpc_client):
   # ~6.4 MB request, ~7 MB response: both above gRPC's 4 MB default.
   frames = 200_000
