@@ -327,10 +327,14 @@ class ExportConfig:
     checkpoint: checkpoint file or training output_dir (best, else latest checkpoint).
     export_dir: TF Serving base path; versions are integer sub-folders.
     version: export version (0 = next free integer).
+    max_frames: the longest video (features along time) the exported model accepts; longer
+      requests are refused as INVALID_ARGUMENT, so a request cannot make the server compute
+      without bound (0 = 16 x max_seq_len).
   """
   checkpoint: str = ""
   export_dir: str = "export/models/asl"
   version: int = 0
+  max_frames: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,6 +543,7 @@ _RANGES = (
     ("eval", "max_seg_num", "max_seg_num", _POSITIVE, "a positive integer"),
     ("eval", "nms_sigma", "nms_sigma", _POSITIVE, "positive"),
     ("eval", "fusion_topk", "fusion_topk", _POSITIVE, "a positive integer"),
+    ("export", "max_frames", "max_frames", _NON_NEGATIVE, ">= 0 (0 = 16 x max_seq_len)"),
 )
 
 
@@ -695,5 +700,6 @@ def from_flags(flags) -> Config:
       fusion_topk=f.fusion_topk,
       batch_size=f.eval_batch_size,
   )
-  export = ExportConfig(checkpoint=f.checkpoint, export_dir=f.export_dir, version=f.version)
+  export = ExportConfig(checkpoint=f.checkpoint, export_dir=f.export_dir, version=f.version,
+                        max_frames=f.max_frames)
   return validate(Config(data=data, model=model, loss=loss, train=train, eval=ev, export=export))

@@ -139,6 +139,8 @@ flags.DEFINE_integer("eval_batch_size", 1, "Videos per evaluation batch.")
 flags.DEFINE_string("checkpoint", "", "Checkpoint, or a training --output_dir.")
 flags.DEFINE_string("export_dir", "export/models/asl", "SavedModel base directory.")
 flags.DEFINE_integer("version", 0, "Export version (0 = next free).")
+flags.DEFINE_integer("max_frames", 0, "export: longest video (features) a served request may "
+                     "hold; longer ones are INVALID_ARGUMENT (0 = 16 x --max_seq_len).")
 flags.DEFINE_string("features_path", "", "infer: a [T, C] feature file (.npy/.npz) or a folder.")
 flags.DEFINE_string("saved_model", "", "infer: an exported SavedModel (version folder) to run "
                     "instead of --checkpoint.")

@@ -88,11 +88,13 @@ def export_timebase(config: config_lib.Config) -> Dict[str, float]:
   """The constants the exported graph uses to turn grid units into seconds.
 
   Returns:
-    `{fps, feat_stride, num_frames, max_div_factor, max_seq_len, input_dim, num_classes}`;
-    fps is `data.fps_override` when set, else `data.default_fps`.
+    `{fps, feat_stride, num_frames, max_div_factor, max_seq_len, input_dim, num_classes,
+    max_frames}`; fps is `data.fps_override` when set, else `data.default_fps`; max_frames is
+    `export.max_frames`, else 16 x max_seq_len.
   """
   data, model = config.data, config.model
   return {
+      "max_frames": int(config.export.max_frames or 16 * model.max_seq_len),
       "fps": float(data.fps_override if data.fps_override > 0 else data.default_fps),
       "feat_stride": float(data.feat_stride),
       "num_frames": float(data.num_frames),
@@ -126,7 +128,7 @@ class ServingModule(tf.Module):
   def __init__(self, model: detector_lib.ASLDetector, config: config_lib.Config):
     super().__init__(name="asl_serving")
     timebase = export_timebase(config)
-    input_dim = timebase["input_dim"]
+    input_dim, max_frames = timebase["input_dim"], timebase["max_frames"]
     features_spec = tf.TensorSpec([None, None, input_dim], tf.float32, name="features")
     lengths_spec = tf.TensorSpec([None], tf.int32, name="lengths")
     buckets = tf.constant(
@@ -150,6 +152,12 @@ class ServingModule(tf.Module):
       with tf.control_dependencies(checks):
         lengths = tf.reshape(lengths, [-1])
       checks += [
+          tf.debugging.assert_positive(
+              shape[0], message="features must hold at least one video (batch >= 1)"),
+          tf.debugging.assert_less_equal(
+              shape[1], max_frames,
+              message=f"features are longer than this model serves ({max_frames} frames, "
+              "the export's --max_frames); split the video"),
           tf.debugging.assert_equal(
               tf.size(lengths), shape[0],
               message=f"lengths must be [batch] int32 with one entry per video of features "
@@ -162,7 +170,9 @@ class ServingModule(tf.Module):
               f"[batch, time, {input_dim}]"),
       ]
       with tf.control_dependencies(checks):
-        features, lengths = tf.identity(features), tf.identity(lengths)
+        features = tf.debugging.assert_all_finite(
+            features, "features hold NaN or Inf values; send finite features")
+        lengths = tf.identity(lengths)
       longest = tf.reduce_max(tf.concat([lengths, [0]], 0))
       padded = tf.gather(buckets, tf.searchsorted(buckets, [longest]))[0]  # eval's length
       features = tf.pad(features[:, :longest], [[0, 0], [0, padded - longest], [0, 0]])

@@ -54,6 +54,8 @@ GRPC_MESSAGE_OPTIONS = (
 )
 DEFAULT_SIGNATURE = "serving_default"
 
+# Frames a request may hold when the export does not say (exports before --max_frames).
+DEFAULT_MAX_FRAMES = 1 << 20
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -84,6 +86,39 @@ def shape_string(tensor_shape) -> str:
   if tensor_shape.unknown_rank:
     return "?"
   return "[" + ",".join(str(d.size) for d in tensor_shape.dim) + "]"
+
+
+def json_array(key: str, value, np_dtype, max_frames: int) -> np.ndarray:
+  """A REST input (nested JSON lists) as an array of `np_dtype`, refused rather than cast.
+
+  Integer inputs must hold JSON integers within the dtype's range (not 50.7, not true); float
+  inputs must hold numbers (not booleans or strings); the second dimension is at most
+  `max_frames`.
+
+  Raises:
+    RequestError: INVALID_ARGUMENT naming the input.
+  """
+  def fail(why):
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}' {why}")
+
+  if np_dtype is None:
+    return np.asarray(value, dtype=object)  # an unknown key: check_inputs names it
+  try:
+    raw = np.asarray(value)
+  except (ValueError, TypeError, OverflowError) as e:
+    raise fail(f"is not a rectangular array: {e}") from None
+  if raw.ndim >= 2 and raw.shape[1] > max_frames:
+    raise fail(f"has {raw.shape[1]} frames; this model serves at most {max_frames}")
+  integer = np.issubdtype(np_dtype, np.integer)
+  allowed = "iu" if integer else "iuf"
+  if raw.dtype.kind not in allowed:
+    what = "integers" if integer else "numbers"
+    kind = {"b": "booleans", "f": "fractions", "U": "strings", "O": "mixed or ragged values"}
+    raise fail(f"holds {kind.get(raw.dtype.kind, raw.dtype.name)}; expected {what}")
+  if integer and raw.size and (raw.min() < np.iinfo(np_dtype).min
+                               or raw.max() > np.iinfo(np_dtype).max):
+    raise fail(f"holds values outside {np.dtype(np_dtype).name}")
+  return raw.astype(np_dtype)
 
 
 def check_inputs(signature_name: str, signature_def, inputs: Mapping[str, tuple]) -> None:
@@ -126,6 +161,44 @@ def check_inputs(signature_name: str, signature_def, inputs: Mapping[str, tuple]
           f"input '{key}' of signature '{signature_name}' has shape {got}; expected {want}")
 
 
+def _served_max_frames(path: str) -> int:
+  """The export's `max_frames` (assets/timebase.json), else DEFAULT_MAX_FRAMES."""
+  try:
+    with open(os.path.join(path, "assets", "timebase.json")) as f:
+      return int(json.load(f).get("max_frames", DEFAULT_MAX_FRAMES))
+  except (OSError, ValueError, TypeError):
+    return DEFAULT_MAX_FRAMES
+
+
+def check_tensor_size(key: str, proto, max_frames: int) -> None:
+  """Refuses, before anything is allocated, a TensorProto with more frames (its second
+  dimension) than the model serves, or whose values are neither one (TF Serving repeats a single
+  value over the declared shape, as warm-up requests do) nor one per element.
+
+  Without the frame limit an 82-byte request (one value, a huge declared shape) could make the
+  server build and run a tensor of any size.
+
+  Raises:
+    RequestError: INVALID_ARGUMENT naming the input.
+  """
+  dims = [d.size for d in proto.tensor_shape.dim]
+  if len(dims) >= 2 and dims[1] > max_frames:
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"input '{key}' has {dims[1]} frames; this model serves at most "
+                       f"{max_frames} (its export's --max_frames)")
+  declared = int(np.prod(dims, dtype=np.float64)) if dims else 1
+  itemsize = tf.dtypes.as_dtype(proto.dtype).size if proto.dtype else 0
+  if proto.tensor_content:
+    carried = len(proto.tensor_content) // max(itemsize, 1)
+  else:
+    carried = max(len(proto.float_val), len(proto.int_val), len(proto.int64_val),
+                  len(proto.double_val), len(proto.bool_val), len(proto.half_val))
+  if carried not in (1, declared):
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"input '{key}' declares shape {dims} ({declared} values) but carries "
+                       f"{carried}")
+
+
 def latest_version(model_base_path: str) -> int:
   """The highest integer sub-folder of a TF Serving base path that holds a SavedModel."""
   versions = [int(d) for d in os.listdir(model_base_path)
@@ -158,6 +231,7 @@ class Servable:
       if name != "__saved_model_init_op":
         self.signature_defs.signature_def[name].CopyFrom(sig)
     self._loaded = tf.saved_model.load(self.path)  # Keep a reference: signatures need it.
+    self.max_frames = _served_max_frames(self.path)
     self.num_warmup_requests = self._replay_warmup()
 
   def check_model_spec(self, model_spec) -> str:
@@ -219,6 +293,8 @@ class Servable:
     sig = self.signature_def(signature_name)
     check_inputs(signature_name, sig, {
         k: (v.dtype, tuple(d.size for d in v.tensor_shape.dim)) for k, v in request.inputs.items()})
+    for key, proto in request.inputs.items():
+      check_tensor_size(key, proto, self.max_frames)
     try:
       arrays = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
     except (ValueError, TypeError) as e:
@@ -351,6 +427,11 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
       except ValueError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"JSON parse error: {e}") from e
+      if not isinstance(request, dict):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the body must be a JSON object, got a {type(request).__name__}")
+      if not isinstance(request.get("signature_name", ""), str):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "signature_name must be a string")
       if "inputs" not in request:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            "the testing server accepts the columnar form {\"inputs\": {...}} only")
@@ -368,12 +449,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
       for key, value in inputs.items():
         np_dtype = (tf.dtypes.as_dtype(sig.inputs[key].dtype).as_numpy_dtype
                     if key in sig.inputs else None)
-        try:
-          arrays[key] = np.asarray(value, dtype=np_dtype)
-        except (ValueError, TypeError) as e:
-          raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"input '{key}' is not a rectangular array of "
-                             f"{np.dtype(np_dtype).name}: {e}") from e
+        arrays[key] = json_array(key, value, np_dtype, self.servable.max_frames)
       check_inputs(signature_name, sig, {
           k: (sig.inputs[k].dtype if k in sig.inputs else types_pb2.DT_INVALID, v.shape)
           for k, v in arrays.items()})

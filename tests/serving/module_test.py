@@ -98,7 +98,7 @@ def test_layout_assets_and_warmup(exported):
     assert f.read().splitlines() == list(CLASS_NAMES)
   timebase = module.read_timebase(path)
   assert timebase == dict(TIMEBASE, max_div_factor=8, max_seq_len=MAX_SEQ_LEN, input_dim=C,
-                          num_classes=3)
+                          num_classes=3, max_frames=16 * MAX_SEQ_LEN)
   with open(os.path.join(path, "assets", "model_info.json")) as f:
     info = json.load(f)
   assert info["signatures"]["serving_default"]["inputs"] == {
@@ -188,6 +188,17 @@ def test_raw_scores_equal_the_model_outputs(exported):
     ("serving_default", {"features": np.zeros([1, 32, C], np.float32),
                          "lengths": np.array([3, 4], np.int32)},
      r"one entry per video .*batch sizes differ"),
+    # Used to fail inside a convolution / answer "0 detections" / compute without bound.
+    ("serving_default", {"features": np.zeros([0, 32, C], np.float32),
+                         "lengths": np.zeros([0], np.int32)},
+     r"features must hold at least one video"),
+    ("serving_default", {"features": np.full([1, 32, C], np.nan, np.float32),
+                         "lengths": np.array([32], np.int32)}, r"features hold NaN or Inf"),
+    ("detect_full", {"features": np.full([1, 32, C], np.inf, np.float32)},
+     r"features hold NaN or Inf"),
+    ("serving_default", {"features": np.zeros([1, 16 * MAX_SEQ_LEN + 1, C], np.float32),
+                         "lengths": np.array([1], np.int32)},
+     r"features are longer than this model serves \(512 frames"),
 ])
 def test_bad_inputs_are_rejected_with_the_expected_shape(exported, signature, inputs, message):
   loaded = exported[-1]

@@ -289,3 +289,32 @@ def test_batching_parameters_use_known_fields():
   assert set(fields) <= known
   assert fields["pad_variable_length_inputs"] == "true"
   assert int(fields["max_batch_size"]) >= 1
+
+
+def test_a_one_value_request_declaring_too_many_frames_is_refused_before_allocation(stub):
+  """82 bytes declaring a tensor of any size: refused on the declared shape."""
+  request = _request(lengths=np.array([1], np.int32))
+  huge = tf.make_tensor_proto(np.float32(0.5), shape=[1, testing_server.DEFAULT_MAX_FRAMES + 1, 8])
+  request.inputs["features"].CopyFrom(huge)
+  assert request.ByteSize() < 200
+  code, details = _grpc_error(stub, request)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and "serves at most" in details
+  partial = _request(lengths=np.array([1], np.int32))
+  proto = tf.make_tensor_proto(np.zeros([1, 3, 8], np.float32))
+  proto.tensor_content = proto.tensor_content[:40]
+  partial.inputs["features"].CopyFrom(proto)
+  code, details = _grpc_error(stub, partial)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and "declares shape [1, 3, 8]" in details
+
+
+@pytest.mark.parametrize("body,message", [
+    ("a JSON string", "must be a JSON object"),
+    ({"signature_name": 3, "inputs": {}}, "signature_name must be a string"),
+    ({"inputs": {"features": [[[0.0] * 8]], "lengths": [2 ** 40]}}, "outside int32"),
+    ({"inputs": {"features": [[[0.0] * 8]], "lengths": [50.7]}}, "holds fractions"),
+    ({"inputs": {"features": [[[0.0] * 8]], "lengths": [True]}}, "holds booleans"),
+    ({"inputs": {"features": [[[True] * 8]], "lengths": [1]}}, "holds booleans"),
+])
+def test_rest_bodies_that_dropped_the_connection_or_were_cast_are_400(server, body, message):
+  status, reply = _http(f"http://{server.rest_address}/v1/models/asl:predict", body)
+  assert status == 400 and message in reply["error"], reply
