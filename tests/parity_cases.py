@@ -1,4 +1,4 @@
-"""The ActionFormer parity cases in ../shared/fixtures/actionformer_parity (see PARITY_DIR)."""
+"""The ActionFormer parity cases in tests/fixtures/actionformer_parity (see PARITY_DIR)."""
 
 import dataclasses
 import functools
@@ -6,15 +6,13 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from asl_tf import config as config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The team's shared folder sits beside the repository (CI clones main next to it).
-SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
-PARITY_DIR = os.environ.get("ASL_PARITY_DIR",
-                            os.path.join(SHARED_DIR, "fixtures", "actionformer_parity"))
+# Committed with the tests, so that a plain clone proves parity (ASL_PARITY_DIR overrides it).
+PARITY_DIR = os.environ.get("ASL_PARITY_DIR", os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "fixtures", "actionformer_parity"))
 PARITY_CASES = ("thumos_like", "anet_like")
 
 
@@ -50,16 +48,16 @@ def model_config_from_actionformer(meta: dict) -> config_lib.ModelConfig:
 
 
 def parity_file(filename: str) -> str:
-  """The path of a parity fixture file; skips the test if it is absent (no ../shared here)."""
+  """The path of a parity fixture file (never skipped: a missing file fails the test)."""
   path = os.path.join(PARITY_DIR, filename)
   if not os.path.exists(path):
-    pytest.skip(f"parity fixture {path} not found (set ASL_PARITY_DIR)")
+    raise FileNotFoundError(f"parity fixture {path} is missing (tests/fixtures in the repo)")
   return path
 
 
 @functools.lru_cache(maxsize=None)
 def load_parity_case(name: str) -> ParityCase:
-  """Loads `NAME.json` and `NAME.npz`; skips the test if the fixtures are absent."""
+  """Loads `NAME.json` and `NAME.npz`."""
   base = parity_file(name + ".npz")[:-len(".npz")]
   with open(base + ".json") as f:
     meta = json.load(f)

@@ -16,19 +16,15 @@ from asl_tf import inference
 from asl_tf.modeling import sensitivity
 from asl_tf.modeling import weight_mapping
 from asl_tf.tools import import_torch
-from parity_cases import load_parity_case
+from parity_cases import load_parity_case, parity_file
 from torch_checkpoint_test import _reduce_payload, _Storage, _Tensor, _write_zip, _zip_with_pickle
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_FIXTURES = os.path.join(os.path.dirname(_REPO), "shared", "fixtures", "actionformer_parity")
 _ASL_ONLY = ["--noinstance_sensitivity", "--contrastive_weight=0"]
 
 
 def _fixture(name):
-  path = os.path.join(_FIXTURES, name + ".pth.tar")
-  if not os.path.exists(path):
-    pytest.skip(f"{path} not found")
-  return path
+  return parity_file(name + ".pth.tar")
 
 
 def _case_flags(case):
