@@ -79,6 +79,12 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_bce": _variant(**_CLS, **_INST, **_NORM, instance_combination="product",
                                         evaluator_loss="bce"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
+    # Every frame inside a ground truth is a positive (--center_sample_radius=0, the paper's
+    # "ground-truth location sampling" read as the positives the sensitivity weights act on).
+    "actionformer_whole": _variant() + ("--center_sample_radius=0",),
+    "class_instance_norm_whole": _variant(**_CLS, **_INST, **_NORM,
+                                          instance_combination="product")
+                                 + ("--center_sample_radius=0",),
 }
 DEFAULT_VARIANTS = ("actionformer", "+class", "+instance", "+contrastive", "asl_all")
 DATASETS = {
