@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Optional, Sequence, Tuple
 
 from asl_tf import files
@@ -564,6 +565,31 @@ def _range_problems(config: Config) -> list:
   return problems
 
 
+# (section, field) of every path: stored absolute, so a run folder's config.json works from any
+# working directory.
+_PATH_FIELDS = (("data", "annotation_file"), ("data", "label_map_file"), ("data", "feature_dir"),
+                ("data", "demo_dir"), ("eval", "ext_score_file"), ("train", "output_dir"),
+                ("export", "checkpoint"), ("export", "export_dir"))
+
+
+def absolute_paths(config: Config) -> Config:
+  """`config` with every non-empty path made absolute (against the current directory)."""
+  sections = {}
+  for field in dataclasses.fields(config):
+    section = getattr(config, field.name)
+    changes = {}
+    for section_name, name in _PATH_FIELDS:
+      if section_name != field.name:
+        continue
+      value = getattr(section, name)
+      if isinstance(value, tuple):
+        changes[name] = tuple(os.path.abspath(v) if v else v for v in value)
+      elif value:
+        changes[name] = os.path.abspath(value)
+    sections[field.name] = dataclasses.replace(section, **changes)
+  return Config(**sections)
+
+
 def _floats(values: Optional[Sequence], name: str) -> Tuple[float, ...]:
   try:
     return tuple(float(v) for v in values or ())
@@ -702,4 +728,5 @@ def from_flags(flags) -> Config:
   )
   export = ExportConfig(checkpoint=f.checkpoint, export_dir=f.export_dir, version=f.version,
                         max_frames=f.max_frames)
-  return validate(Config(data=data, model=model, loss=loss, train=train, eval=ev, export=export))
+  return absolute_paths(validate(Config(data=data, model=model, loss=loss, train=train, eval=ev,
+                                        export=export)))

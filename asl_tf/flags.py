@@ -9,8 +9,10 @@ flag ends the program with one line naming it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
+import warnings
 from typing import List
 
 from absl import flags
@@ -221,17 +223,102 @@ def parse_argv(argv: List[str]) -> List[str]:
     raise config_lib.ConfigError(" ".join(str(e).split())) from None
 
 
+# The flags each tool reads, grouped, for its --help (every flag is listed by --helpfull).
+_DATA = ("annotation_file", "feature_dir", "feature_ext", "train_subset", "eval_subset",
+         "input_dim", "num_classes", "feat_stride", "num_frames", "default_fps", "fps_override",
+         "max_seq_len", "resize_length", "on_bad_feature")
+_MODEL = ("backbone_arch", "embd_dim", "fpn_dim", "head_dim", "n_head", "mha_win_size",
+          "use_abs_pe", "regression_range")
+_ASL = ("class_sensitivity", "instance_sensitivity", "sensitivity_normalization",
+        "instance_combination", "contrastive_weight")
+_TRAINING = ("output_dir", "epochs", "warmup_epochs", "batch_size", "learning_rate",
+             "weight_decay", "ema_decay", "seed", "resume", "eval_every", "mixed_precision",
+             "num_cpu_devices")
+_EVALUATION = ("tiou_thresholds", "pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
+               "multiclass_nms", "nms_sigma", "ext_score_file")
+TOOL_FLAGS = {
+    "asl_tf.train": {"data": _DATA, "model": _MODEL, "ASL": _ASL, "training": _TRAINING,
+                     "evaluation (at the end)": _EVALUATION},
+    "asl_tf.evaluate": {"what": ("checkpoint", "output_dir"), "data": _DATA,
+                        "evaluation": _EVALUATION},
+    "asl_tf.infer": {"what": ("checkpoint", "saved_model", "features_path", "results_file",
+                              "overwrite", "fps", "output_dir"),
+                     "data": ("input_dim", "npz_key", "file_prefix", "feat_stride", "num_frames",
+                              "default_fps", "fps_override", "resize_length"),
+                     "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
+                                    "multiclass_nms", "nms_sigma")},
+    "asl_tf.visualize": {"what": ("checkpoint", "video_ids", "num_videos", "plot_dir"),
+                         "data": _DATA, "evaluation": _EVALUATION[:-1]},
+    "asl_tf.export": {"export": ("checkpoint", "export_dir", "version", "max_frames"),
+                      "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
+                                     "multiclass_nms", "nms_sigma")},
+    "asl_tf.tools.import_torch": {
+        "import": ("torch_checkpoint", "output", "use_ema", "allow_missing", "allow_unused"),
+        "model": ("input_dim", "num_classes", "max_seq_len") + _MODEL + _ASL[:2]},
+}
+_HELP_ARGS = ("--help", "-h", "--helpshort", "-help")
+
+
+def tool_help(prog: str, doc: str = "") -> str:
+  """The --help text of tool `prog`: its docstring's first line, then its flags by group (name,
+  default, help), then how to see everything."""
+  lines = [doc.strip().splitlines()[0] if doc.strip() else prog, "",
+           f"usage: python -m {prog} [--flagfile=configs/NAME.flags] [--flag=value ...]", ""]
+  for group, names in TOOL_FLAGS.get(prog, {}).items():
+    lines.append(f"{group}:")
+    for name in names:
+      flag = FLAGS[name]
+      default = flag.default_as_str if flag.default_as_str not in (None, "''", '""') else ""
+      lines.append(f"  --{name}{'=' + default.strip(chr(39)) if default else ''}  {flag.help}")
+    lines.append("")
+  lines.append("--flagfile=FILE reads flags from a file (configs/*.flags); flags after it win. "
+               "Every hyper-parameter: --helpfull. TensorFlow's own log lines: --verbosity=1.")
+  return "\n".join(lines)
+
+
 def cli_parser(prog: str):
   """An absl `flags_parser` for entry point `prog`: `parse_argv`, ending the program with one
-  line `prog: message` (no traceback) on a flag error."""
+  line `prog: message` (no traceback) on a flag error, then `quiet_tensorflow()`."""
 
   def parse(argv: List[str]) -> List[str]:
+    if any(a in _HELP_ARGS for a in argv[1:]):
+      main = sys.modules.get("__main__")
+      print(tool_help(prog, getattr(main, "__doc__", "") or ""))
+      sys.exit(0)
     try:
-      return parse_argv(argv)
+      rest = parse_argv(argv)
     except config_lib.ConfigError as e:
       sys.exit(f"{prog}: {e}")
+    quiet_tensorflow(FLAGS.verbosity)
+    return rest
 
   return parse
+
+
+def quiet_tensorflow(verbosity: int) -> None:
+  """Hides TensorFlow's own log lines unless `--verbosity >= 1` (call before importing it).
+
+  On a healthy CPU run TensorFlow prints dozens of C++ lines, some at error level ("failed call
+  to cuInit" without a GPU, oneDNN notes), and Python deprecation warnings; a real failure still
+  reaches the user as an exception, which every tool turns into one line. A
+  `TF_CPP_MIN_LOG_LEVEL` set by the user wins.
+  """
+  verbose = verbosity >= 1
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+  if verbose or "tensorflow" in sys.modules:
+    return
+  warnings.filterwarnings("ignore", module=r"(tensorflow|keras)(\.|$)")
+  # TensorFlow's C++ side prints a few lines while it loads, before TF_CPP_MIN_LOG_LEVEL is read;
+  # importing it with stderr pointed at /dev/null hides them (a failed import still raises).
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)  # after the import, which resets it
 
 
 def _flag_name(arg: str) -> str:

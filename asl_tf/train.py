@@ -5,6 +5,7 @@ Generates the demo data when `--demo_dir` is set, trains under the strategy the 
 Problems with the flags, the data or the run folder end the program with one line on stderr.
 """
 
+import os
 import re
 import sys
 
@@ -52,6 +53,13 @@ def main(argv):
     sys.exit(f"asl_tf.train: {message}")
   if result.metrics:
     print(inference.format_metrics_table(result.metrics))
+  run = os.path.abspath(result.output_dir)
+  print(f"\nrun folder: {run} (config.json, checkpoints/, logs/ for TensorBoard, eval/)\n"
+        "next:\n"
+        f"  python -m asl_tf.evaluate --checkpoint={run}\n"
+        f"  python -m asl_tf.visualize --checkpoint={run}\n"
+        f"  python -m asl_tf.export --checkpoint={run} --export_dir=export/models/asl\n"
+        f"  tensorboard --logdir={run}/logs")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
   Gaussians and their product (the final weight of the localization loss).
 * `load_results_for_video`: one video of an ActivityNet results JSON as arrays.
 
-matplotlib is optional (`pip install asl_tf[plot]`); it is imported lazily and drawn with the
+matplotlib is optional (`pip install matplotlib`, or the `plot` extra); it is imported lazily and drawn with the
 Agg canvas directly, so the global pyplot backend of the caller is untouched. Only NumPy is
 needed otherwise (no TensorFlow import).
 """
@@ -93,8 +93,8 @@ def _matplotlib() -> _Mpl:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
   except ImportError as e:
-    raise ImportError("asl_tf.visualization needs matplotlib, the optional `plot` extra: "
-                      "pip install asl_tf[plot]") from e
+    raise ImportError("asl_tf.visualization needs matplotlib: pip install matplotlib (in a "
+                      "clone, pip install -e '.[plot]' installs it with asl_tf)") from e
   return _Mpl(Figure, FigureCanvasAgg, Patch, Rectangle, Line2D)
 
 

@@ -242,3 +242,25 @@ def test_a_video_with_both_npy_and_npz_is_named(tmp_path):
   with pytest.raises(infer.InferError, match=r"video 'vid' has two feature files, .*vid.npy and "
                                             r".*vid.npz"):
     infer.list_feature_files(str(tmp_path))
+
+
+def test_a_run_folder_works_from_any_working_directory(run_dir, tmp_path, monkeypatch):
+  """Flags given relative to where training started are stored absolute in config.json, so
+  evaluate / infer find the data from elsewhere (they used to fail after loading the model)."""
+  monkeypatch.chdir(run_dir["root"])
+  asl_flags.FLAGS.unparse_flags()
+  asl_flags.parse_argv(["prog"] + TINY_FLAGS + [
+      "--annotation_file=data/annotations.json", "--feature_dir=data/features",
+      "--output_dir=relative_run"])
+  config = asl_flags.build_config()
+  assert os.path.isabs(config.data.annotation_file) and os.path.isabs(config.data.feature_dir[0])
+  run = tmp_path / "moved_run"
+  shutil.copytree(run_dir["run"], run, ignore=shutil.ignore_patterns("eval", "infer"))
+  config.save(str(run / "config.json"))
+  monkeypatch.chdir(tmp_path)
+  _run(evaluate.main, [f"--checkpoint={run}"])
+  assert (run / "eval" / "metrics.json").exists()
+  video = sorted(os.listdir(os.path.join(run_dir["data"], "features")))[0]
+  _run(infer.main, [f"--checkpoint={run}",
+                    f"--features_path={os.path.join(run_dir['data'], 'features', video)}"])
+  assert (run / "infer" / "detections.json").exists()

@@ -133,3 +133,16 @@ def test_entry_points_end_with_one_line_on_a_bad_flag():
     asl_flags.cli_parser("asl_tf.evaluate")(["prog", "--checkpont=runs/x"])
   assert str(e.value).startswith("asl_tf.evaluate: Unknown command line flag 'checkpont'")
   assert "checkpoint" in str(e.value)
+
+
+@pytest.mark.parametrize("tool", sorted(asl_flags.TOOL_FLAGS))
+def test_each_tools_help_lists_its_own_flags_and_exits_0(tool, capsys):
+  with pytest.raises(SystemExit) as e:
+    asl_flags.cli_parser(tool)(["prog", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  listed = {line.split()[0].split("=")[0] for line in out.splitlines()
+            if line.startswith("  --")}
+  want = {f"--{n}" for names in asl_flags.TOOL_FLAGS[tool].values() for n in names}
+  assert listed == want and len(out.splitlines()) <= 70
+  assert "--helpfull" in out

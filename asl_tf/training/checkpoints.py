@@ -244,7 +244,7 @@ def check_resume_config(output_dir: str, config: config_lib.Config) -> None:
   path = os.path.join(output_dir, CONFIG_FILE)
   if not os.path.exists(path):
     return
-  saved = config_lib.Config.load(path)
+  saved = config_lib.absolute_paths(config_lib.Config.load(path))  # older runs stored them relative
   diffs = config_differences(saved, config)
   if diffs:
     raise CheckpointError(

@@ -114,6 +114,7 @@ class Trainer:
       raise
 
   def _setup(self, config: config_lib.Config) -> None:
+    self._traced = False  # the first training step of this process traces the graph
     check_run_folder(config)
     if self.chief:
       ckpt_lib.remove_leftover_writes(self.output_dir)
@@ -135,6 +136,9 @@ class Trainer:
           f"{config.data.annotation_file} cannot fill one global batch of {self.global_batch} "
           f"(--batch_size={config.train.batch_size} x {self.replicas} replicas)")
 
+    if self.chief:
+      print(f"building the model ({config.model.num_levels} levels, dims {config.model.embd_dim})"
+            " and the optimizer", flush=True)
     with self.strategy.scope():
       self.model = detector_lib.ASLDetector(config.model, loss_config=config.loss,
                                             eval_config=config.eval,
@@ -257,14 +261,17 @@ class Trainer:
   def _train_one_epoch(self, iterator, epoch: int, total_epochs: int, writer,
                        profiler) -> Dict[str, float]:
     cfg = self.config
-    bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["lr", "num_pos"],
-                              verbose=1 if self.chief else 0)
     if self.chief:
       print(f"epoch {epoch + 1}/{total_epochs}", flush=True)
+    bar = None  # made after the first step of the run, which traces: its ETA starts true
     sums: Dict[str, float] = {}
     epoch_tensor = tf.constant(epoch, tf.int64)
     t_epoch = time.perf_counter()
+    timed_from, t_timed = 0, t_epoch
     for i in range(self.steps_per_epoch):
+      if not self._traced and self.chief:
+        print("tracing the training step: the first step builds the graph (about a minute on "
+              "a CPU; progress and ETA follow)", flush=True)
       step = self._global_step() + 1  # 1-based number of the update about to run
       lr = self._learning_rate()  # the rate this update uses
       profiler.before(step)
@@ -282,8 +289,20 @@ class Trainer:
             "from that checkpoint).")
       for k, v in logs.items():
         sums[k] = sums.get(k, 0.0) + v
+      if not self._traced:
+        self._traced = True
+        timed_from, t_timed = i + 1, time.perf_counter()
+        if self.chief:
+          print(f"first step done in {elapsed:.0f} s (tracing); the ETA counts from here",
+                flush=True)
+      if bar is None:
+        bar = keras.utils.Progbar(self.steps_per_epoch,
+                                  stateful_metrics=["lr", "num_pos", "steps/s"],
+                                  verbose=1 if self.chief else 0)
+      rate = (i + 1 - timed_from) / max(time.perf_counter() - t_timed, 1e-9)
       bar.update(i + 1, values=[(k, v) for k, v in logs.items() if k != "num_pos"]
-                 + [("lr", lr), ("num_pos", logs.get("num_pos", 0.0))])
+                 + [("lr", lr), ("num_pos", logs.get("num_pos", 0.0))]
+                 + ([("steps/s", rate)] if i + 1 > timed_from else []))
       if step % max(1, cfg.train.log_every) == 0 or i + 1 == self.steps_per_epoch:
         writer.scalars(step, {**{f"train/{k}": v for k, v in logs.items()},
                               "train/learning_rate": lr,

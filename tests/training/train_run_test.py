@@ -57,7 +57,14 @@ def test_kill_and_resume_equals_uninterrupted_run_with_logs_and_profile(tiny_dat
   assert differing == ["best_metric/.ATTRIBUTES/VARIABLE_VALUE"]
   assert int(want["epoch/.ATTRIBUTES/VARIABLE_VALUE"]) == 3
   with open(tmp_path / "resumed.log") as f:
-    assert "starting at epoch 2" in f.read()
+    log = f.read()
+  # What a person sees: the resumed run's first step traces, said before it starts; the ETA
+  # starts after it; the run folder and the next commands close the output; no TensorFlow line.
+  assert "starting at epoch 2" in log
+  assert log.index("building the model") < log.index("tracing the training step") < log.index(
+      "first step done in") < log.index("steps/s")
+  assert f"run folder: {killed}" in log and f"--checkpoint={killed}" in log
+  assert "cudart_stub" not in log and "port.cc" not in log
 
   scalars, images = _scalars(os.path.join(full, "logs"))
   for tag in ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "total_loss",
