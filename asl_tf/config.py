@@ -449,6 +449,10 @@ def validate(config: Config) -> Config:
         f"--max_seq_len={model.max_seq_len} is not divisible by {model.max_div_factor} "
         f"(max over levels of stride x 2 x (window // 2)); use a multiple such as "
         f"{math.ceil(model.max_seq_len / model.max_div_factor) * model.max_div_factor}")
+  if 0 < config.export.max_frames < model.max_seq_len:
+    problems.append(f"--max_frames={config.export.max_frames} is below --max_seq_len="
+                    f"{model.max_seq_len}: the export's warm-up (and any video of training "
+                    "length) would be refused")
   if model.embd_dim % model.n_head:
     problems.append(f"--embd_dim={model.embd_dim} is not divisible by --n_head={model.n_head}")
   if model.stream_dims:
@@ -613,8 +617,9 @@ def _pairs(values: Sequence[float], name: str) -> Tuple[Tuple[float, float], ...
   return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
 
 
-def from_flags(flags) -> Config:
-  """Builds and validates a Config from parsed absl flags (see asl_tf/flags.py)."""
+def from_flags(flags, check: bool = True) -> Config:
+  """Builds a Config from parsed absl flags (see asl_tf/flags.py); validates it unless `check`
+  is false (a tool that merges the flags into a checkpoint's config validates the merge)."""
   f = flags
   crop = _floats(f.crop_ratio, "crop_ratio")
   if crop and len(crop) != 2:
@@ -728,5 +733,5 @@ def from_flags(flags) -> Config:
   )
   export = ExportConfig(checkpoint=f.checkpoint, export_dir=f.export_dir, version=f.version,
                         max_frames=f.max_frames)
-  return absolute_paths(validate(Config(data=data, model=model, loss=loss, train=train, eval=ev,
-                                        export=export)))
+  config = Config(data=data, model=model, loss=loss, train=train, eval=ev, export=export)
+  return absolute_paths(validate(config) if check else config)

@@ -24,7 +24,7 @@ def main(argv):
   from asl_tf.data import features  # pylint: disable=g-import-not-at-top
   from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    config = asl_flags.build_config()
+    config = asl_flags.build_config(check=asl_flags.FLAGFILE_GIVEN)
     checkpoint = config.export.checkpoint or config.train.output_dir
     if not asl_flags.FLAGFILE_GIVEN:
       config = asl_flags.overlay_command_line(inference.checkpoint_config(checkpoint, None))

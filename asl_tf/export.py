@@ -6,28 +6,19 @@
 Loads the checkpoint's EMA weights (the best checkpoint of a run folder, else its latest),
 takes the class names from the annotation file when it is readable (else `class_<i>`), and
 writes `<export_dir>/<version>/` (version 0 = the next free integer) with the signatures,
-assets and warm-up records described in `asl_tf/serving/module.py`. Without model or data flags
-the run's `config.json` is used as is; flags that are given are checked against it.
+assets and warm-up records described in `asl_tf/serving/module.py`. Without `--flagfile` the
+run's `config.json` is used, with the data / evaluation / export flags given on the command line
+applied (e.g. `--max_frames`) and model flags refused; with one, the flags' model is checked
+against the checkpoint's.
 """
 
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from absl import app
-from absl import flags
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
-
-# Flags that choose what to export and where, not how the model was built.
-_EXPORT_FLAGS = ("checkpoint", "export_dir", "version")
-
-
-def explicit_config_flags() -> List[str]:
-  """Names of the asl_tf flags given on the command line or in a flagfile, export flags aside."""
-  module_flags = flags.FLAGS.get_flags_for_module(asl_flags.__name__)
-  return sorted(f.name for f in module_flags if f.present and f.name not in _EXPORT_FLAGS)
-
 
 def export_checkpoint(checkpoint: str, export_dir: str, version: int = 0,
                       config: Optional[config_lib.Config] = None) -> str:
@@ -62,14 +53,17 @@ def usage_example(path: str, max_seq_len: int, input_dim: int) -> str:
 def main(argv):
   del argv
   try:
-    flag_config = asl_flags.build_config()
+    flag_config = asl_flags.build_config(check=asl_flags.FLAGFILE_GIVEN)
   except config_lib.ConfigError as e:
     sys.exit(f"asl_tf.export: {e}")
   from asl_tf.serving import module  # pylint: disable=g-import-not-at-top
   from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from asl_tf import inference  # pylint: disable=g-import-not-at-top
   export = flag_config.export
-  config = flag_config if explicit_config_flags() else None
   try:
+    config = flag_config
+    if not asl_flags.FLAGFILE_GIVEN:
+      config = asl_flags.overlay_command_line(inference.checkpoint_config(export.checkpoint, None))
     path = export_checkpoint(export.checkpoint, export.export_dir, export.version, config)
   except (config_lib.ConfigError, checkpoints.CheckpointError, module.ExportError) as e:
     sys.exit(f"asl_tf.export: {e}")

@@ -9,19 +9,35 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any
+
+
+def _mode_for(path: str) -> int:
+  """The existing file's permission bits, else what `open(path, "w")` would give."""
+  try:
+    return stat.S_IMODE(os.stat(path).st_mode)
+  except FileNotFoundError:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str, text: str) -> None:
   """Replaces `path` with `text` (UTF-8) atomically; creates no folders.
 
+  The new file keeps the old one's permissions (or the umask's for a new file); a symbolic link
+  keeps pointing at its target, which is the file replaced.
+
   Raises:
     OSError: the folder is missing or not writable, or the disk is full; `path` is unchanged.
   """
-  folder = os.path.dirname(os.path.abspath(path))
+  path = os.path.realpath(path)
+  folder = os.path.dirname(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
   try:
+    os.fchmod(fd, _mode_for(path))
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
       f.write(text)
       f.flush()

@@ -215,8 +215,8 @@ def parse_argv(argv: List[str]) -> List[str]:
   """
   global FLAGFILE_GIVEN, COMMAND_LINE_FLAGS
   FLAGFILE_GIVEN = any(a.startswith("--flagfile=") for a in argv)
-  COMMAND_LINE_FLAGS = frozenset(_flag_name(a) for a in argv[1:] if a.startswith("--")
-                                 and not a.startswith("--flagfile=")) - {""}
+  COMMAND_LINE_FLAGS = frozenset(_flag_name(a) for a in argv[1:] if a.startswith("-")
+                                 and not a.lstrip("-").startswith("flagfile=")) - {""}
   try:
     return FLAGS(expand_flagfiles(list(argv)))
   except flags.Error as e:
@@ -322,7 +322,7 @@ def quiet_tensorflow(verbosity: int) -> None:
 
 
 def _flag_name(arg: str) -> str:
-  name = arg[2:].split("=", 1)[0]
+  name = arg.lstrip("-").split("=", 1)[0]
   if "=" not in arg and name.startswith("no") and name not in FLAGS and name[2:] in FLAGS:
     return name[2:]  # --noflag
   return name
@@ -342,14 +342,15 @@ _EVALUATION_SECTIONS = ("data", "eval", "export")
 def overlay_command_line(saved: config_lib.Config) -> config_lib.Config:
   """A checkpoint's saved config with the flags given on the command line applied.
 
-  Data, evaluation and export flags replace the saved values. A model, loss or training flag
-  cannot change a trained model: given with another value than the checkpoint's, it is an error
-  naming it (`--output_dir` is exempt: tools read it as where to write).
+  Data, evaluation and export flags replace the saved values. A model or loss flag cannot change
+  a trained model, and a training flag does not apply after training: given with another value
+  than the checkpoint's, either is an error naming it (`--output_dir` is exempt: tools read it as
+  where to write).
 
   Raises:
     config_lib.ConfigError: naming every such flag.
   """
-  given = build_config()
+  given = build_config(check=False)  # defaults of flags not given never meet the checks
   sections, refused = {}, []
   for section in dataclasses.fields(saved):
     old, new = getattr(saved, section.name), getattr(given, section.name)
@@ -362,16 +363,18 @@ def overlay_command_line(saved: config_lib.Config) -> config_lib.Config:
       if section.name in _EVALUATION_SECTIONS:
         changes[field.name] = value
       elif value != getattr(old, field.name):
-        refused.append(f"--{flag}={value!r} (the checkpoint was trained with "
+        why = ("a training flag, unused after training" if section.name == "train" else
+               "would change the trained model")
+        refused.append(f"--{flag}={value!r} ({why}; the checkpoint was trained with "
                        f"{getattr(old, field.name)!r})")
     sections[section.name] = dataclasses.replace(old, **changes)
   if refused:
     raise config_lib.ConfigError(
-        "these flags would change the trained model, which evaluation cannot do: "
-        + "; ".join(refused) + ". Drop them, or pass the run's --flagfile")
+        "these flags cannot apply to a trained checkpoint: " + "; ".join(refused)
+        + ". Drop them, or pass the run's --flagfile")
   return config_lib.validate(config_lib.Config(**sections))
 
 
-def build_config() -> config_lib.Config:
-  """The Config of the parsed flags (call after parsing)."""
-  return config_lib.from_flags(FLAGS)
+def build_config(check: bool = True) -> config_lib.Config:
+  """The Config of the parsed flags (call after parsing); validated unless `check` is false."""
+  return config_lib.from_flags(FLAGS, check)

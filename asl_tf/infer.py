@@ -61,10 +61,14 @@ def read_features(path: str, input_dim: int, npz_key: str) -> np.ndarray:
 
 def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],
                    fps: float) -> Tuple[Dict[str, Dict[str, np.ndarray]], List[str]]:
-  """Detections of every video with a checkpoint's detector; returns (per_video, class_names)."""
+  """Detections of every video with a checkpoint's detector; returns (per_video, class_names).
+
+  `config` is the flags' config (with `--flagfile`) or the run's config.json with the given
+  flags applied (`flags.overlay_command_line`): its model is checked against the checkpoint's,
+  its data section gives the timebase.
+  """
   from asl_tf import inference  # pylint: disable=g-import-not-at-top
-  model, config = inference.load_model(config.export.checkpoint,
-                                       config if asl_flags.FLAGFILE_GIVEN else None)
+  model, config = inference.load_model(config.export.checkpoint, config)
   detect = inference.detect_function(model)
   data = config.data
   per_video = {}
@@ -92,10 +96,18 @@ def run_saved_model(saved_model: str, config: config_lib.Config,
     class_names = [line.rstrip("\n") for line in f if line.strip()]
   loaded = tf.saved_model.load(saved_model)
   serve = loaded.signatures["serving_default"]
+  max_frames = int(info.get("max_frames", 0))
   per_video = {}
   for video_id, path in videos:
     x = read_features(path, int(info["input_dim"]), config.data.npz_key)
-    out = serve(features=tf.constant(x[None]), lengths=tf.constant([x.shape[0]], tf.int32))
+    if max_frames and x.shape[0] > max_frames:
+      raise InferError(f"{path}: {x.shape[0]} features, but {saved_model} serves at most "
+                       f"{max_frames} (its export's --max_frames); re-export with a larger "
+                       "--max_frames or run the checkpoint (--checkpoint)")
+    try:
+      out = serve(features=tf.constant(x[None]), lengths=tf.constant([x.shape[0]], tf.int32))
+    except tf.errors.InvalidArgumentError as e:
+      raise InferError(f"{path}: the SavedModel refused it: {e.message.splitlines()[0]}") from None
     n = int(out["num_detections"][0])
     per_video[video_id] = {k: out[k].numpy()[0, :n] for k in ("segments_sec", "scores",
                                                               "labels")}
@@ -166,7 +178,7 @@ def main(argv):
   f = asl_flags.FLAGS
   from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    config = asl_flags.build_config()
+    config = asl_flags.build_config(check=asl_flags.FLAGFILE_GIVEN)
     if not f.saved_model and not config.export.checkpoint:
       raise InferError("pass --checkpoint (a checkpoint or training output_dir) or "
                        "--saved_model")
@@ -175,6 +187,10 @@ def main(argv):
     if f.saved_model:
       per_video, class_names = run_saved_model(f.saved_model, config, videos)
     else:
+      if not asl_flags.FLAGFILE_GIVEN:  # the run's config.json with the given flags applied
+        from asl_tf import inference  # pylint: disable=g-import-not-at-top
+        config = asl_flags.overlay_command_line(
+            inference.checkpoint_config(config.export.checkpoint, None))
       fps = f.fps or config.data.fps_override or config.data.default_fps
       per_video, class_names = run_checkpoint(config, videos, fps)
     from asl_tf import evaluation  # pylint: disable=g-import-not-at-top

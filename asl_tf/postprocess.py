@@ -404,19 +404,30 @@ def load_video_scores(path: str) -> VideoScores:
         data = _ScoreUnpickler(f, path).load()
   except OSError as e:
     raise ValueError(f"{where}: cannot read it ({e.strerror})") from None
-  except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{where}: not a valid {ext[1:].upper()} score file ({e})") from None
+  except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError,
+          RecursionError, MemoryError, OverflowError) as e:
+    if isinstance(e, ValueError) and str(e).startswith(where):
+      raise  # the unpickler's own refusal
+    raise ValueError(f"{where}: not a valid {ext[1:].upper()} score file "
+                     f"({type(e).__name__}: {str(e)[:200]})") from None
   if not isinstance(data, dict) or not isinstance(data.get("results", data), dict):
     raise ValueError(f"{where}: expected {{video_id: [scores]}} or a CUHK {{\"results\": ...}} "
                      "object")
   results = data.get("results", data)
-  names = tuple(data.get("class", ())) if "results" in data else ()
+  names = data.get("class", ()) if "results" in data else ()
+  if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+    raise ValueError(f"{where}: 'class' must be a list of class names")
+  names = tuple(names)
   scores = {}
   for k, v in results.items():
     try:
-      scores[str(k)] = np.asarray(v, np.float64).reshape(-1)
-    except (TypeError, ValueError):
-      raise ValueError(f"{where}: video {k!s}: scores are not a list of numbers") from None
+      row = np.asarray(v, np.float64)
+    except (TypeError, ValueError, OverflowError):
+      row = None
+    if row is None or row.ndim != 1 or not np.isfinite(row).all() or (row < 0).any():
+      raise ValueError(f"{where}: video {k!s}: scores must be a flat list of finite numbers "
+                       ">= 0 (one per class)")
+    scores[str(k)] = row
   widths = {v.shape[0] for v in scores.values()}
   if len(widths) > 1:
     raise ValueError(f"{where}: videos have different numbers of class scores {sorted(widths)}")

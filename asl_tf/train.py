@@ -37,8 +37,14 @@ def main(argv):
   from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   from asl_tf.training import loop  # pylint: disable=g-import-not-at-top
   from asl_tf.training import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from asl_tf import postprocess  # pylint: disable=g-import-not-at-top
   expected = (config_lib.ConfigError, annotations.AnnotationError, features.FeatureError,
               pipeline.PipelineError, checkpoints.CheckpointError, loop.NonFiniteLossError)
+  if config.eval.ext_score_file:  # read at the first evaluation: check it before training
+    try:
+      postprocess.load_video_scores(config.eval.ext_score_file)
+    except ValueError as e:
+      sys.exit(f"asl_tf.train: {e}")
   try:
     strategy = strategy_lib.make_strategy(config.train.num_cpu_devices)
     result = loop.train(config, evaluate_fn=inference.evaluate_model, strategy=strategy)

@@ -234,6 +234,7 @@ def summarize(runs: List[dict]) -> Dict[str, dict]:
     # `paused_sec`: time the run was stopped (SIGSTOP) for other measurements, if recorded.
     walls = [r["wall_sec"] - r.get("paused_sec", 0.0) for r in ok]
     row = {"n": len(ok), "seeds": [r["seed"] for r in ok],
+           "per_seed_average_mAP": [round(100.0 * r["average_mAP"], 2) for r in ok],
            "mean_wall_sec": round(float(np.mean(walls)), 1)}
     for key in ("average_mAP", "mAP_at_0_5"):
       vals = 100.0 * np.asarray([r[key] for r in ok if r[key] is not None])
@@ -246,12 +247,13 @@ def summarize(runs: List[dict]) -> Dict[str, dict]:
 def markdown_table(summary: Dict[str, dict], title: str = "") -> str:
   """The per-variant table (mean +- std over seeds, percent)."""
   lines = [f"**{title}**", ""] if title else []
-  lines += ["| variant | seeds | average mAP (%) | mAP@0.5 (%) | time / run (s) |",
-            "|---|---|---|---|---|"]
+  lines += ["| variant | seeds | average mAP (%) | mAP@0.5 (%) | per seed (average mAP) | "
+            "time / run (s) |", "|---|---|---|---|---|---|"]
   for variant, row in summary.items():
+    per_seed = " / ".join(f"{v:.2f}" for v in row.get("per_seed_average_mAP", []))
     lines.append(f"| {variant} | {row['n']} | {row['average_mAP_mean']:.2f} +- "
                  f"{row['average_mAP_std']:.2f} | {row['mAP_at_0_5_mean']:.2f} +- "
-                 f"{row['mAP_at_0_5_std']:.2f} | {row['mean_wall_sec']:.0f} |")
+                 f"{row['mAP_at_0_5_std']:.2f} | {per_seed} | {row['mean_wall_sec']:.0f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -266,6 +268,8 @@ def main():
   parser.add_argument("--runs_dir", default="", help="default runs/ablation/<dataset>")
   parser.add_argument("--output", default="", help="default benchmarks/results/ablation_<dataset>"
                       ".json (a .md beside it)")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the JSON / Markdown from the finished runs, train nothing")
   args = parser.parse_args()
   variants = [v for v in args.variants.split(",") if v]
   unknown = sorted(set(variants) - set(VARIANTS))
@@ -277,32 +281,38 @@ def main():
                                                           args.dataset))
   output = args.output or os.path.join(_REPO_ROOT, "benchmarks", "results",
                                        f"ablation_{args.dataset}.json")
-  if args.dataset in GENERATED:
-    module, name = GENERATED[args.dataset]
-    generator = importlib.import_module(module)
-    out = os.path.join(_REPO_ROOT, "runs", f"sensitivity_{name}" if name else module)
-    print(generator.generate(name, out) if name else generator.generate(out), flush=True)
-  code = snapshot_code(os.path.join(runs_dir, "code_" + code_digest()))
-  flagfile = os.path.join(code["root"], DATASETS[args.dataset])
+  code = {"report_only": True}
+  if not args.report_only:
+    if args.dataset in GENERATED:
+      module, name = GENERATED[args.dataset]
+      generator = importlib.import_module(module)
+      out = os.path.join(_REPO_ROOT, "runs", f"sensitivity_{name}" if name else module)
+      print(generator.generate(name, out) if name else generator.generate(out), flush=True)
+    code = snapshot_code(os.path.join(runs_dir, "code_" + code_digest()))
+  flagfile = os.path.join(code.get("root", ""), DATASETS[args.dataset])
+
+  def report():
+    # Every finished run under runs_dir, so grids run side by side (e.g. one per core under
+    # taskset) each write the whole table.
+    runs = collect_runs(runs_dir)
+    result = {"benchmark": "ablation", "dataset": args.dataset,
+              "flagfile": DATASETS[args.dataset], "extra_flags": extra,
+              "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})},
+              "summary": summarize(runs), "runs": runs, "code": code,
+              "machine": common.machine_info()}
+    title = f"{args.dataset} ({DATASETS[args.dataset]} {' '.join(extra)})".replace(" )", ")")
+    _write_atomic(output, json.dumps(result, indent=1, default=common.json_default))
+    _write_atomic(os.path.splitext(output)[0] + ".md", markdown_table(result["summary"], title))
+
   # Seed-major order: an interrupted grid still covers every variant.
-  for seed in seeds:
+  for seed in seeds if not args.report_only else ():
     for variant in variants:
       record = run_one(flagfile, variant, seed,
                        os.path.join(runs_dir, variant.lstrip("+"), f"seed{seed}"), extra,
                        code["root"])
       print(json.dumps(record), flush=True)
-      # Every finished run under runs_dir, so grids run side by side (e.g. one per core under
-      # taskset) each write the whole table.
-      runs = collect_runs(runs_dir)
-      result = {"benchmark": "ablation", "dataset": args.dataset,
-                "flagfile": DATASETS[args.dataset], "extra_flags": extra,
-                "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})},
-                "summary": summarize(runs), "runs": runs, "code": code,
-                "machine": common.machine_info()}
-      title = f"{args.dataset} ({DATASETS[args.dataset]} {' '.join(extra)})".replace(" )", ")")
-      _write_atomic(output, json.dumps(result, indent=1, default=common.json_default))
-      _write_atomic(os.path.splitext(output)[0] + ".md",
-                    markdown_table(result["summary"], title))
+      report()
+  report()
   print(markdown_table(summarize(collect_runs(runs_dir))))
 
 

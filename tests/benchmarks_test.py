@@ -58,7 +58,7 @@ def test_ablation_summary_mean_std_and_table():
   assert row["average_mAP_std"] == pytest.approx(np.std([50.0, 52.0], ddof=1), abs=0.01)
   assert summary["asl_all"]["mAP_at_0_5_std"] == 0.0
   table = ablation.markdown_table(summary, "demo")
-  assert "| actionformer | 2 | 51.00 +- 1.41 | 61.00 +- 1.41 | 10 |" in table
+  assert "| actionformer | 2 | 51.00 +- 1.41 | 61.00 +- 1.41 | 50.00 / 52.00 | 10 |" in table
 
 
 def test_ablation_reuses_finished_runs(tmp_path):

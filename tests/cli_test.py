@@ -1,6 +1,7 @@
 """The evaluate / infer / visualize entry points on a tiny checkpoint (random weights)."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -127,7 +128,8 @@ def test_evaluate_without_flagfile_applies_or_refuses_every_given_flag(run_dir, 
     assert json.load(f)["tiou_thresholds"] == [0.5]
   with open(os.path.join(copy, "eval", "detections.json")) as f:
     assert max(len(d) for d in json.load(f)["results"].values()) <= 5
-  with pytest.raises(SystemExit, match=r"--embd_dim=32 \(the checkpoint was trained with 16\)"):
+  with pytest.raises(SystemExit, match=r"--embd_dim=32 \(would change the trained model; the "
+                                       r"checkpoint was trained with 16\)"):
     _run(evaluate.main, [f"--checkpoint={copy}", "--embd_dim=32"])
 
 
@@ -264,3 +266,27 @@ def test_a_run_folder_works_from_any_working_directory(run_dir, tmp_path, monkey
   _run(infer.main, [f"--checkpoint={run}",
                     f"--features_path={os.path.join(run_dir['data'], 'features', video)}"])
   assert (run / "infer" / "detections.json").exists()
+
+
+def test_infer_without_flagfile_uses_the_runs_timebase_and_single_dash_flags_apply(run_dir,
+                                                                                  tmp_path):
+  """A run trained at 15 fps: infer without --flagfile used the flag default (30), halving every
+  time; `-tiou_thresholds` (one dash) was parsed by absl but not applied by evaluate."""
+  video = sorted(os.listdir(os.path.join(run_dir["data"], "features")))[0]
+  feats = os.path.join(run_dir["data"], "features", video)
+  seconds = {}
+  for fps in (30.0, 15.0):
+    copy = tmp_path / f"run_{int(fps)}"
+    shutil.copytree(run_dir["run"], copy, ignore=shutil.ignore_patterns("eval", "infer"))
+    config = config_lib.Config.load(str(copy / "config.json"))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, fps_override=fps))
+    config.save(str(copy / "config.json"))
+    out = tmp_path / f"det_{int(fps)}.json"
+    _run(infer.main, [f"--checkpoint={copy}", f"--features_path={feats}",
+                      f"--results_file={out}"])
+    dets = json.loads(out.read_text())["results"][os.path.splitext(video)[0]]
+    seconds[fps] = np.array([d["segment"] for d in dets])
+  assert len(seconds[30.0]) and seconds[15.0].max() > seconds[30.0].max() * 1.5
+  _run(evaluate.main, [f"--checkpoint={tmp_path / 'run_15'}", "-tiou_thresholds=0.5"])
+  with open(tmp_path / "run_15" / "eval" / "metrics.json") as f:
+    assert json.load(f)["tiou_thresholds"] == [0.5]

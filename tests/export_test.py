@@ -122,10 +122,22 @@ def test_flags_contradicting_the_checkpoint_are_one_clear_error(run_dir, tmp_pat
   with pytest.raises(SystemExit) as exit_info:
     export_main.main([])
   message = str(exit_info.value.code)
-  assert message.startswith("asl_tf.export: the flags do not match the checkpoint's")
-  assert "model.embd_dim: 16 (checkpoint) vs 32 (flags)" in message
-  assert "model.n_head" not in message  # only the fields that differ
+  assert message.startswith("asl_tf.export: these flags cannot apply to a trained checkpoint")
+  assert "--embd_dim=32 (would change the trained model; the checkpoint was trained with 16)" \
+      in message
+  assert "--n_head" not in message  # only the fields that differ
   assert not os.listdir(tmp_path)
+
+
+def test_an_export_flag_alone_keeps_the_runs_timebase(run_dir, tmp_path, parsed_flags):
+  """--max_frames without a flagfile applies on top of config.json; it used to switch the whole
+  config to the flag defaults (feat_stride 16 instead of the run's 4: segments 4x too long)."""
+  export_dir = str(tmp_path / "asl")
+  parsed_flags(f"--checkpoint={run_dir}", f"--export_dir={export_dir}", "--max_frames=100")
+  export_main.main([])
+  with open(os.path.join(export_dir, "1", "assets", "timebase.json")) as f:
+    timebase = json.load(f)
+  assert timebase["max_frames"] == 100 and timebase["feat_stride"] == 4.0
 
 
 def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):

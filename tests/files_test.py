@@ -39,3 +39,23 @@ def test_results_json_survives_a_full_disk(tmp_path, monkeypatch):
     evaluation.write_results_json(str(path), dets, ["jump"])
   assert path.read_text() == before and json.loads(before)["results"]["v"][0]["label"] == "run"
   assert sorted(os.listdir(tmp_path)) == ["detections.json"]
+
+
+def test_permissions_and_symlinks_survive_a_rewrite(tmp_path):
+  """mkstemp makes 0600 files: the rewrite keeps 0664 of the old file, the umask's mode for a
+  new one, and writes through a symbolic link instead of replacing it."""
+  old = tmp_path / "config.json"
+  old.write_text("{}")
+  os.chmod(old, 0o664)
+  files.write_json_atomic(str(old), {"a": 1})
+  assert oct(os.stat(old).st_mode & 0o777) == oct(0o664)
+  umask = os.umask(0o022)
+  try:
+    files.write_json_atomic(str(tmp_path / "new.json"), {})
+  finally:
+    os.umask(umask)
+  assert oct(os.stat(tmp_path / "new.json").st_mode & 0o777) == oct(0o644)
+  link = tmp_path / "latest.json"
+  link.symlink_to(old)
+  files.write_json_atomic(str(link), {"b": 2})
+  assert link.is_symlink() and json.loads(old.read_text()) == {"b": 2}

@@ -419,7 +419,7 @@ def test_pickled_numpy_score_file_still_loads(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (b"{not json", "not a valid JSON score file"),
     (b"[1, 2]", "expected"),
-    (b'{"v": ["a", "b"]}', "video v: scores are not a list of numbers"),
+    (b'{"v": ["a", "b"]}', "video v: scores must be a flat list of finite numbers"),
 ])
 def test_bad_score_files_name_the_file(tmp_path, content, message):
   path = tmp_path / "cls.json"

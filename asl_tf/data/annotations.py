@@ -210,7 +210,9 @@ def load_annotations(path: str,
     AnnotationError: see module docstring.
   """
   database, fmt, taxonomy = _read_database(path, annotation_format)
-  name_to_id = _label_map(path, database, fmt, taxonomy, label_map_file)
+  # Class-agnostic (num_classes 1): every label is 0, so the file's ids do not matter.
+  name_to_id = (_label_map(path, database, fmt, taxonomy, label_map_file) if num_classes != 1
+                else {})
   _check_label_ids(path, database, name_to_id, num_classes)
   if num_classes == 1:
     class_names = ("action",)
@@ -249,8 +251,9 @@ def _read_database(path: str, annotation_format: str) -> Tuple[dict, str, Option
   try:
     with open(path) as f:
       data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise AnnotationError(f"{path}: not valid JSON ({e})") from None
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    # ValueError covers JSONDecodeError and integers longer than Python parses (4300 digits).
+    raise AnnotationError(f"{path}: not valid JSON ({str(e)[:200]})") from None
   if not isinstance(data, dict):
     raise AnnotationError(f"{path}: expected a JSON object at the top level, got "
                           f"{type(data).__name__}")

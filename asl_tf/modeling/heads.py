@@ -15,8 +15,12 @@ def prior_bias(prior_prob):
   return -math.log((1.0 - prior_prob) / prior_prob)
 
 
-class _ConvHead(keras.layers.Layer):
-  """(num_layers - 1) x [MaskedConv1D -> LayerNorm -> ReLU] -> MaskedConv1D, shared over levels."""
+class ConvHead(keras.layers.Layer):
+  """(num_layers - 1) x [MaskedConv1D -> LayerNorm -> ReLU] -> MaskedConv1D, shared over levels.
+
+  The base of the classification and regression heads and of ASL's instance evaluator;
+  subclasses set `kernel_size` and call `_levels`.
+  """
 
   def __init__(self, out_channels, head_dim, num_layers, kernel_size, with_ln,
                output_bias_initializer, **kwargs):
@@ -42,7 +46,7 @@ class _ConvHead(keras.layers.Layer):
         self.norms[i].build(shape)
     self.output_conv.build(shape)
 
-  def _levels(self, xs, masks):
+  def _levels(self, xs, masks, training=False):
     """Outputs of every level: list of [B, T_l, C] -> list of [B, T_l, out_channels].
 
     The levels run as one sequence, joined along time with `kernel_size // 2` zero frames between
@@ -69,7 +73,7 @@ class _ConvHead(keras.layers.Layer):
     for i, conv in enumerate(self.hidden):
       x, _ = conv(x, mask)
       if self.norms:
-        x = self.norms[i](x) * keep
+        x = self.norms[i](x, training=training) * keep
       x = tf.nn.relu(x)
     y, _ = self.output_conv(x, mask)
     parts = tf.split(y, sizes, axis=1)
@@ -77,7 +81,7 @@ class _ConvHead(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
-class ClassificationHead(_ConvHead):
+class ClassificationHead(ConvHead):
   """Per-level class logits; the output bias starts at the prior -log((1 - p) / p).
 
   Inputs: `level_features` list of [B, T_l, C], `level_masks` list of [B, T_l].
@@ -131,7 +135,7 @@ class ClassificationHead(_ConvHead):
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
-class RegressionHead(_ConvHead):
+class RegressionHead(ConvHead):
   """Per-level (left, right) distances in units of the level stride: conv, Scale_l, ReLU.
 
   Inputs: `level_features` list of [B, T_l, C], `level_masks` list of [B, T_l].

@@ -17,6 +17,7 @@ import math
 import keras
 import tensorflow as tf
 
+from asl_tf.modeling import heads
 from asl_tf.modeling import layers
 
 # Lower bound of sigma in the `stable` parametrization (sigma = softplus(rho) + floor). It keeps
@@ -161,12 +162,12 @@ def fixed_gaussians(x):
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
-class InstanceEvaluator(keras.layers.Layer):
+class InstanceEvaluator(heads.ConvHead):
   """Instance-level evaluator (ASL_SPEC 2.2, INFERRED), shared across pyramid levels.
 
-  num_layers x [MaskedConv1D(k) -> ChannelLayerNorm -> ReLU] -> MaskedConv1D(k, 2) -> sigmoid,
-  applied to stop-gradient neck features (zeroed at padding), so the evaluator learns only from
-  its own loss.
+  num_layers x [MaskedConv1D(k) -> ChannelLayerNorm -> ReLU] -> MaskedConv1D(k, 2) -> sigmoid
+  (the heads' `ConvHead`), applied to stop-gradient neck features (zeroed at padding), so the
+  evaluator learns only from its own loss.
 
   Inputs: `level_features` list of [B, T_l, C], `level_masks` list of bool [B, T_l].
   Outputs: q float32 [B, N, 2] = (q_cls, q_loc) in (0, 1), levels concatenated (N = sum T_l).
@@ -178,29 +179,16 @@ class InstanceEvaluator(keras.layers.Layer):
   """
 
   def __init__(self, hidden_dim, num_layers=2, kernel_size=3, **kwargs):
-    super().__init__(**kwargs)
+    super().__init__(2, hidden_dim, num_layers + 1, kernel_size, True, "zeros", **kwargs)
     self.hidden_dim = hidden_dim
     self.num_layers = num_layers
     self.kernel_size = kernel_size
-    self.convs = [layers.MaskedConv1D(hidden_dim, kernel_size, use_bias=False,
-                                      dtype=self.dtype_policy, name=f"conv_{i}")
-                  for i in range(num_layers)]
-    self.norms = [layers.ChannelLayerNorm(dtype=self.dtype_policy, name=f"norm_{i}")
-                  for i in range(num_layers)]
-    self.output_conv = layers.MaskedConv1D(2, kernel_size, dtype=self.dtype_policy,
-                                           name="output_conv")
 
   def call(self, level_features, level_masks, training=False):
-    outputs = []
-    for feat, mask in zip(level_features, level_masks):
-      mask = layers.as_bool_mask(mask)
-      x = tf.stop_gradient(feat) * tf.cast(mask, feat.dtype)[..., None]  # padding -> 0
-      for conv, norm in zip(self.convs, self.norms):
-        x, _ = conv(x, mask)
-        x = tf.nn.relu(norm(x, training=training))
-      x, _ = self.output_conv(x, mask)  # [B, T_l, 2]
-      outputs.append(tf.sigmoid(tf.cast(x, tf.float32)))
-    return tf.concat(outputs, axis=1)  # [B, N, 2]
+    xs = [tf.stop_gradient(f) * tf.cast(layers.as_bool_mask(m), f.dtype)[..., None]  # pad -> 0
+          for f, m in zip(level_features, level_masks)]
+    outputs = self._levels(xs, level_masks, training=training)  # [B, T_l, 2] each
+    return tf.concat([tf.sigmoid(tf.cast(y, tf.float32)) for y in outputs], axis=1)  # [B, N, 2]
 
   def get_config(self):
     config = super().get_config()

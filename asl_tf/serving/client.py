@@ -405,6 +405,21 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
 
 
+def _input_file_problem(fv: flags.FlagValues) -> str:
+  """What is wrong with the files the flags name, or ''."""
+  for flag in ("class_names", "tls_ca"):
+    path = getattr(fv, flag)
+    if path and not os.path.isfile(path):
+      return f"--{flag}={path} does not exist"
+  if fv.output_json:
+    folder = os.path.dirname(os.path.abspath(fv.output_json))
+    if os.path.isdir(fv.output_json):
+      return f"--output_json={fv.output_json} is a folder; name a .json file"
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+      return f"--output_json={fv.output_json}: folder {folder} does not exist or is not writable"
+  return ""
+
+
 def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
   """Runs the command line on parsed flags; returns the process exit code."""
   try:
@@ -418,12 +433,11 @@ def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
     print(f"asl_tf.serving.client: --lengths={','.join(fv.lengths)}: expected comma-separated "
           "integers (valid frames per video)", file=sys.stderr)
     return 2
-  if fv.output_json:
-    folder = os.path.dirname(os.path.abspath(fv.output_json))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-      print(f"asl_tf.serving.client: --output_json={fv.output_json}: folder {folder} does not "
-            "exist or is not writable (checked before sending the request)", file=sys.stderr)
-      return 2
+  problem = _input_file_problem(fv)
+  if problem:
+    print(f"asl_tf.serving.client: {problem} (checked before sending the request)",
+          file=sys.stderr)
+    return 2
   client = ASLServingClient(
       fv.server, model_name=fv.model, model_version=fv.model_version or None, rest=fv.rest,
       timeout_sec=fv.timeout_sec, tls_ca=fv.tls_ca, max_attempts=fv.max_attempts,

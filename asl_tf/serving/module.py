@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Dict, List, Sequence
 
@@ -59,23 +61,31 @@ class ExportError(RuntimeError):
 _STAGING_PREFIX = ".export-"
 
 
+def _staging_prefix(version: int) -> str:
+  """`.export-<version>-<pid>@<host>-`: whose staging folder it is."""
+  host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+  return f"{_STAGING_PREFIX}{version}-{os.getpid()}@{host}-"
+
+
 def remove_leftover_exports(export_dir: str) -> list:
-  """Removes staging folders (`.export-<version>-<pid>-*`) of exports whose process is gone
-  (killed mid-write); returns them. A live export's folder is left alone."""
+  """Removes staging folders of exports killed mid-write on this host (`.export-<version>-
+  <pid>@<host>-*` whose process is gone); returns them. Folders of live exports, of other hosts
+  (an export folder shared between machines or containers) and of other names are left alone."""
   removed = []
   if not os.path.isdir(export_dir):
     return removed
+  mine = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
   for name in os.listdir(export_dir):
-    parts = name[len(_STAGING_PREFIX):].split("-") if name.startswith(_STAGING_PREFIX) else []
-    if len(parts) < 3 or not parts[1].isdigit():
+    match = re.fullmatch(re.escape(_STAGING_PREFIX) + r"\d+-(\d{1,9})@([A-Za-z0-9_]+)-.*", name)
+    if not match or match.group(2) != mine:
       continue
     try:
-      os.kill(int(parts[1]), 0)
+      os.kill(int(match.group(1)), 0)
       continue  # that export is still running
     except ProcessLookupError:
       pass
-    except PermissionError:
-      continue  # alive, another user's
+    except OSError:
+      continue  # alive (another user's) or not ours to judge
     shutil.rmtree(os.path.join(export_dir, name), ignore_errors=True)
     removed.append(name)
   if removed:
@@ -318,8 +328,7 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
                     "video's own feat_stride / num_frames (segments_sec assumes %s)",
                     config.data.resize_length, timebase)
   remove_leftover_exports(export_dir)
-  staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{version}-{os.getpid()}-",
-                             dir=export_dir)
+  staging = tempfile.mkdtemp(prefix=_staging_prefix(version), dir=export_dir)
   try:
     asset_dir = os.path.join(staging, "asset_sources")
     os.makedirs(asset_dir)

@@ -172,8 +172,9 @@ def _served_max_frames(path: str) -> int:
 
 def check_tensor_size(key: str, proto, max_frames: int) -> None:
   """Refuses, before anything is allocated, a TensorProto with more frames (its second
-  dimension) than the model serves, or whose values are neither one (TF Serving repeats a single
-  value over the declared shape, as warm-up requests do) nor one per element.
+  dimension) than the model serves, larger than the largest message the server accepts, or
+  whose values are neither one (TF Serving repeats a single value over the declared shape, as
+  warm-up requests do) nor one per element.
 
   Without the frame limit an 82-byte request (one value, a huge declared shape) could make the
   server build and run a tensor of any size.
@@ -188,6 +189,10 @@ def check_tensor_size(key: str, proto, max_frames: int) -> None:
                        f"{max_frames} (its export's --max_frames)")
   declared = int(np.prod(dims, dtype=np.float64)) if dims else 1
   itemsize = tf.dtypes.as_dtype(proto.dtype).size if proto.dtype else 0
+  if declared * max(itemsize, 1) > MAX_MESSAGE_BYTES:
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"input '{key}' declares shape {dims}: more than the "
+                       f"{MAX_MESSAGE_BYTES >> 20} MiB a request may carry")
   if proto.tensor_content:
     carried = len(proto.tensor_content) // max(itemsize, 1)
   else:

@@ -32,6 +32,9 @@ _MODULE_PREFIX = "module."
 # The pickle of a checkpoint describes tensors (kilobytes to a few MiB); a larger one is refused
 # before it is decompressed.
 MAX_PICKLE_BYTES = 256 << 20
+# The arrays of a checkpoint may add up to at most this many times its file size (a state dict
+# stores each weight once; views of one storage count once per view).
+MAX_EXPANSION = 4
 
 
 class CheckpointError(ValueError):
@@ -409,11 +412,24 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
       obj, flats = _load_zip(path)
     else:
       obj, flats = _load_legacy(path, raw)
-    result = _materialize(obj, lambda t: _to_array(t, flats[t.storage.key], path), {})
+    budget = [MAX_EXPANSION * max(len(raw), 1 << 20)]
+
+    def array(tensor):
+      out = _to_array(tensor, flats[tensor.storage.key], path)
+      budget[0] -= out.nbytes
+      if budget[0] < 0:
+        # Each tensor fits its storage, but many tensors over one storage could still turn a
+        # small file into any amount of memory.
+        raise CheckpointError(f"{path}: its tensors add up to more than {MAX_EXPANSION}x the "
+                              "file's size (many tensors over shared storage); refused")
+      return out
+
+    result = _materialize(obj, array, {})
   except CheckpointError:
     raise
   except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, TypeError, ValueError,
-          AttributeError, IndexError, KeyError, OverflowError, RecursionError, struct.error) as e:
+          AttributeError, IndexError, KeyError, OverflowError, RecursionError, struct.error,
+          MemoryError) as e:
     raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
   return result
 

@@ -68,9 +68,13 @@ class RunLock:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-      os.close(fd)
       if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
+        # A file system without locks (some NFS / FUSE mounts): train unlocked, say so.
+        logging.warning("cannot lock %s (%s): nothing stops a second training from writing "
+                        "into this run folder at the same time", self.path, e.strerror)
+        os.close(fd)
+        return
+      os.close(fd)
       raise CheckpointError(
           f"{os.path.dirname(self.path)} is in use by another training (pid {holder}); wait "
           "for it to finish or choose another --output_dir") from None
@@ -134,7 +138,7 @@ class RunCheckpointer:
   @property
   def latest(self) -> Optional[str]:
     """The newest epoch checkpoint of the run folder (None when there is none)."""
-    return tf.train.latest_checkpoint(os.path.join(self.run_dir, CHECKPOINT_DIR))
+    return newest_checkpoint_file(self.run_dir)
 
   def restore_latest(self) -> Optional[str]:
     """Restores the newest intact epoch checkpoint; returns its path (None when there is none).
@@ -147,15 +151,11 @@ class RunCheckpointer:
       CheckpointError: every kept checkpoint is damaged, or one does not fit the model.
     """
     folder = os.path.join(self.run_dir, CHECKPOINT_DIR)
-    state = tf.train.get_checkpoint_state(folder)
-    if state is None or not state.model_checkpoint_path:
+    candidates = checkpoint_files(self.run_dir)
+    if not candidates:
       return None
-    candidates = list(state.all_model_checkpoint_paths or [])
-    if state.model_checkpoint_path not in candidates:
-      candidates.append(state.model_checkpoint_path)
     damaged = []
     for path in reversed(candidates):
-      path = path if os.path.isabs(path) else os.path.join(folder, path)
       problem = damage(path)
       if problem:
         logging.warning("skipping the damaged checkpoint %s (%s)%s", path, problem,
@@ -194,6 +194,28 @@ class RunCheckpointer:
             "space and rerun with --resume.") from e
       path = path or saved
     return path
+
+
+def checkpoint_files(run_dir: str) -> List[str]:
+  """Prefixes of the epoch checkpoints in `run_dir/checkpoints` (`ckpt-N` with an index file),
+  oldest first. Read from the files themselves, not TensorFlow's `checkpoint` state file, which
+  a full disk or a kill outside TensorFlow's atomic write can leave empty or truncated."""
+  return _checkpoints_in(os.path.join(run_dir, CHECKPOINT_DIR))
+
+
+def _checkpoints_in(folder: str) -> List[str]:
+  found = []
+  for index in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
+    number = os.path.basename(index)[len("ckpt-"):-len(".index")]
+    if number.isdigit():
+      found.append((int(number), index[:-len(".index")]))
+  return [prefix for _, prefix in sorted(found)]
+
+
+def newest_checkpoint_file(run_dir: str) -> Optional[str]:
+  """The newest `checkpoint_files` entry, or None."""
+  files = checkpoint_files(run_dir)
+  return files[-1] if files else None
 
 
 def remove_leftover_writes(run_dir: str) -> List[str]:
@@ -270,7 +292,12 @@ def resolve_checkpoint(path: str) -> Tuple[str, Optional[str]]:
     return path, _config_in(run_dir)
   if tf.io.gfile.isdir(path):
     for sub in (BEST_DIR, CHECKPOINT_DIR, ""):
-      latest = tf.train.latest_checkpoint(os.path.join(path, sub))
+      folder = os.path.join(path, sub)
+      try:
+        latest = tf.train.latest_checkpoint(folder)
+      except (ValueError, tf.errors.OpError):  # a damaged `checkpoint` state file
+        latest = None
+      latest = latest or (_checkpoints_in(folder) or [None])[-1]
       if latest:
         return latest, _config_in(_run_dir_of(os.path.dirname(latest)))
     raise CheckpointError(f"no checkpoint in {path} (looked in {BEST_DIR}/, {CHECKPOINT_DIR}/ "

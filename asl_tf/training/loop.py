@@ -69,8 +69,7 @@ def setup_run(config: config_lib.Config) -> None:
 def check_run_folder(config: config_lib.Config) -> None:
   """Refuses a run folder that would be corrupted: checkpoints without --resume, or --resume
   with a configuration that differs from the saved one (the message names the fields)."""
-  latest = tf.train.latest_checkpoint(os.path.join(config.train.output_dir,
-                                                   ckpt_lib.CHECKPOINT_DIR))
+  latest = ckpt_lib.newest_checkpoint_file(config.train.output_dir)
   if config.train.resume:
     ckpt_lib.check_resume_config(config.train.output_dir, config)
   elif latest:

@@ -218,6 +218,16 @@ def test_a_row_whose_label_has_no_id_anywhere_is_refused_naming_it(tmp_path):
     annotations.load_annotations(path, "training", num_classes=2)
 
 
+def test_class_agnostic_files_ignore_label_ids(tmp_path):
+  """num_classes=1: mixed or inconsistent ids do not matter (everything is 0)."""
+  path = _write(tmp_path, {"database": {
+      "v1": {"subset": "training", "duration": 9.0, "annotations": [_ann("a", 0, 1, 2)]},
+      "v2": {"subset": "training", "duration": 9.0,
+             "annotations": [{"label": "b", "segment": [1, 2]}, _ann("a", 7, 3, 4)]}}})
+  records, _ = annotations.load_annotations(path, "training", num_classes=1)
+  assert [r.labels.tolist() for r in records] == [[0], [0, 0]]
+
+
 def test_inconsistent_label_ids_in_file(tmp_path):
   path = _write(tmp_path, {"database": {
       "v1": {"subset": "training", "duration": 9.0, "annotations": [_ann("a", 0, 1, 2)]},

@@ -138,7 +138,7 @@ def test_instance_evaluator_shapes_range_and_stop_gradient():
   assert tuple(q.shape) == (2, 17, 2) and q.dtype == tf.float32
   assert ((q.numpy() > 0) & (q.numpy() < 1)).all()
   assert all(g is None for g in tape.gradient(q, feats))
-  assert len(layer.convs) == 2 and len(layer.trainable_weights) == 2 + 4 + 2
+  assert len(layer.hidden) == 2 and len(layer.trainable_weights) == 2 + 4 + 2
 
 
 def test_instance_evaluator_ignores_padded_inputs():

@@ -305,6 +305,12 @@ def test_a_one_value_request_declaring_too_many_frames_is_refused_before_allocat
   partial.inputs["features"].CopyFrom(proto)
   code, details = _grpc_error(stub, partial)
   assert code == grpc.StatusCode.INVALID_ARGUMENT and "declares shape [1, 3, 8]" in details
+  for key, proto in (("features", tf.make_tensor_proto(np.float32(0), shape=[2 ** 31, 1, 8])),
+                     ("lengths", tf.make_tensor_proto(np.int32(1), shape=[2 ** 40]))):
+    wide = _request(features=_features(1, 4), lengths=np.array([4], np.int32))
+    wide.inputs[key].CopyFrom(proto)
+    code, details = _grpc_error(stub, wide)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "a request may carry" in details
 
 
 @pytest.mark.parametrize("body,message", [

@@ -320,6 +320,18 @@ def test_tensors_with_more_elements_than_their_storage_are_refused(tmp_path, siz
     tc.load_torch_checkpoint(path)
 
 
+def test_many_tensors_over_one_storage_cannot_multiply_memory(tmp_path):
+  """Each of 10 tensors fits its 1 MiB storage; together they would be 10 MiB from a ~1 MiB
+  file (200 such made 209 MB from 1 MB)."""
+  storage = _Storage("0", "FloatStorage", np.zeros(1 << 18, np.float32))
+  path = tmp_path / "views.pth"
+  _write_zip(path, {f"w{i}": _Tensor(storage, 0, (1 << 18,), (1,)) for i in range(10)})
+  with pytest.raises(tc.CheckpointError, match=r"add up to more than 4x the file's size"):
+    tc.load_torch_checkpoint(path)
+  _write_zip(path, {f"w{i}": _Tensor(storage, 0, (1 << 18,), (1,)) for i in range(2)})
+  assert len(tc.load_torch_checkpoint(path)) == 2  # a tied weight or two: fine
+
+
 def _zip_checkpoint_with_record(path, declared, record_bytes, compress):
   storage = _Storage("0", "FloatStorage", np.zeros(declared, np.float32))
   buf = io.BytesIO()

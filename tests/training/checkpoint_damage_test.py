@@ -1,6 +1,8 @@
 """Damaged checkpoints and leftovers of killed writes: named, skipped or cleaned."""
 
 import os
+import re
+import socket
 
 import keras
 import numpy as np
@@ -78,10 +80,29 @@ def test_leftovers_of_killed_checkpoint_writes_are_removed(tmp_path):
 
 
 def test_staging_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path):
-  dead = tmp_path / ".export-3-999999999-abc"  # no such pid
-  live = tmp_path / f".export-4-{os.getpid()}-def"
+  host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+  dead = tmp_path / f".export-3-999999999@{host}-abc"  # no such pid
+  live = tmp_path / f".export-4-{os.getpid()}@{host}-def"
+  other_host = tmp_path / ".export-5-999999999@elsewhere_box-ghi"  # shared folder, not ours
+  huge_pid = tmp_path / f".export-6-99999999999999999999@{host}-x"
   other = tmp_path / "3"
-  for folder in (dead, live, other):
+  for folder in (dead, live, other_host, huge_pid, other):
     folder.mkdir()
   assert serving_module.remove_leftover_exports(str(tmp_path)) == [dead.name]
-  assert live.exists() and other.exists() and not dead.exists()
+  assert all(f.exists() for f in (live, other_host, huge_pid, other)) and not dead.exists()
+  assert serving_module._staging_prefix(7).startswith(f".export-7-{os.getpid()}@{host}-")
+
+
+@pytest.mark.parametrize("state", [b"", b'model_checkpoint_path: "ckpt-3"\nall_mod'])
+def test_a_damaged_checkpoint_state_file_neither_hides_nor_breaks_the_run(tmp_path, state):
+  """An empty or truncated `checkpoints/checkpoint`: a new training is still refused (it would
+  overwrite the epochs) and --resume still finds ckpt-3 (before: a restart from epoch 0, or a
+  ValueError traceback)."""
+  layer, ckpt = _three_epochs(tmp_path)
+  (tmp_path / "checkpoints" / "checkpoint").write_bytes(state)
+  assert ckpt_lib.newest_checkpoint_file(str(tmp_path)) == str(tmp_path / "checkpoints" /
+                                                                "ckpt-3")
+  layer.kernel.assign(np.zeros((4, 3), np.float32))
+  assert ckpt.restore_latest() == str(tmp_path / "checkpoints" / "ckpt-3")
+  np.testing.assert_array_equal(layer.kernel.numpy(), np.full((4, 3), 3.0))
+  assert ckpt_lib.resolve_checkpoint(str(tmp_path))[0].endswith("ckpt-3")
