@@ -154,7 +154,7 @@ class ModelConfig:
   sensitivity_parametrization: str = "authors"
   instance_sensitivity: bool = True
   evaluator_layers: int = 2
-  contrastive_weight: float = 0.1
+  contrastive_weight: float = 0.0
   contrastive_proj_dim: int = 128
 
   def __post_init__(self):
@@ -201,9 +201,11 @@ class LossConfig:
     init_loss_norm: initial value of the EMA positive-count normalizer.
     loss_norm_momentum: EMA momentum of the normalizer (0.9).
     evaluator_loss_weight: weight of the instance evaluator's MSE.
-    instance_combination: `sum` (w = p + sg(q)) or `product` (w = p * sg(q)). `product`
-      shrinks the weight of positives whose predicted quality q is low, which early in
-      training is all of them; measured to collapse some runs (README, ASL ablation).
+    instance_combination: `product` (w = p * sg(q)) or `sum` (w = p + sg(q)). Without
+      normalisation `product` shrinks the weight of positives whose predicted quality q is low,
+      which early in training is all of them, and collapsed some runs (README, ASL ablation);
+      with `sensitivity_normalization=instance` only the ratios between an instance's frames
+      count.
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
     sensitivity_normalization: `none` (positives keep the combined weights w as they are) or
@@ -225,9 +227,9 @@ class LossConfig:
   init_loss_norm: float = 100.0
   loss_norm_momentum: float = 0.9
   evaluator_loss_weight: float = 1.0
-  instance_combination: str = "sum"
+  instance_combination: str = "product"
   instance_start_epoch: int = 0
-  sensitivity_normalization: str = "none"
+  sensitivity_normalization: str = "instance"
   evaluator_target: str = "separate"
   evaluator_loss: str = "mse"
   contrastive_temperature: float = 0.07

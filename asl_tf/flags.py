@@ -75,7 +75,8 @@ flags.DEFINE_enum("sensitivity_parametrization", "authors",
                   "authors: raw sigma as released; stable: softplus sigma, no decay.")
 flags.DEFINE_boolean("instance_sensitivity", True, "ASL instance-level evaluator.")
 flags.DEFINE_integer("evaluator_layers", 2, "Hidden conv layers of the instance evaluator.")
-flags.DEFINE_float("contrastive_weight", 0.1, "Action-sensitive contrastive loss weight.")
+flags.DEFINE_float("contrastive_weight", 0.0, "Action-sensitive contrastive loss weight (0 = off, "
+                   "the default: it did not help in the ablation).")
 flags.DEFINE_integer("contrastive_proj_dim", 128, "Contrastive projection channels (0 = none).")
 
 # Losses.
@@ -84,11 +85,12 @@ flags.DEFINE_float("label_smoothing", 0.0, "Focal-loss label smoothing.")
 flags.DEFINE_float("reg_loss_weight", 1.0, "DIoU loss weight.")
 flags.DEFINE_float("init_loss_norm", 100.0, "Initial EMA loss normalizer.")
 flags.DEFINE_float("evaluator_loss_weight", 1.0, "Instance evaluator MSE weight.")
-flags.DEFINE_enum("instance_combination", "sum", list(config_lib.INSTANCE_COMBINATIONS),
-                  "How class- and instance-level weights combine on positives: sum p + sg(q) "
-                  "or product p * sg(q) (product can collapse training; README, ASL ablation).")
+flags.DEFINE_enum("instance_combination", "product", list(config_lib.INSTANCE_COMBINATIONS),
+                  "How class- and instance-level weights combine on positives: product "
+                  "p * sg(q) or sum p + sg(q) (product without normalisation can collapse "
+                  "training; README, ASL ablation).")
 flags.DEFINE_integer("instance_start_epoch", 0, "First epoch using instance weights.")
-flags.DEFINE_enum("sensitivity_normalization", "none",
+flags.DEFINE_enum("sensitivity_normalization", "instance",
                   list(config_lib.SENSITIVITY_NORMALIZATIONS),
                   "Positives' ASL weights: as they are (none) or divided by their mean over each "
                   "ground-truth instance's positives (instance).")

@@ -117,7 +117,8 @@ def test_instance_normalization_keeps_each_instance_loss_mass():
   b = losses.asl_loss_sums(outputs, targets, small, None, labels, norm)
   np.testing.assert_allclose(float(a["cls_loss_sum"]), 2 * NEG + POS, rtol=1e-6)
   np.testing.assert_allclose(float(b["reg_loss_sum"]), 0.44, rtol=1e-5)
-  plain = losses.asl_loss_sums(outputs, targets, small, None, labels, config_lib.LossConfig())
+  plain = losses.asl_loss_sums(outputs, targets, small, None, labels,
+                               config_lib.LossConfig(sensitivity_normalization="none"))
   np.testing.assert_allclose(float(plain["reg_loss_sum"]), 0.05 * 0.44, rtol=1e-5)
 
 
@@ -167,7 +168,8 @@ def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc):
           "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32)}
   if combination:
     sens["q"] = np.array([[[0.3, 0.3], [0.6, 0.2], [0.9, 0.9], [0.1, 0.1]]], np.float32)
-  cfg = config_lib.LossConfig(instance_combination=combination or "product")
+  cfg = config_lib.LossConfig(instance_combination=combination or "product",
+                              sensitivity_normalization="none")
   sums = losses.asl_loss_sums(outputs, targets, sens, None, None, cfg, use_instance)
   np.testing.assert_allclose(float(sums["cls_loss_sum"]), 2 * NEG + w_cls * POS, rtol=1e-6)
   np.testing.assert_allclose(float(sums["reg_loss_sum"]), w_loc * 0.44, rtol=1e-5)
