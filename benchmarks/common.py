@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-import asl_tf  # pylint: disable=unused-import  (oneDNN default, before any TensorFlow import)
+# oneDNN's CPU kernels as the command-line tools set them, before any TensorFlow import.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RESULT_MARKER = "__BENCHMARK_RESULT__"

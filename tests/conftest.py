@@ -2,7 +2,10 @@
 
 import pytest
 
-import asl_tf  # pylint: disable=unused-import  (TensorFlow's CPU kernels as users get them: oneDNN)
+import os
+
+# TensorFlow's CPU kernels as the command-line tools set them (oneDNN), before it is imported.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from parity_cases import PARITY_CASES, ParityCase, load_parity_case
 

@@ -1,4 +1,4 @@
-"""Tests of what `import asl_tf` does before TensorFlow loads."""
+"""What importing asl_tf and starting a tool do to the process before TensorFlow loads."""
 
 import os
 import subprocess
@@ -6,20 +6,29 @@ import sys
 
 import pytest
 
-_CODE = "import os, asl_tf; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+_TOOL = ("import os, sys; from absl import app; from asl_tf import flags; "
+         "flags.cli_parser('asl_tf.x')(['prog']); "
+         "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+
+
+def _env(**preset):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
+  env.update({k: v for k, v in preset.items() if v is not None})
+  return env
 
 
 @pytest.mark.parametrize("preset,expected", [(None, "1"), ("0", "0"), ("1", "1")])
-def test_import_turns_onednn_on_unless_the_user_chose(preset, expected):
-  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-  if preset is not None:
-    env["TF_ENABLE_ONEDNN_OPTS"] = preset
-  out = subprocess.run([sys.executable, "-c", _CODE], env=env, capture_output=True, text=True,
+def test_tools_turn_onednn_on_unless_the_user_chose(preset, expected):
+  out = subprocess.run([sys.executable, "-c", _TOOL], env=_env(TF_ENABLE_ONEDNN_OPTS=preset),
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.split() == [expected, "3"]
+  assert "port.cc" not in out.stderr and "cudart_stub" not in out.stderr  # TF loaded quietly
+
+
+def test_package_import_changes_nothing_and_loads_no_tensorflow():
+  code = ("import os, sys, asl_tf; print('tensorflow' in sys.modules, "
+          "'TF_ENABLE_ONEDNN_OPTS' in os.environ)")
+  out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
                        check=True)
-  assert out.stdout.strip() == expected
-
-
-def test_package_import_does_not_load_tensorflow():
-  code = "import sys, asl_tf; print('tensorflow' in sys.modules)"
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == "False"
+  assert out.stdout.split() == ["False", "False"]
