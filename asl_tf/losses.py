@@ -141,12 +141,12 @@ class LossNormalizer(keras.layers.Layer):
     return config
 
 
-# The authors' commented-out fused target sigmoid(logit)^alpha * IoU^(1 - alpha) (ASL_SPEC 2.1).
+# The authors' commented-out fused target sigmoid(logit)^alpha * IoU^(1 - alpha) (docs/method.md 2).
 FUSED_TARGET_ALPHA = 0.2
 
 
 def instance_targets(cls_logits, offsets, targets, kind="separate"):
-  """Detached targets of the instance evaluator (ASL_SPEC 2.1-2.2, INFERRED).
+  """Detached targets of the instance evaluator (docs/method.md 2, reconstructed).
 
   `separate`: Q_cls = sigmoid(logit of the matched GT's class at the point), Q_loc = tIoU
   between the segment decoded at the point and its GT (offset parametrisation). `fused`: both
@@ -282,7 +282,7 @@ def multi_positive_info_nce(features, labels, valid, temperature, anchor_rows=No
 
 def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_config,
                   use_instance_weights=True, gather_fn=None):
-  """Per-replica loss sums of ActionFormer + ASL (ASL_SPEC 1.1, 2.2, 3.2, 4.1).
+  """Per-replica loss sums of ActionFormer + ASL (docs/method.md 1-5).
 
   * `cls_loss_sum` = sum over valid points of w_cls(t) * sum_k focal(t, k); w_cls = 1 on
     negatives (and everywhere without ASL).
@@ -376,7 +376,7 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
 
 
 def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weight):
-  """Turns `asl_loss_sums` into losses (ASL_SPEC 4.1).
+  """Turns `asl_loss_sums` into losses (docs/method.md 5).
 
   total = cls/n + reg_loss_weight reg/n + evaluator_loss_weight eval/n
           + contrastive_weight contrastive_sum / max(num_anchors, 1)

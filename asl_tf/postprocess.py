@@ -1,4 +1,4 @@
-"""Detector outputs -> final detections (ActionFormer test-time post-processing, ASL_SPEC 6.5).
+"""Detector outputs -> final detections (ActionFormer test-time post-processing, docs/method.md 6.3).
 
 `postprocess_detections` is pure TensorFlow with batched inputs and fixed-size outputs, so the
 same graph runs eagerly, inside `tf.function` (unknown batch and time sizes) and in the exported
@@ -284,7 +284,7 @@ def score_voting(kept_segments, kept_valid, segments, scores, valid, voting_thre
 
 def postprocess_detections(cls_logits, offsets, padding_mask, points, fps, duration, feat_stride,
                            num_frames, config: EvalConfig) -> Dict[str, tf.Tensor]:
-  """Detector outputs -> fixed-size final detections (ASL_SPEC 6.5); the export entry point.
+  """Detector outputs -> fixed-size final detections (docs/method.md 6.3); the export entry point.
 
   Args:
     cls_logits: float32 [B, N, K] logits, pyramid levels concatenated (N = sum_l T_l).

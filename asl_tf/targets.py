@@ -13,7 +13,7 @@ _LENGTH_TIE_TOLERANCE = 1e-3
 
 def assign_targets(points, gt_segments, gt_labels, num_classes, center_sample_radius=1.5,
                    padding_mask=None):
-  """Assigns classification and regression targets to every point (ASL_SPEC 6.4).
+  """Assigns classification and regression targets to every point (docs/method.md 6.1).
 
   For point t and segment n = [a, b], with l = t - a and r = b - t (all in base-grid units):
   1. centre sampling: max(a, c - radius * s) < t < min(b, c + radius * s), c = (a + b) / 2,

@@ -64,7 +64,7 @@ VARIANTS: Dict[str, tuple] = {
     "+contrastive": _variant(**_CONTRA),
     # The defaults shipped before issue 15: class + instance (sum) + contrastive 0.1.
     "asl_all": _variant(**_CLS, **_INST, **_CONTRA),
-    # The instance weights as ASL_SPEC 2.2 first recommended (w = p * sg(q)); it collapses some
+    # The instance weights as first reconstructed (w = p * sg(q)); it collapses some
     # runs without normalisation (README, ASL ablation).
     "+instance_product": _variant(**_INST, instance_combination="product"),
     "asl_all_product": _variant(**_CLS, **_INST, **_CONTRA, instance_combination="product"),

@@ -210,7 +210,7 @@ class ASLDetector(keras.Model):
     return logs, terms["total_loss"]
 
   def train_step(self, data, epoch=None):
-    """One optimizer step on this replica's batch (ASL_SPEC 6.6 / DESIGN "Decisions").
+    """One optimizer step on this replica's batch (docs/method.md 6.2).
 
     Gradients are all-reduced here, clipped by their global norm (as ActionFormer clips the
     full-batch gradient), and divided by the replica count before `optimizer.apply`, which sums

@@ -1,13 +1,13 @@
 """Action Sensitivity Evaluator (ASL): class-level Gaussians, instance evaluator, ASCL features.
 
-* Class level (VERIFIED against the authors' Ego4D code, ASL_SPEC 1.1): per class, learnable
+* Class level (VERIFIED against the authors' Ego4D code, docs/method.md 1): per class, learnable
   unnormalised Gaussians g(x; mu, sigma) = exp(-(x - mu)^2 / (2 sigma^2)) of the normalised
   distance x = (c_n - t) / (stride * L_n) between a point and the centre of its matched GT;
   p_cls = g(x; mu_c, sigma_c), p_loc = mean of the two localization Gaussians * p_cls; weight 1 on
   negatives. Gradients reach mu / sigma through the weights (nothing is detached).
-* Instance level (INFERRED, ASL_SPEC 2.2): a light conv head on stop-gradient neck features
+* Instance level (reconstructed, docs/method.md 2): a light conv head on stop-gradient neck features
   predicting (q_cls, q_loc) in (0, 1) per point; its targets and MSE live in `asl_tf.losses`.
-* Action Sensitive Contrastive Loss features (INFERRED, ASL_SPEC 3.2): a projection of level-0
+* Action Sensitive Contrastive Loss features (reconstructed, docs/method.md 4): a projection of level-0
   neck features, and `sample_contrastive_features`, which picks per GT the top-k points ranked
   by the classification / localization sensitivity, and background points outside every GT.
 """
@@ -64,7 +64,7 @@ def center_distance(t, stride, segments):
 
 @keras.saving.register_keras_serializable(package="asl_tf")
 class ClassSensitivity(keras.layers.Layer):
-  """Per-class learnable Gaussians of the normalised centre distance (ASL_SPEC 1.1, VERIFIED).
+  """Per-class learnable Gaussians of the normalised centre distance (docs/method.md 1, verified).
 
   Variables, each of shape [K] (the authors' [K, 1] `nn.Parameter`s, same names): `mu` (0),
   `sigma` (1) for classification; `mu_reg_left` (-0.5), `sigma_reg_left` (1), `mu_reg_right`
@@ -163,7 +163,7 @@ def fixed_gaussians(x):
 
 @keras.saving.register_keras_serializable(package="asl_tf")
 class InstanceEvaluator(heads.ConvHead):
-  """Instance-level evaluator (ASL_SPEC 2.2, INFERRED), shared across pyramid levels.
+  """Instance-level evaluator (docs/method.md 2, reconstructed), shared across pyramid levels.
 
   num_layers x [MaskedConv1D(k) -> ChannelLayerNorm -> ReLU] -> MaskedConv1D(k, 2) -> sigmoid
   (the heads' `ConvHead`), applied to stop-gradient neck features (zeroed at padding), so the
@@ -345,7 +345,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
 
 def sample_contrastive_features(embeddings, padding_mask, t, gt_segments, gt_labels, rank_cls,
                                 rank_loc, topk, num_background):
-  """Sensitive and background features for the contrastive loss (ASL_SPEC 3.2, INFERRED).
+  """Sensitive and background features for the contrastive loss (docs/method.md 4, reconstructed).
 
   Per GT n, among the valid level-0 points inside [a_n, b_n] (inclusive), the `topk` with the
   largest `rank_cls` are averaged into f_cls(n) and the `topk` with the largest `rank_loc` into

@@ -1,7 +1,7 @@
 """The training loop: a custom loop over `strategy.run(model.train_step)`.
 
 One code path serves the default strategy, MirroredStrategy and MultiWorkerMirroredStrategy
-(Keras' `fit` does not work with multi-worker here, see TF_NOTES). Each epoch: a seeded data
+(Keras' `fit` does not work with multi-worker here, docs/method.md 7). Each epoch: a seeded data
 order, the steps, TensorBoard scalars, optional evaluation with the EMA weights, a checkpoint.
 """
 
@@ -121,7 +121,7 @@ class Trainer:
     if config.train.jit_compile and self.replicas > 1:
       raise config_lib.ConfigError(
           f"--jit_compile with {self.replicas} replicas: XLA under MirroredStrategy fails on "
-          "this TensorFlow (TF_NOTES); use --jit_compile on a single device")
+          "this TensorFlow (docs/method.md 7); use --jit_compile on a single device")
 
     if config.data.demo_dir:
       demo_lib.ensure_demo_data(config.data)
