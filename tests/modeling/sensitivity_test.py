@@ -31,7 +31,7 @@ def _one_gt_case():
 
 
 def test_class_level_weights_match_authors_formula_golden():
-  """VERIFIED behaviour (ASL_SPEC 1.1): x = (c - t) / (stride L), unnormalised Gaussians
+  """Verified behaviour (docs/method.md 1): x = (c - t) / (stride L), unnormalised Gaussians
   gathered with the GT's label; p_loc = mean(left, right) * p_cls; 1 on negatives.
 
   Class 1 set to mu 0.1, sigma 0.5, mu_left -0.5, sigma_left 1, mu_right 0.5, sigma_right 2
