@@ -18,6 +18,7 @@ from absl import app
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
+from asl_tf.data import timebase
 
 FEATURE_EXTS = (".npy", ".npz")
 
@@ -77,7 +78,7 @@ def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],
     feats, mask = inference.features_for_inference(x, data.max_seq_len,
                                                    model.model_config.max_div_factor)
     feat_stride, num_frames = _timebase(x.shape[0], path, data)
-    duration = (x.shape[0] * feat_stride + num_frames) / fps
+    duration = timebase.duration_sec(x.shape[0], fps, feat_stride, num_frames)
     out = detect(feats, mask, *[np.array([v], np.float32)
                                 for v in (fps, duration, feat_stride, num_frames)])
     n = int(out["num_detections"][0])
@@ -125,7 +126,6 @@ def prepare(x: np.ndarray, data: config_lib.DataConfig) -> np.ndarray:
 def _timebase(num_features: int, path: str, data: config_lib.DataConfig):
   del path
   if data.resize_length > 0:
-    from asl_tf.data import timebase  # pylint: disable=g-import-not-at-top
     return timebase.resized_timebase(num_features, data.feat_stride, data.num_frames,
                                      data.resize_length)
   return data.feat_stride, data.num_frames

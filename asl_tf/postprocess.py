@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from asl_tf.config import EvalConfig
+from asl_tf.data import timebase
 
 _DEAD = -1.0  # score marking a removed candidate (live scores are >= 0)
 
@@ -43,7 +44,7 @@ _DEAD = -1.0  # score marking a removed candidate (live scores are >= 0)
 def grid_to_seconds(segments_grid, fps, duration, feat_stride, num_frames):
   """Feature-grid positions -> seconds, clipped to [0, duration].
 
-  `sec = (grid * feat_stride + 0.5 * num_frames) / fps` (ActionFormer FAQ).
+  `timebase.grid_to_sec` with one value per video broadcast over the other dimensions.
 
   Args:
     segments_grid: float32 [B, ...] positions on the feature grid.
@@ -59,8 +60,8 @@ def grid_to_seconds(segments_grid, fps, duration, feat_stride, num_frames):
     value = tf.cast(value, tf.float32)
     return tf.reshape(value, tf.concat([tf.shape(value), extra_dims], 0))
 
-  seconds = (segments_grid * per_video(feat_stride) + 0.5 * per_video(num_frames)) / per_video(fps)
-  return tf.clip_by_value(seconds, 0.0, per_video(duration))
+  return timebase.grid_to_sec(segments_grid, per_video(fps), per_video(feat_stride),
+                             per_video(num_frames), per_video(duration))
 
 
 def select_candidates(cls_logits, offsets, padding_mask, points, pre_nms_thresh, pre_nms_topk,

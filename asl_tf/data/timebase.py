@@ -57,6 +57,12 @@ def grid_to_sec(grid, fps, feat_stride, num_frames, duration_sec):
   return np.clip(sec, 0.0, duration_sec)
 
 
+def duration_sec(num_features, fps, feat_stride, num_frames):
+  """A video's duration from its feature count, as ActionFormer takes it when the annotation
+  gives none: `(num_features * feat_stride + num_frames) / fps`. Broadcasts like the others."""
+  return (num_features * feat_stride + num_frames) / fps
+
+
 def resized_timebase(num_features: int, feat_stride: float, num_frames: float,
                      resize_length: int) -> Tuple[float, float]:
   """feat_stride / num_frames after linearly resizing `num_features` features to `resize_length`.

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from asl_tf import config as config_lib
 from asl_tf.data import pipeline as pipeline_lib
+from asl_tf.data import timebase as timebase_lib
 from asl_tf.modeling import detector as detector_lib
 from asl_tf.modeling import layers
 from asl_tf.serving import warmup as warmup_lib
@@ -196,7 +197,8 @@ class ServingModule(tf.Module):
         return tf.fill([batch], tf.constant(value, tf.float32))
 
       fps, feat_stride, num_frames = (timebase[k] for k in ("fps", "feat_stride", "num_frames"))
-      duration = (tf.cast(lengths, tf.float32) * feat_stride + num_frames) / fps
+      duration = timebase_lib.duration_sec(tf.cast(lengths, tf.float32), fps, feat_stride,
+                                           num_frames)
       out = model.detect(features, mask, per_video(fps), duration, per_video(feat_stride),
                          per_video(num_frames))
       return {k: out[k] for k in DETECTION_KEYS}
