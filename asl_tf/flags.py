@@ -106,7 +106,8 @@ flags.DEFINE_integer("contrastive_topk", 3, "Sensitive points averaged per insta
 flags.DEFINE_integer("contrastive_num_background", 8, "Background points per video.")
 
 # Training.
-flags.DEFINE_string("output_dir", "runs/default", "Run folder.")
+flags.DEFINE_string("output_dir", "runs/default", "Run folder: where train writes; evaluate / "
+                    "infer write into the checkpoint's run folder unless this is given.")
 flags.DEFINE_integer("epochs", 30, "Cosine epochs (excluding warm-up).")
 flags.DEFINE_integer("warmup_epochs", 5, "Linear warm-up epochs.")
 flags.DEFINE_integer("batch_size", 2, "Per-replica batch size.")
