@@ -119,6 +119,8 @@ class ModelConfig:
     class_sensitivity: ASL class-level Gaussian weights.
     sensitivity_parametrization: `authors` (raw sigma, weight decay as in the released code) or
       `stable` (sigma = softplus(rho) + eps, no weight decay on mu / sigma).
+    sensitivity_lr_scale: learning-rate multiplier of the class-level mu / sigma (they are
+      stored divided by it; 1 = as released).
     instance_sensitivity: ASL instance-level evaluator.
     evaluator_layers: hidden conv layers of the instance evaluator.
     contrastive_weight: weight of the action-sensitive contrastive loss (0 = off).
@@ -152,6 +154,7 @@ class ModelConfig:
   max_buffer_len_factor: float = 6.0
   class_sensitivity: bool = True
   sensitivity_parametrization: str = "authors"
+  sensitivity_lr_scale: float = 1.0
   instance_sensitivity: bool = True
   evaluator_layers: int = 2
   contrastive_weight: float = 0.0
@@ -524,6 +527,7 @@ _RANGES = (
     ("model", "droppath", "droppath", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model", "cls_prior_prob", "cls_prior_prob", lambda v: 0 < v < 1, "a probability in (0, 1)"),
     ("model", "evaluator_layers", "evaluator_layers", _NON_NEGATIVE, ">= 0"),
+    ("model", "sensitivity_lr_scale", "sensitivity_lr_scale", _POSITIVE, "positive"),
     ("model", "contrastive_weight", "contrastive_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
     ("model", "contrastive_proj_dim", "contrastive_proj_dim", _NON_NEGATIVE, ">= 0"),
     ("loss", "label_smoothing", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -676,6 +680,7 @@ def from_flags(flags, check: bool = True) -> Config:
       regression_range=_pairs(f.regression_range, "regression_range"),
       class_sensitivity=f.class_sensitivity,
       sensitivity_parametrization=f.sensitivity_parametrization,
+      sensitivity_lr_scale=f.sensitivity_lr_scale,
       instance_sensitivity=f.instance_sensitivity,
       evaluator_layers=f.evaluator_layers,
       contrastive_weight=f.contrastive_weight,

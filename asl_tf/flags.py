@@ -75,6 +75,8 @@ flags.DEFINE_boolean("class_sensitivity", True, "ASL class-level Gaussian loss w
 flags.DEFINE_enum("sensitivity_parametrization", "authors",
                   list(config_lib.SENSITIVITY_PARAMETRIZATIONS),
                   "authors: raw sigma as released; stable: softplus sigma, no decay.")
+flags.DEFINE_float("sensitivity_lr_scale", 1.0, "Learning-rate multiplier of the class-level "
+                   "mu / sigma (1 = as released).")
 flags.DEFINE_boolean("instance_sensitivity", True, "ASL instance-level evaluator.")
 flags.DEFINE_integer("evaluator_layers", 2, "Hidden conv layers of the instance evaluator.")
 flags.DEFINE_float("contrastive_weight", 0.0, "Action-sensitive contrastive loss weight (0 = off, "

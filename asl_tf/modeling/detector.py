@@ -97,6 +97,7 @@ class ASLDetector(keras.Model):
     self.sensitivity = sensitivity_lib.ActionSensitivityEvaluator(
         mc.num_classes, mc.head_dim, class_sensitivity=mc.class_sensitivity,
         sensitivity_parametrization=mc.sensitivity_parametrization,
+        sensitivity_lr_scale=mc.sensitivity_lr_scale,
         instance_sensitivity=mc.instance_sensitivity, evaluator_layers=mc.evaluator_layers,
         contrastive=mc.contrastive_weight > 0, contrastive_proj_dim=mc.contrastive_proj_dim,
         name="sensitivity", dtype=dtype) if uses_asl else None

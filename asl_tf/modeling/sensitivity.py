@@ -80,15 +80,21 @@ class ClassSensitivity(keras.layers.Layer):
   Args:
     num_classes: K.
     parametrization: `authors` (raw sigma) or `stable` (softplus).
+    lr_scale: every parameter is stored divided by this and used multiplied by it, so that an
+      Adam step (about the learning rate in the stored value) moves the parameter `lr_scale`
+      times as far: a learning-rate multiplier for mu / sigma alone (1 = as released).
   """
 
-  def __init__(self, num_classes, parametrization="authors", **kwargs):
+  def __init__(self, num_classes, parametrization="authors", lr_scale=1.0, **kwargs):
     super().__init__(**kwargs)
     if parametrization not in PARAMETRIZATIONS:
       raise ValueError(f"sensitivity parametrization {parametrization!r}: use one of "
                        f"{PARAMETRIZATIONS}")
+    if not lr_scale > 0:
+      raise ValueError(f"sensitivity lr_scale must be positive, got {lr_scale}")
     self.num_classes = num_classes
     self.parametrization = parametrization
+    self.lr_scale = float(lr_scale)
     self._params = {}
     for mu_name, sigma_name in _GAUSSIANS:
       self._params[mu_name] = self._add(mu_name, _INIT[mu_name])
@@ -101,7 +107,12 @@ class ClassSensitivity(keras.layers.Layer):
   def _add(self, name, value):
     # autocast=False: the Gaussians are loss weights, always computed in float32.
     return self.add_weight(name=name, shape=(self.num_classes,), dtype="float32",
-                           initializer=keras.initializers.Constant(value), autocast=False)
+                           initializer=keras.initializers.Constant(value / self.lr_scale),
+                           autocast=False)
+
+  def _value(self, name):
+    """A parameter as used: the stored variable times `lr_scale`."""
+    return tf.convert_to_tensor(self._params[name]) * self.lr_scale
 
   @property
   def sensitivity_variables(self):
@@ -112,7 +123,7 @@ class ClassSensitivity(keras.layers.Layer):
     """Returns (sigma, sigma_reg_left, sigma_reg_right), each float32 [K]."""
     out = []
     for _, sigma_name in _GAUSSIANS:
-      value = tf.convert_to_tensor(self._params[sigma_name])
+      value = self._value(sigma_name)
       if self.parametrization == "stable":
         value = tf.nn.softplus(value) + SIGMA_FLOOR
       out.append(value)
@@ -127,7 +138,7 @@ class ClassSensitivity(keras.layers.Layer):
     """
     out = {}
     for (mu_name, sigma_name), sigma in zip(_GAUSSIANS, self.sigmas()):
-      out[mu_name] = tf.convert_to_tensor(self._params[mu_name])
+      out[mu_name] = self._value(mu_name)
       out[sigma_name] = sigma
     return out
 
@@ -136,14 +147,15 @@ class ClassSensitivity(keras.layers.Layer):
     labels = tf.maximum(tf.cast(labels, tf.int32), 0)
     g = []
     for (mu_name, _), sigma in zip(_GAUSSIANS, self.sigmas()):
-      mu = tf.gather(tf.convert_to_tensor(self._params[mu_name]), labels)
+      mu = tf.gather(self._value(mu_name), labels)
       g.append(gaussian(x, mu, tf.gather(sigma, labels)))
     g_cls = g[0]
     return g_cls, 0.5 * (g[1] + g[2]) * g_cls
 
   def get_config(self):
     config = super().get_config()
-    config.update({"num_classes": self.num_classes, "parametrization": self.parametrization})
+    config.update({"num_classes": self.num_classes, "parametrization": self.parametrization,
+                   "lr_scale": self.lr_scale})
     return config
 
 
@@ -254,6 +266,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     hidden_dim: channels of the instance evaluator (e.g. ModelConfig.head_dim).
     class_sensitivity: learn the class-level Gaussians.
     sensitivity_parametrization: `authors` or `stable` (see ClassSensitivity).
+    sensitivity_lr_scale: ClassSensitivity's `lr_scale`.
     instance_sensitivity: build the instance evaluator.
     evaluator_layers: hidden layers of the instance evaluator.
     contrastive: produce the contrastive-loss features (ModelConfig.contrastive_weight > 0).
@@ -262,12 +275,14 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
 
   def __init__(self, num_classes, hidden_dim, class_sensitivity=True,
                sensitivity_parametrization="authors", instance_sensitivity=True,
-               evaluator_layers=2, contrastive=True, contrastive_proj_dim=128, **kwargs):
+               evaluator_layers=2, contrastive=True, contrastive_proj_dim=128,
+               sensitivity_lr_scale=1.0, **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.hidden_dim = hidden_dim
     self.class_sensitivity = class_sensitivity
     self.sensitivity_parametrization = sensitivity_parametrization
+    self.sensitivity_lr_scale = sensitivity_lr_scale
     self.instance_sensitivity = instance_sensitivity
     self.evaluator_layers = evaluator_layers
     self.contrastive = contrastive
@@ -277,6 +292,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     self.projection = None
     if class_sensitivity:
       self.class_level = ClassSensitivity(num_classes, sensitivity_parametrization,
+                                          lr_scale=sensitivity_lr_scale,
                                           dtype=self.dtype_policy, name="class_sensitivity")
     if instance_sensitivity:
       self.instance_level = InstanceEvaluator(hidden_dim, evaluator_layers,
@@ -335,6 +351,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
         "hidden_dim": self.hidden_dim,
         "class_sensitivity": self.class_sensitivity,
         "sensitivity_parametrization": self.sensitivity_parametrization,
+        "sensitivity_lr_scale": self.sensitivity_lr_scale,
         "instance_sensitivity": self.instance_sensitivity,
         "evaluator_layers": self.evaluator_layers,
         "contrastive": self.contrastive,

@@ -222,6 +222,10 @@ def _sensitivity_mapping(detector, names) -> Dict[str, Tuple[object, str]]:
   """`extra_mapping` entries for `weight_mapping.load_actionformer_weights`."""
   if not names:
     return {}
+  if detector.model_config.sensitivity_lr_scale != 1.0:
+    raise config_lib.ConfigError(
+        f"--sensitivity_lr_scale={detector.model_config.sensitivity_lr_scale}: mu / sigma are "
+        "then stored scaled; import with --sensitivity_lr_scale=1")
   variables = {v.name: v for v in detector.sensitivity.sensitivity_variables}
   stable = detector.model_config.sensitivity_parametrization == "stable"
   return {name: (variables[name + "_rho" if stable and name.startswith("sigma") else name],

@@ -312,3 +312,23 @@ def test_switches_select_the_outputs():
   assert len(on.sensitivity_variables) == 6
   assert not set(map(id, on.sensitivity_variables)) & set(
       map(id, on.instance_level.trainable_variables))
+
+
+def test_lr_scale_gives_the_same_weights_and_a_proportionally_larger_adam_step():
+  """lr_scale stores mu / sigma divided by it: same Gaussians at the start, and one Adam step
+  (about lr in the stored value) moves mu lr_scale times further."""
+  x = tf.constant([[0.3, -0.2, 0.0]])
+  labels = tf.constant([[0, 1, 1]])
+  moved = {}
+  for scale in (1.0, 50.0):
+    layer = sensitivity.ClassSensitivity(2, lr_scale=scale)
+    g_cls, g_loc = layer(x, labels)
+    np.testing.assert_allclose(g_cls.numpy(), np.exp(-x.numpy() ** 2 / 2), rtol=1e-6)
+    optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(x, labels)[0])
+    optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables),
+                                  layer.trainable_variables))
+    moved[scale] = layer.gaussian_parameters()["mu"].numpy()
+  np.testing.assert_allclose(moved[50.0], 50.0 * moved[1.0], rtol=1e-3)
+  assert abs(moved[1.0][0]) == pytest.approx(1e-3, rel=1e-3)
