@@ -79,6 +79,12 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError, AttributeErr
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+def _unreadable(path: str, error: BaseException) -> FeatureError:
+  kind = ".npz" if path.endswith(".npz") else ".npy"
+  return FeatureError(f"feature file {path} cannot be read as {kind} "
+                      f"({type(error).__name__}: {error or 'empty file'})")
+
+
 def check_feature_array(array, where: str, input_dim: Optional[int] = None,
                         ranks: Sequence[int] = (2,)) -> np.ndarray:
   """The one set of checks every reader of features applies; returns float32.
@@ -146,9 +152,7 @@ def read_feature_file(path: str, npz_key: str = "feats", input_dim: Optional[int
   except FeatureError:
     raise
   except _READ_ERRORS as e:
-    raise FeatureError(f"feature file {path} cannot be read as "
-                       f"{'.npz' if path.endswith('.npz') else '.npy'} "
-                       f"({type(e).__name__}: {e or 'empty file'})") from None
+    raise _unreadable(path, e) from None
   return check_feature_array(array, f"feature file {path}", input_dim, ranks)
 
 
@@ -189,9 +193,7 @@ def read_header(path: str, npz_key: str = "feats") -> Tuple[Tuple[int, ...], np.
   except FeatureError:
     raise
   except _READ_ERRORS as e:
-    raise FeatureError(f"feature file {path} cannot be read as "
-                       f"{'.npz' if path.endswith('.npz') else '.npy'} "
-                       f"({type(e).__name__}: {e or 'empty file'})") from None
+    raise _unreadable(path, e) from None
 
 
 def probe_features(video_id: str, data_config: config_lib.DataConfig
