@@ -120,7 +120,8 @@ class ModelConfig:
     sensitivity_parametrization: `authors` (raw sigma, weight decay as in the released code) or
       `stable` (sigma = softplus(rho) + eps, no weight decay on mu / sigma).
     sensitivity_lr_scale: learning-rate multiplier of the class-level mu / sigma (they are
-      stored divided by it; 1 = as released).
+      stored divided by it; 1 = as released). AdamW's decoupled weight decay is not scaled with
+      it: relative to the larger steps mu / sigma decay 1 / scale as fast.
     instance_sensitivity: ASL instance-level evaluator.
     evaluator_layers: hidden conv layers of the instance evaluator.
     contrastive_weight: weight of the action-sensitive contrastive loss (0 = off).
@@ -203,7 +204,7 @@ class LossConfig:
     reg_loss_weight: DIoU loss weight (ActionFormer `loss_weight`; ANet 2.0).
     init_loss_norm: initial value of the EMA positive-count normalizer.
     loss_norm_momentum: EMA momentum of the normalizer (0.9).
-    evaluator_loss_weight: weight of the instance evaluator's MSE.
+    evaluator_loss_weight: weight of the instance evaluator's loss (`evaluator_loss`).
     instance_combination: `product` (w = p * sg(q)) or `sum` (w = p + sg(q)). Without
       normalisation `product` shrinks the weight of positives whose predicted quality q is low,
       which early in training is all of them, and collapsed some runs (README, ASL ablation);
@@ -401,10 +402,15 @@ def _section_from_dict(section_cls, d: dict):
   if unknown:
     raise ConfigError(f"unknown {section_cls.__name__} fields {unknown}; "
                       f"known fields are {sorted(known)}")
-  kwargs = {}
+  kwargs = dict(_BEFORE_THE_FIELD.get(section_cls.__name__, {})) if d else {}
   for key, value in d.items():
     kwargs[key] = _tuplify(value)
   return section_cls(**kwargs)
+
+
+# What a saved config.json written before a field existed meant, where that differs from the
+# field's default today: such a run keeps its behaviour (evaluating or resuming it).
+_BEFORE_THE_FIELD = {"LossConfig": {"sensitivity_normalization": "none"}}
 
 
 def _tuplify(value: Any) -> Any:

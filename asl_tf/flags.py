@@ -88,7 +88,7 @@ flags.DEFINE_float("center_sample_radius", 1.5, "Centre sampling radius in strid
 flags.DEFINE_float("label_smoothing", 0.0, "Focal-loss label smoothing.")
 flags.DEFINE_float("reg_loss_weight", 1.0, "DIoU loss weight.")
 flags.DEFINE_float("init_loss_norm", 100.0, "Initial EMA loss normalizer.")
-flags.DEFINE_float("evaluator_loss_weight", 1.0, "Instance evaluator MSE weight.")
+flags.DEFINE_float("evaluator_loss_weight", 1.0, "Instance evaluator loss weight.")
 flags.DEFINE_enum("instance_combination", "product", list(config_lib.INSTANCE_COMBINATIONS),
                   "How class- and instance-level weights combine on positives: product "
                   "p * sg(q) or sum p + sg(q) (product without normalisation can collapse "

@@ -177,14 +177,15 @@ def instance_targets(cls_logits, offsets, targets, kind="separate"):
   return tf.stop_gradient(tf.stack([score, iou], axis=-1))
 
 
-def evaluator_loss(q, q_target, kind="mse"):
+def evaluator_loss(q, q_target, kind="mse", logits=None):
   """Per-point loss of the instance evaluator, summed over its two outputs.
 
   Args:
     q: float32 [..., 2] predictions in (0, 1).
     q_target: float32 [..., 2] targets in [0, 1].
-    kind: `mse` (squared error) or `bce` (binary cross-entropy with soft targets; q is clipped
-      to [1e-7, 1 - 1e-7]).
+    kind: `mse` (squared error) or `bce` (binary cross-entropy with soft targets).
+    logits: the logits of q, for `bce` (its gradient then never vanishes at saturation);
+      without them q is clipped to [1e-7, 1 - 1e-7].
 
   Returns:
     float32 [...].
@@ -193,6 +194,9 @@ def evaluator_loss(q, q_target, kind="mse"):
     return tf.reduce_sum(tf.square(q - q_target), axis=-1)
   if kind != "bce":
     raise ValueError(f"evaluator_loss={kind!r}: use 'mse' or 'bce'")
+  if logits is not None:
+    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=q_target, logits=tf.cast(logits, tf.float32)), axis=-1)
   q = tf.clip_by_value(q, 1e-7, 1.0 - 1e-7)
   return -tf.reduce_sum(q_target * tf.math.log(q) + (1.0 - q_target) * tf.math.log(1.0 - q),
                         axis=-1)
@@ -202,8 +206,10 @@ def normalize_per_instance(weights, positive, matched_gt, num_gt):
   """Divides each positive's weight by the mean weight of its GT instance's positives.
 
   Every GT instance's positives then have mean weight exactly 1 (the loss mass of plain
-  ActionFormer), and the weights only move emphasis between its frames. Negatives are returned
-  unchanged. Gradients flow through the mean.
+  ActionFormer), and the weights only move emphasis between its frames (weights are first taken
+  relative to the instance's largest, so tiny ones keep their ratios; only exact zeros stay 0).
+  Negatives are returned unchanged. Gradients flow through the mean, which rewards moving an
+  instance's weight onto its lowest-loss frames.
 
   Args:
     weights: float32 [B, N] per-point weights (> 0 on positives).
@@ -219,10 +225,14 @@ def normalize_per_instance(weights, positive, matched_gt, num_gt):
   ids = tf.range(batch)[:, None] * num_gt + tf.clip_by_value(
       tf.cast(matched_gt, tf.int32), 0, num_gt - 1)  # [B, N]
   pos = tf.cast(positive, tf.float32)
-  sums = tf.math.unsorted_segment_sum(weights * pos, ids, batch * num_gt)
+  # Relative to the instance's largest weight first, so that tiny weights (a narrow Gaussian
+  # far from its mean) keep their ratios instead of meeting a floor.
+  peak = tf.math.unsorted_segment_max(tf.where(positive, weights, 0.0), ids, batch * num_gt)
+  relative = weights / tf.maximum(tf.gather(peak, ids), 1e-30)  # [B, N], <= 1 on positives
+  sums = tf.math.unsorted_segment_sum(relative * pos, ids, batch * num_gt)
   counts = tf.math.unsorted_segment_sum(pos, ids, batch * num_gt)
-  mean = tf.gather(sums / tf.maximum(counts, 1.0), ids)  # [B, N]
-  return tf.where(positive, weights / tf.maximum(mean, 1e-12), weights)
+  mean = tf.gather(sums / tf.maximum(counts, 1.0), ids)  # [B, N], >= 1 / count on positives
+  return tf.where(positive, relative / tf.maximum(mean, 1e-12), weights)
 
 
 def combine_point_weights(class_weight, instance_weight, combination):
@@ -336,7 +346,8 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
       q = tf.cast(sensitivity["q"], tf.float32)  # [B, N, 2]
       q_target = instance_targets(cls_logits, offsets, targets,
                                   loss_config.evaluator_target)  # [B, N, 2]
-      per_point = evaluator_loss(q, q_target, loss_config.evaluator_loss)
+      per_point = evaluator_loss(q, q_target, loss_config.evaluator_loss,
+                                 logits=sensitivity.get("q_logits"))
       evaluator_sum = tf.reduce_sum(tf.where(positive, per_point, 0.0))
       use = tf.logical_and(positive, tf.cast(use_instance_weights, tf.bool))
       combination = loss_config.instance_combination

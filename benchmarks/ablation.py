@@ -44,7 +44,8 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what a variant trains.
 _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrastive_weight": "0",
         "instance_combination": "sum", "sensitivity_normalization": "none",
-        "evaluator_target": "separate", "evaluator_loss": "mse"}
+        "evaluator_target": "separate", "evaluator_loss": "mse",
+        "sensitivity_parametrization": "authors", "sensitivity_lr_scale": "1"}
 
 
 def _variant(**switches) -> tuple:
@@ -84,8 +85,8 @@ VARIANTS: Dict[str, tuple] = {
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.
     "class_instance_norm_lr100": _variant(**_CLS, **_INST, **_NORM,
-                                          instance_combination="product")
-                                 + ("--sensitivity_lr_scale=100",),
+                                          instance_combination="product",
+                                          sensitivity_lr_scale="100"),
     "actionformer_whole": _variant() + ("--center_sample_radius=0",),
     "class_instance_norm_whole": _variant(**_CLS, **_INST, **_NORM,
                                           instance_combination="product")
@@ -239,6 +240,8 @@ def summarize(runs: List[dict]) -> Dict[str, dict]:
     # `paused_sec`: time the run was stopped (SIGSTOP) for other measurements, if recorded.
     walls = [r["wall_sec"] - r.get("paused_sec", 0.0) for r in ok]
     row = {"n": len(ok), "seeds": [r["seed"] for r in ok],
+           # Runs of one row may come from different code snapshots (each record names its own).
+           "code": sorted({r.get("code", "") for r in ok}),
            "per_seed_average_mAP": [round(100.0 * r["average_mAP"], 2) for r in ok],
            "mean_wall_sec": round(float(np.mean(walls)), 1)}
     for key in ("average_mAP", "mAP_at_0_5"):

@@ -27,14 +27,18 @@ windows to keep the cost per run). Nothing was changed after an ASL run.
   phase carries the class's own direction (amplitude KEY_AMPLITUDE, drawn per instance); the
   other phases carry the group's shared direction (GENERIC_AMPLITUDE) plus a faint trace of the
   class direction (GENERIC_OWN_FRACTION of it): they say "an action of this group is going on",
-  not which one. Recognising a class needs the key phase; locating it needs every phase.
+  hardly which one. The key phase carries most of the class evidence; locating an action needs
+  every phase. A short instance may have no key-phase feature at all (phases are rounded to
+  whole features: 14% of the THUMOS instances, 2% of the Ego4D ones); then only the faint trace
+  and the cues name its class.
 * Boundaries are transitional: over the first and last BLUR_FRACTION of an action (at least one
   feature) the action signal ramps linearly from BLUR_FLOOR to full strength.
 * Start / end cues: a class-specific start direction on the first CUE_FEATURES features and an
   end direction on the last ones (CUE_AMPLITUDE), inside the action.
-* Distractor bursts outside every action: on average one per BURST_EVERY features, each
-  BURST_FEATURES long (uniform), carrying the key-phase direction of a random class at
-  BURST_AMPLITUDE, without generic phases or cues (another class's evidence, out of context).
+* Distractor bursts outside every action: one attempt per BURST_EVERY features on average (an
+  attempt landing on an action is dropped), each BURST_FEATURES long (uniform), carrying the
+  key-phase direction of a random class at BURST_AMPLITUDE, without generic phases or cues
+  (another class's evidence, out of context).
 * Overlapping actions (Ego4D) add their signals.
 
 `manifest.json` records the set, the generator version and the source file; a folder whose

@@ -164,7 +164,7 @@ def test_sensitivity_action_signal_has_key_phase_cues_and_blurred_edges():
   assert strength[1] < strength[max(mid_phase)]  # ramped near the start
 
 
-def test_sensitivity_sets_keep_annotations_and_put_bursts_outside_actions(tmp_path, monkeypatch):
+def test_sensitivity_sets_keep_annotations_subsets_and_reuse_the_folder(tmp_path, monkeypatch):
   src = tmp_path / "thumos.json"
   database = {
       "video_validation_1": {"subset": "Validation", "duration": 120.0, "fps": 29.97,

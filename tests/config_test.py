@@ -146,3 +146,13 @@ def test_each_tools_help_lists_its_own_flags_and_exits_0(tool, capsys):
   want = {f"--{n}" for names in asl_flags.TOOL_FLAGS[tool].values() for n in names}
   assert listed == want and len(out.splitlines()) <= 70
   assert "--helpfull" in out
+
+
+def test_a_config_saved_before_normalisation_existed_keeps_its_behaviour():
+  """Runs saved without `sensitivity_normalization` trained without it: loading (to evaluate or
+  resume) must not switch today's default on; a section saved with it keeps its value."""
+  old = config_lib.Config().to_dict()
+  del old["loss"]["sensitivity_normalization"]
+  assert config_lib.Config.from_dict(old).loss.sensitivity_normalization == "none"
+  assert config_lib.Config.from_dict(config_lib.Config().to_dict()) == config_lib.Config()
+  assert config_lib.Config.from_dict({}).loss.sensitivity_normalization == "instance"

@@ -83,6 +83,12 @@ def test_evaluator_loss_mse_and_bce_golden():
   np.testing.assert_allclose(losses.evaluator_loss(q, target, "bce").numpy(), [bce], rtol=1e-6)
   with pytest.raises(ValueError, match="evaluator_loss"):
     losses.evaluator_loss(q, target, "l1")
+  # From logits the gradient survives saturation (logit 20 against target 0.3: dL/dz = 1 - 0.3).
+  z = tf.Variable([[20.0, -20.0]])
+  with tf.GradientTape() as tape:
+    loss = losses.evaluator_loss(tf.sigmoid(z), tf.constant([[0.3, 0.7]]), "bce", logits=z)
+  np.testing.assert_allclose(tape.gradient(loss, z).numpy(), [[0.7, -0.7]], atol=1e-6)
+  np.testing.assert_allclose(loss.numpy(), [20 * 0.7 + 20 * 0.7], rtol=1e-4)
 
 
 def test_normalize_per_instance_golden():
@@ -101,6 +107,13 @@ def test_normalize_per_instance_golden():
   grad = tape.gradient(picked, weights).numpy()
   np.testing.assert_allclose(grad[0, :2], [1.2 / 0.64, -0.4 / 0.64], rtol=1e-5)
   assert np.all(grad[0, 2:] == 0) and np.all(grad[1] == 0)
+
+
+def test_normalize_per_instance_keeps_the_ratios_of_tiny_weights():
+  """1e-30 and 1e-31 (a narrow Gaussian far from its mean) -> 2 / 1.1 and 0.2 / 1.1, not a floor."""
+  out = losses.normalize_per_instance(tf.constant([[1e-30, 1e-31]]), np.array([[True, True]]),
+                                      np.array([[0, 0]], np.int32), 1)
+  np.testing.assert_allclose(out.numpy(), [[2 / 1.1, 0.2 / 1.1]], rtol=1e-5)
 
 
 def test_instance_normalization_keeps_each_instance_loss_mass():

@@ -197,10 +197,14 @@ class InstanceEvaluator(heads.ConvHead):
     self.kernel_size = kernel_size
 
   def call(self, level_features, level_masks, training=False):
+    return tf.sigmoid(self.logits(level_features, level_masks, training=training))
+
+  def logits(self, level_features, level_masks, training=False):
+    """The evaluator's logits, float32 [B, N, 2] (`call` returns their sigmoid)."""
     xs = [tf.stop_gradient(f) * tf.cast(layers.as_bool_mask(m), f.dtype)[..., None]  # pad -> 0
           for f, m in zip(level_features, level_masks)]
     outputs = self._levels(xs, level_masks, training=training)  # [B, T_l, 2] each
-    return tf.concat([tf.sigmoid(tf.cast(y, tf.float32)) for y in outputs], axis=1)  # [B, N, 2]
+    return tf.concat([tf.cast(y, tf.float32) for y in outputs], axis=1)  # [B, N, 2]
 
   def get_config(self):
     config = super().get_config()
@@ -255,7 +259,8 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
   Outputs: dict of float32 tensors:
     `p_cls`, `p_loc` [B, N]: class-level weights at each point's matched GT, 1 on negatives
       (all ones when `class_sensitivity` is off);
-    `q` [B, N, 2]: the instance evaluator's (q_cls, q_loc) (only with `instance_sensitivity`);
+    `q` [B, N, 2]: the instance evaluator's (q_cls, q_loc), and `q_logits` their logits (only
+      with `instance_sensitivity`);
     with `contrastive`: `embeddings` [B, T_0, D] (projected, unit-norm level-0 features),
     `level0_mask` bool [B, T_0], `level0_t` [T_0] point locations, and `rank_cls`, `rank_loc`
     [B, T_0, M] stop-gradient class-level Gaussians of every (level-0 point, GT) pair used to
@@ -327,7 +332,9 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
       out["p_cls"] = tf.ones(tf.shape(positive), tf.float32)
       out["p_loc"] = out["p_cls"]
     if self.instance_level is not None:
-      out["q"] = self.instance_level(level_features, level_masks, training=training)
+      out["q_logits"] = self.instance_level.logits(level_features, level_masks,
+                                                   training=training)
+      out["q"] = tf.sigmoid(out["q_logits"])
     if self.projection is not None:
       num_level0 = tf.shape(level_features[0])[1]
       t0 = points[:num_level0, 0]  # level-0 points (stride 1)
