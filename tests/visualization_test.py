@@ -222,12 +222,15 @@ def test_load_results_errors_name_the_video(tmp_path):
     vis.load_results_for_video(path, "video_a")  # no class_names to map the name
 
 
+_HOW_TO_INSTALL = r"pip install matplotlib \(in a clone, pip install -e '\.\[plot\]'"
+
+
 def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
   for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
     monkeypatch.setitem(sys.modules, name, None)
   monkeypatch.setitem(sys.modules, "matplotlib", None)
-  with pytest.raises(ImportError, match=r"pip install asl_tf\[plot\]"):
+  with pytest.raises(ImportError, match=_HOW_TO_INSTALL):
     vis.plot_video_timeline("vid", 10.0, [[1.0, 2.0]], [0], *NO_DETS, NAMES,
                             str(tmp_path / "x.png"))
-  with pytest.raises(ImportError, match=r"pip install asl_tf\[plot\]"):
+  with pytest.raises(ImportError, match=_HOW_TO_INSTALL):
     vis.plot_sensitivity_curves(_params(1), NAMES[:1], str(tmp_path / "s.png"))

@@ -182,7 +182,8 @@ class InstanceEvaluator(heads.ConvHead):
   evaluator learns only from its own loss.
 
   Inputs: `level_features` list of [B, T_l, C], `level_masks` list of bool [B, T_l].
-  Outputs: q float32 [B, N, 2] = (q_cls, q_loc) in (0, 1), levels concatenated (N = sum T_l).
+  Outputs: q float32 [B, N, 2] = (q_cls, q_loc) in (0, 1), levels concatenated (N = sum T_l);
+  their logits with `logits=True`.
 
   Args:
     hidden_dim: channels of the hidden convolutions.
@@ -196,15 +197,12 @@ class InstanceEvaluator(heads.ConvHead):
     self.num_layers = num_layers
     self.kernel_size = kernel_size
 
-  def call(self, level_features, level_masks, training=False):
-    return tf.sigmoid(self.logits(level_features, level_masks, training=training))
-
-  def logits(self, level_features, level_masks, training=False):
-    """The evaluator's logits, float32 [B, N, 2] (`call` returns their sigmoid)."""
+  def call(self, level_features, level_masks, training=False, logits=False):
     xs = [tf.stop_gradient(f) * tf.cast(layers.as_bool_mask(m), f.dtype)[..., None]  # pad -> 0
           for f, m in zip(level_features, level_masks)]
     outputs = self._levels(xs, level_masks, training=training)  # [B, T_l, 2] each
-    return tf.concat([tf.cast(y, tf.float32) for y in outputs], axis=1)  # [B, N, 2]
+    z = tf.concat([tf.cast(y, tf.float32) for y in outputs], axis=1)  # [B, N, 2]
+    return z if logits else tf.sigmoid(z)
 
   def get_config(self):
     config = super().get_config()
@@ -332,8 +330,8 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
       out["p_cls"] = tf.ones(tf.shape(positive), tf.float32)
       out["p_loc"] = out["p_cls"]
     if self.instance_level is not None:
-      out["q_logits"] = self.instance_level.logits(level_features, level_masks,
-                                                   training=training)
+      out["q_logits"] = self.instance_level(level_features, level_masks, training=training,
+                                            logits=True)
       out["q"] = tf.sigmoid(out["q_logits"])
     if self.projection is not None:
       num_level0 = tf.shape(level_features[0])[1]
