@@ -23,6 +23,11 @@ SENSITIVITY_NORMALIZATIONS = ("none", "instance")
 EVALUATOR_TARGETS = ("separate", "fused")
 EVALUATOR_LOSSES = ("mse", "bce")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# How layers compute (asl_tf/modeling/kernels.py); the values are the same under each.
+KERNEL_POLICIES = ("auto", "reference", "fast", "portable")
+# Model fields that change how, not what, the model computes: a flag may change them for a
+# trained checkpoint.
+RUNTIME_MODEL_FIELDS = ("kernel_policy",)
 
 
 class ConfigError(ValueError):
@@ -122,10 +127,14 @@ class ModelConfig:
     sensitivity_lr_scale: learning-rate multiplier of the class-level mu / sigma (they are
       stored divided by it; 1 = as released). AdamW's decoupled weight decay is not scaled with
       it: relative to the larger steps mu / sigma decay 1 / scale as fast.
+    sensitivity_sigma_floor: lower bound of the class-level sigmas with `stable` (in (0, 1)).
     instance_sensitivity: ASL instance-level evaluator.
     evaluator_layers: hidden conv layers of the instance evaluator.
     contrastive_weight: weight of the action-sensitive contrastive loss (0 = off).
     contrastive_proj_dim: output channels of the contrastive projection MLP (0 = no projection).
+    kernel_policy: how the layers compute (`reference`, `fast`, `portable` or `auto`; see
+      asl_tf/modeling/kernels.py). The same values under each, so it can differ between
+      training and evaluation.
   """
   input_dim: int = 2048
   stream_dims: Tuple[int, ...] = ()
@@ -156,10 +165,12 @@ class ModelConfig:
   class_sensitivity: bool = True
   sensitivity_parametrization: str = "authors"
   sensitivity_lr_scale: float = 1.0
+  sensitivity_sigma_floor: float = 0.01
   instance_sensitivity: bool = True
   evaluator_layers: int = 2
   contrastive_weight: float = 0.0
   contrastive_proj_dim: int = 128
+  kernel_policy: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "backbone_arch", tuple(int(a) for a in self.backbone_arch))
@@ -484,6 +495,11 @@ def validate(config: Config) -> Config:
     problems.append(f"--on_bad_feature={data.on_bad_feature!r}: use error or skip")
   if data.crop_ratio is not None and not (0 < data.crop_ratio[0] <= data.crop_ratio[1] <= 1):
     problems.append(f"--crop_ratio={data.crop_ratio} needs 0 < lo <= hi <= 1")
+  if not 0.0 < model.sensitivity_sigma_floor < 1.0:
+    problems.append(f"--sensitivity_sigma_floor={model.sensitivity_sigma_floor}: use a value in "
+                    "(0, 1) (sigma starts at 1)")
+  if model.kernel_policy not in KERNEL_POLICIES:
+    problems.append(f"--kernel_policy={model.kernel_policy!r}: use one of {KERNEL_POLICIES}")
   if model.sensitivity_parametrization not in SENSITIVITY_PARAMETRIZATIONS:
     problems.append(f"--sensitivity_parametrization={model.sensitivity_parametrization!r}: use "
                     f"one of {SENSITIVITY_PARAMETRIZATIONS}")
@@ -687,10 +703,12 @@ def from_flags(flags, check: bool = True) -> Config:
       class_sensitivity=f.class_sensitivity,
       sensitivity_parametrization=f.sensitivity_parametrization,
       sensitivity_lr_scale=f.sensitivity_lr_scale,
+      sensitivity_sigma_floor=f.sensitivity_sigma_floor,
       instance_sensitivity=f.instance_sensitivity,
       evaluator_layers=f.evaluator_layers,
       contrastive_weight=f.contrastive_weight,
       contrastive_proj_dim=f.contrastive_proj_dim,
+      kernel_policy=f.kernel_policy,
   )
   loss = LossConfig(
       center_sample_radius=f.center_sample_radius,

@@ -26,8 +26,7 @@ def main(argv):
   try:
     config = asl_flags.build_config(check=asl_flags.FLAGFILE_GIVEN)
     checkpoint = config.export.checkpoint or config.train.output_dir
-    if not asl_flags.FLAGFILE_GIVEN:
-      config = asl_flags.overlay_command_line(inference.checkpoint_config(checkpoint, None))
+    config = asl_flags.checkpoint_tool_config(checkpoint, config)
     output_dir = (asl_flags.FLAGS.output_dir if "output_dir" in asl_flags.COMMAND_LINE_FLAGS
                   else checkpoints.run_folder(checkpoint))
     model, config = inference.load_model(checkpoint, config)

@@ -58,12 +58,9 @@ def main(argv):
     sys.exit(f"asl_tf.export: {e}")
   from asl_tf.serving import module  # pylint: disable=g-import-not-at-top
   from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
-  from asl_tf import inference  # pylint: disable=g-import-not-at-top
   export = flag_config.export
   try:
-    config = flag_config
-    if not asl_flags.FLAGFILE_GIVEN:
-      config = asl_flags.overlay_command_line(inference.checkpoint_config(export.checkpoint, None))
+    config = asl_flags.checkpoint_tool_config(export.checkpoint, flag_config)
     path = export_checkpoint(export.checkpoint, export.export_dir, export.version, config)
   except (config_lib.ConfigError, checkpoints.CheckpointError, module.ExportError) as e:
     sys.exit(f"asl_tf.export: {e}")

@@ -77,11 +77,16 @@ flags.DEFINE_enum("sensitivity_parametrization", "authors",
                   "authors: raw sigma as released; stable: softplus sigma, no decay.")
 flags.DEFINE_float("sensitivity_lr_scale", 1.0, "Learning-rate multiplier of the class-level "
                    "mu / sigma (1 = as released).")
+flags.DEFINE_float("sensitivity_sigma_floor", 0.01, "Lower bound of the class-level sigmas "
+                   "with --sensitivity_parametrization=stable.")
 flags.DEFINE_boolean("instance_sensitivity", True, "ASL instance-level evaluator.")
 flags.DEFINE_integer("evaluator_layers", 2, "Hidden conv layers of the instance evaluator.")
 flags.DEFINE_float("contrastive_weight", 0.0, "Action-sensitive contrastive loss weight (0 = off, "
                    "the default: it did not help in the ablation).")
 flags.DEFINE_integer("contrastive_proj_dim", 128, "Contrastive projection channels (0 = none).")
+flags.DEFINE_enum("kernel_policy", "auto", list(config_lib.KERNEL_POLICIES),
+                  "How layers compute, same values: reference (plain ops; GPU), fast (oneDNN "
+                  "CPU forms), portable (fast minus oneDNN-only forms), auto (by device).")
 
 # Losses.
 flags.DEFINE_float("center_sample_radius", 1.5, "Centre sampling radius in strides.")
@@ -240,20 +245,20 @@ _ASL = ("class_sensitivity", "instance_sensitivity", "sensitivity_normalization"
         "instance_combination", "contrastive_weight")
 _TRAINING = ("output_dir", "epochs", "warmup_epochs", "batch_size", "learning_rate",
              "weight_decay", "ema_decay", "seed", "resume", "eval_every", "mixed_precision",
-             "num_cpu_devices")
+             "num_cpu_devices", "kernel_policy")
 _EVALUATION = ("tiou_thresholds", "pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
                "multiclass_nms", "nms_sigma", "ext_score_file")
 TOOL_FLAGS = {
     "asl_tf.train": {"data": _DATA, "model": _MODEL, "ASL": _ASL, "training": _TRAINING,
                      "evaluation (at the end)": _EVALUATION},
     "asl_tf.evaluate": {"what": ("checkpoint", "output_dir"), "data": _DATA,
-                        "evaluation": _EVALUATION},
+                        "evaluation": _EVALUATION + ("kernel_policy",)},
     "asl_tf.infer": {"what": ("checkpoint", "saved_model", "features_path", "results_file",
                               "overwrite", "fps", "output_dir"),
                      "data": ("input_dim", "npz_key", "file_prefix", "feat_stride", "num_frames",
                               "default_fps", "fps_override", "resize_length"),
                      "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
-                                    "multiclass_nms", "nms_sigma")},
+                                    "multiclass_nms", "nms_sigma", "kernel_policy")},
     "asl_tf.visualize": {"what": ("checkpoint", "video_ids", "num_videos", "plot_dir"),
                          "data": _DATA, "evaluation": _EVALUATION[:-1]},
     "asl_tf.export": {"export": ("checkpoint", "export_dir", "version", "max_frames"),
@@ -361,7 +366,8 @@ _EVALUATION_SECTIONS = ("data", "eval", "export")
 def overlay_command_line(saved: config_lib.Config) -> config_lib.Config:
   """A checkpoint's saved config with the flags given on the command line applied.
 
-  Data, evaluation and export flags replace the saved values. A model or loss flag cannot change
+  Data, evaluation and export flags (and `--kernel_policy`, which changes how, not what, the
+  model computes) replace the saved values. A model or loss flag cannot change
   a trained model, and a training flag does not apply after training: given with another value
   than the checkpoint's, either is an error naming it (`--output_dir` is exempt: tools read it as
   where to write).
@@ -379,7 +385,8 @@ def overlay_command_line(saved: config_lib.Config) -> config_lib.Config:
       if flag not in COMMAND_LINE_FLAGS or flag == "output_dir":
         continue
       value = getattr(new, field.name)
-      if section.name in _EVALUATION_SECTIONS:
+      if (section.name in _EVALUATION_SECTIONS
+          or (section.name == "model" and field.name in config_lib.RUNTIME_MODEL_FIELDS)):
         changes[field.name] = value
       elif value != getattr(old, field.name):
         why = ("a training flag, unused after training" if section.name == "train" else
@@ -392,6 +399,17 @@ def overlay_command_line(saved: config_lib.Config) -> config_lib.Config:
         "these flags cannot apply to a trained checkpoint: " + "; ".join(refused)
         + ". Drop them, or pass the run's --flagfile")
   return config_lib.validate(config_lib.Config(**sections))
+
+
+def checkpoint_tool_config(checkpoint: str, flag_config: config_lib.Config) -> config_lib.Config:
+  """The configuration a tool applies to a trained `checkpoint` (evaluate, infer, visualize,
+  export): with `--flagfile`, the flags' own config (its model is checked against the
+  checkpoint's when loading); without, the run's config.json with the flags given on the command
+  line applied (`overlay_command_line`)."""
+  if FLAGFILE_GIVEN:
+    return flag_config
+  from asl_tf import inference  # pylint: disable=g-import-not-at-top (loads TensorFlow)
+  return overlay_command_line(inference.checkpoint_config(checkpoint, None))
 
 
 def build_config(check: bool = True) -> config_lib.Config:

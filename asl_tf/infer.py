@@ -187,10 +187,7 @@ def main(argv):
     if f.saved_model:
       per_video, class_names = run_saved_model(f.saved_model, config, videos)
     else:
-      if not asl_flags.FLAGFILE_GIVEN:  # the run's config.json with the given flags applied
-        from asl_tf import inference  # pylint: disable=g-import-not-at-top
-        config = asl_flags.overlay_command_line(
-            inference.checkpoint_config(config.export.checkpoint, None))
+      config = asl_flags.checkpoint_tool_config(config.export.checkpoint, config)
       fps = f.fps or config.data.fps_override or config.data.default_fps
       per_video, class_names = run_checkpoint(config, videos, fps)
     from asl_tf import evaluation  # pylint: disable=g-import-not-at-top

@@ -41,8 +41,9 @@ def checkpoint_config(checkpoint: str, config: Optional[config_lib.Config]) -> c
   """The config to build a checkpoint's model with.
 
   The model section comes from the run's saved config.json (when present); other sections
-  (data, eval) come from `config`, so evaluation settings can change. A model section in
-  `config` that contradicts the checkpoint's is an error naming both values.
+  (data, eval) come from `config`, so evaluation settings can change, and so can the model's
+  `RUNTIME_MODEL_FIELDS` (kernel_policy). Another model field in `config` that contradicts the
+  checkpoint's is an error naming both values.
   """
   _, config_path = ckpt_lib.resolve_checkpoint(checkpoint)
   if config_path is None:
@@ -56,13 +57,16 @@ def checkpoint_config(checkpoint: str, config: Optional[config_lib.Config]) -> c
   diffs = [f"model.{f.name}: {getattr(saved.model, f.name)!r} (checkpoint) vs "
            f"{getattr(config.model, f.name)!r} (flags)"
            for f in dataclasses.fields(saved.model)
-           if getattr(saved.model, f.name) != getattr(config.model, f.name)]
+           if f.name not in config_lib.RUNTIME_MODEL_FIELDS
+           and getattr(saved.model, f.name) != getattr(config.model, f.name)]
   if diffs:
     raise ckpt_lib.CheckpointError(
         f"the flags do not match the checkpoint's configuration ({config_path}):\n  - "
         + "\n  - ".join(diffs) + "\nUse the training run's flagfile, or drop the conflicting "
         "flags (the checkpoint's config.json is used when no --flagfile is given).")
-  return config_lib.Config(data=config.data, model=saved.model, loss=saved.loss,
+  model = dataclasses.replace(saved.model, **{name: getattr(config.model, name)
+                                               for name in config_lib.RUNTIME_MODEL_FIELDS})
+  return config_lib.Config(data=config.data, model=model, loss=saved.loss,
                            train=saved.train, eval=config.eval, export=config.export)
 
 

@@ -20,7 +20,6 @@ divides them by the (globally all-reduced) normalizers. Wiring into a distribute
 import keras
 import tensorflow as tf
 
-from asl_tf.modeling import sensitivity as sensitivity_lib
 
 _EPS = 1e-8
 
@@ -246,6 +245,78 @@ def combine_point_weights(class_weight, instance_weight, combination):
   raise ValueError(f"instance_combination={combination!r}: use 'product' or 'sum'")
 
 
+def sample_contrastive_features(embeddings, padding_mask, t, gt_segments, gt_labels, rank_cls,
+                                rank_loc, topk, num_background):
+  """Sensitive and background features for the contrastive loss (docs/method.md 4, reconstructed).
+
+  Per GT n, among the valid level-0 points inside [a_n, b_n] (inclusive), the `topk` with the
+  largest `rank_cls` are averaged into f_cls(n) and the `topk` with the largest `rank_loc` into
+  f_loc(n) (fewer if the segment holds fewer points; both re-normalised to unit length). A GT
+  without any point inside is dropped. Per video, `num_background` points outside every GT are
+  taken evenly spaced among the candidates (ranks floor((j + 0.5) c / num_background) of the c
+  candidates; all c of them when c < num_background). Everything has static shape.
+
+  Args:
+    embeddings: float32 [B, T, D] unit-norm level-0 features.
+    padding_mask: bool [B, T].
+    t: float32 [T] level-0 point locations.
+    gt_segments: float32 [B, M, 2]; gt_labels: int [B, M] (-1 = padding).
+    rank_cls, rank_loc: float32 [B, T, M] ranking scores of every (point, GT) pair.
+    topk: points averaged per GT and sub-task.
+    num_background: background points per video.
+
+  Returns:
+    (features [2BM + B num_background, D], labels int32 [...] (GT class, -1 for background),
+    valid bool [...]): the cls features of every GT, then the loc features, then background.
+  """
+  embeddings = tf.cast(embeddings, tf.float32)
+  gt_labels = tf.cast(gt_labels, tf.int32)
+  dim = embeddings.shape[-1]
+  num_points = embeddings.shape[1]
+  valid_gt = gt_labels >= 0  # [B, M]
+  start = gt_segments[:, None, :, 0]  # [B, 1, M]
+  end = gt_segments[:, None, :, 1]
+  inside = tf.logical_and(t[None, :, None] >= start, t[None, :, None] <= end)  # [B, T, M]
+  inside = tf.logical_and(inside, tf.logical_and(valid_gt[:, None, :], padding_mask[..., None]))
+  inside_mt = tf.transpose(inside, [0, 2, 1])  # [B, M, T]
+  k = min(topk, num_points) if num_points is not None else topk
+
+  def pool(rank):
+    score = tf.where(inside_mt, tf.transpose(rank, [0, 2, 1]), -1e9)  # [B, M, T]
+    _, idx = tf.math.top_k(score, k=k)  # [B, M, k]
+    picked = tf.cast(tf.gather(inside_mt, idx, batch_dims=2), tf.float32)  # [B, M, k]
+    feats = tf.gather(embeddings, idx, batch_dims=1)  # [B, M, k, D]
+    mean = tf.reduce_sum(feats * picked[..., None], axis=2) / tf.maximum(
+        tf.reduce_sum(picked, axis=2, keepdims=True), 1.0)  # [B, M, D]
+    return tf.math.l2_normalize(mean, axis=-1, epsilon=1e-12)
+
+  has_points = tf.logical_and(valid_gt, tf.reduce_any(inside_mt, axis=-1))  # [B, M]
+  f_cls = tf.reshape(pool(rank_cls), [-1, dim])  # [B M, D]
+  f_loc = tf.reshape(pool(rank_loc), [-1, dim])
+
+  candidate = tf.logical_and(padding_mask, tf.logical_not(tf.reduce_any(
+      tf.logical_and(t[None, :, None] >= start,
+                     tf.logical_and(t[None, :, None] <= end, valid_gt[:, None, :])), axis=-1)))
+  cand_i = tf.cast(candidate, tf.int32)  # [B, T]
+  rank = tf.cumsum(cand_i, axis=1) - 1
+  count = tf.reduce_sum(cand_i, axis=1, keepdims=True)  # [B, 1]
+  j = tf.range(num_background, dtype=tf.int32)[None, :]  # [1, J]
+  spaced = tf.cast(tf.floor((tf.cast(j, tf.float32) + 0.5) * tf.cast(count, tf.float32)
+                            / num_background), tf.int32)
+  target = tf.where(count >= num_background, spaced, j)  # [B, J]
+  select = tf.logical_and(candidate[:, None, :], tf.equal(rank[:, None, :], target[..., None]))
+  f_bg = tf.einsum("bjt,btd->bjd", tf.cast(select, tf.float32), embeddings)  # [B, J, D]
+  f_bg = tf.reshape(f_bg, [-1, dim])  # [B J, D]
+  bg_valid = tf.reshape(tf.broadcast_to(j < count, tf.shape(target)), [-1])
+
+  labels = tf.reshape(gt_labels, [-1])
+  inst_valid = tf.reshape(has_points, [-1])
+  features = tf.concat([f_cls, f_loc, f_bg], axis=0)
+  all_labels = tf.concat([labels, labels, -tf.ones_like(bg_valid, tf.int32)], axis=0)
+  valid = tf.concat([inst_valid, inst_valid, bg_valid], axis=0)
+  return features, all_labels, valid
+
+
 def multi_positive_info_nce(features, labels, valid, temperature, anchor_rows=None):
   """Multi-positive InfoNCE (supervised contrastive) with cosine similarity.
 
@@ -364,7 +435,7 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
         q0 = tf.stop_gradient(tf.cast(sensitivity["q"][:, :num_level0], tf.float32))  # [B, T0, 2]
         rank_cls = combine_point_weights(rank_cls, q0[..., 0:1], loss_config.instance_combination)
         rank_loc = combine_point_weights(rank_loc, q0[..., 1:2], loss_config.instance_combination)
-      feats, labels, feat_valid = sensitivity_lib.sample_contrastive_features(
+      feats, labels, feat_valid = sample_contrastive_features(
           sensitivity["embeddings"], sensitivity["level0_mask"], sensitivity["level0_t"],
           gt_segments, gt_labels, rank_cls, rank_loc, loss_config.contrastive_topk,
           loss_config.contrastive_num_background)

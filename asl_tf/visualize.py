@@ -36,10 +36,10 @@ def main(argv):
   from asl_tf.data import features as features_lib  # pylint: disable=g-import-not-at-top
   from asl_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    config = asl_flags.build_config()
+    config = asl_flags.build_config(check=asl_flags.FLAGFILE_GIVEN)
     checkpoint = config.export.checkpoint or config.train.output_dir
-    model, config = inference.load_model(checkpoint,
-                                         config if asl_flags.FLAGFILE_GIVEN else None)
+    config = asl_flags.checkpoint_tool_config(checkpoint, config)
+    model, config = inference.load_model(checkpoint, config)
     records, report = annotations.load_video_records(config.data, config.data.eval_subset)
     by_id = {r.video_id: r for r in records}
     wanted = list(f.video_ids) or [r.video_id for r in records[:f.num_videos]]

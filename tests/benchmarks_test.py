@@ -359,3 +359,21 @@ def test_profile_step_quick(tmp_path):
   for part in profile["by_part"]:
     assert part["part"] in ("optimizer", "other") or part["part"].split()[0] in (
         "forward", "backward"), part
+
+
+def test_ab_step_comparisons_differ_only_in_what_they_compare():
+  """Each comparison's variants build configs equal but for the compared fields, so a timing
+  difference is that field's."""
+  ab_step = _load("ab_step")
+  train_step = _load("train_step")
+  from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
+  compared = {"kernel_policy": {"kernel_policy"},
+              "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight"}}
+  for comparison, variants in ab_step.COMPARISONS.items():
+    models = []
+    for extra in variants.values():
+      asl_flags.FLAGS.unparse_flags()
+      models.append(train_step._config("bench", False, extra).model.__dict__)
+    differing = {k for m in models[1:] for k in m if m[k] != models[0][k]}
+    assert differing == compared[comparison], comparison
+  asl_flags.FLAGS.unparse_flags()

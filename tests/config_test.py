@@ -112,6 +112,7 @@ def test_missing_flagfile_is_named():
     (["--tiou_thresholds=abc"], r"--tiou_thresholds=abc: expected comma-separated numbers"),
     (["--tiou_thresholds=0.5,1.5"], r"--tiou_thresholds=0.5,1.5 needs one or more values"),
     (["--feature_dir=feats,"], r"--feature_dir=feats, has an empty entry"),
+    (["--sensitivity_sigma_floor=0"], r"--sensitivity_sigma_floor=0.0: use a value in \(0, 1\)"),
 ])
 def test_bad_flag_values_are_named_up_front(argv, message):
   """Each used to train backwards, divide by zero or fail deep inside TensorFlow."""

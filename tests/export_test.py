@@ -1,5 +1,6 @@
 """python -m asl_tf.export: a tiny training run's checkpoint -> TF Serving versions."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -151,3 +152,35 @@ def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
   assert last == (f"asl_tf.export: --checkpoint={tmp_path}/nope is neither a checkpoint prefix "
                   f"(no {tmp_path}/nope.index) nor a folder")
   assert not os.path.exists(tmp_path / "models")
+
+
+def test_kernel_policy_may_differ_from_the_checkpoints(run_dir, parsed_flags):
+  """`--kernel_policy` changes how, not what, the model computes: evaluate / infer / export take
+  another one than training used (no "would change the trained model" error) and the scores
+  agree."""
+  saved = config_lib.Config.load(os.path.join(run_dir, ckpt_lib.CONFIG_FILE))
+  assert saved.model.kernel_policy == "auto"
+  parsed_flags(f"--checkpoint={run_dir}", "--kernel_policy=reference")
+  assert asl_flags.overlay_command_line(saved).model.kernel_policy == "reference"
+  scores = {}
+  for policy in ("reference", "fast"):
+    config = dataclasses.replace(saved, model=dataclasses.replace(saved.model,
+                                                                  kernel_policy=policy))
+    model, resolved = inference.load_model(run_dir, config)
+    assert resolved.model.kernel_policy == policy == model.model_config.kernel_policy
+    features = np.random.default_rng(4).normal(size=(2, 24, C)).astype(np.float32)
+    scores[policy] = _raw_scores(model, features, np.array([24, 13]))
+  np.testing.assert_allclose(scores["fast"], scores["reference"], rtol=1e-5, atol=1e-6)
+
+
+def test_tools_without_flagfile_apply_command_line_flags_to_the_runs_config(run_dir,
+                                                                             parsed_flags):
+  """`checkpoint_tool_config` (evaluate, infer, export, visualize): without --flagfile the run's
+  config.json with the given flags on top. visualize used to drop them (its --eval_subset and
+  evaluation flags were ignored without a flagfile)."""
+  parsed_flags(f"--checkpoint={run_dir}", "--eval_subset=training", "--max_seg_num=7")
+  config = asl_flags.checkpoint_tool_config(run_dir, asl_flags.build_config(check=False))
+  saved = config_lib.Config.load(os.path.join(run_dir, ckpt_lib.CONFIG_FILE))
+  assert config.data.eval_subset == "training" and config.eval.max_seg_num == 7
+  assert config.data.feat_stride == saved.data.feat_stride == 4  # not the flag default 16
+  assert config.model == saved.model

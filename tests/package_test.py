@@ -32,3 +32,31 @@ def test_package_import_changes_nothing_and_loads_no_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
                        check=True)
   assert out.stdout.split() == ["False", "False"]
+
+
+def _asl_imports(path):
+  """The asl_tf modules a source file imports (parsed, not executed)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("asl_tf"):
+      names |= {f"{node.module}.{a.name}" for a in node.names}
+    elif isinstance(node, ast.Import):
+      names |= {a.name for a in node.names if a.name.startswith("asl_tf")}
+  return names
+
+
+def test_imports_run_one_way():
+  """Layers and losses sit below the model: nothing under modeling/ reaches the losses or the
+  training code, losses import no asl_tf module, and the kernel seam imports only config."""
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "asl_tf")
+  assert _asl_imports(os.path.join(root, "losses.py")) == set()
+  assert _asl_imports(os.path.join(root, "modeling", "kernels.py")) == {
+      "asl_tf.config", "asl_tf.modeling.winograd"}
+  for name in os.listdir(os.path.join(root, "modeling")):
+    if name.endswith(".py") and name != "detector.py":
+      imports = _asl_imports(os.path.join(root, "modeling", name))
+      assert not {i for i in imports if i.startswith(("asl_tf.losses", "asl_tf.training",
+                                                      "asl_tf.targets"))}, name

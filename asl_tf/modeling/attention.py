@@ -12,6 +12,7 @@ import math
 import keras
 import tensorflow as tf
 
+from asl_tf.modeling import kernels
 from asl_tf.modeling import layers
 
 # Added to the scores of padded keys (ActionFormer adds -1e4 in local attention).
@@ -47,9 +48,11 @@ class LocalMaskedSelfAttention(keras.layers.Layer):
     window_size: local window (odd, e.g. 19); <= 1 means global attention.
     stride: 1, or an even downsampling stride applied by the q / k / v convolutions.
     dropout: dropout rate of the output projection.
+    kernel_policy: `kernels.POLICIES` entry of the convolutions and LayerNorms.
   """
 
-  def __init__(self, embed_dim, num_heads, window_size, stride=1, dropout=0.0, **kwargs):
+  def __init__(self, embed_dim, num_heads, window_size, stride=1, dropout=0.0,
+               kernel_policy="auto", **kwargs):
     super().__init__(**kwargs)
     if embed_dim % num_heads:
       raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; choose "
@@ -61,15 +64,16 @@ class LocalMaskedSelfAttention(keras.layers.Layer):
     self.window_size = window_size
     self.stride = stride
     self.dropout = dropout
+    self.kernel_policy = kernel_policy
     self.head_dim = embed_dim // num_heads
     self.half_window = window_size // 2 if window_size > 1 else 0
     kernel_size = stride + 1 if stride > 1 else 3
     for name in ("query", "key", "value"):
       setattr(self, f"{name}_conv", layers.MaskedConv1D(
           embed_dim, kernel_size, strides=stride, groups=embed_dim, use_bias=False,
-          name=f"{name}_conv", dtype=self.dtype_policy))
-      setattr(self, f"{name}_norm", layers.ChannelLayerNorm(name=f"{name}_norm",
-                                                            dtype=self.dtype_policy))
+          kernel_policy=kernel_policy, name=f"{name}_conv", dtype=self.dtype_policy))
+      setattr(self, f"{name}_norm", layers.ChannelLayerNorm(
+          kernel_policy=kernel_policy, name=f"{name}_norm", dtype=self.dtype_policy))
       setattr(self, name, _dense(embed_dim, name, self.dtype_policy))
     self.proj = _dense(embed_dim, "proj", self.dtype_policy)
     self.proj_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
@@ -154,6 +158,7 @@ class LocalMaskedSelfAttention(keras.layers.Layer):
         "window_size": self.window_size,
         "stride": self.stride,
         "dropout": self.dropout,
+        "kernel_policy": self.kernel_policy,
     })
     return config
 
@@ -168,9 +173,8 @@ class TransformerBlock(keras.layers.Layer):
   out = x' + DropPath(LayerScale(MLP(LN2(x')) * out_mask))
   ```
   MaxPoolSkip is a max-pool (kernel stride + 1, symmetric -inf padding) when stride > 1, else the
-  identity; MLP is 1x1 C -> 4C, exact (erf) GELU, dropout, 1x1 4C -> C, dropout, and LN2 + MLP
-  run on the valid frames only (`layers.apply_to_valid_frames`). LayerScale (init 1e-4) and
-  DropPath exist only when `droppath > 0`.
+  identity; MLP is 1x1 C -> 4C, exact (erf) GELU, dropout, 1x1 4C -> C, dropout. LayerScale
+  (init 1e-4) and DropPath exist only when `droppath > 0`.
 
   Inputs: `x` [B, T, C], `padding_mask` [B, T] bool or float.
   Outputs: `(y [B, ceil(T / stride), C], out_mask [B, ceil(T / stride)] bool)`.
@@ -182,10 +186,11 @@ class TransformerBlock(keras.layers.Layer):
     stride: 1, or an even downsampling stride.
     dropout: attention projection and MLP dropout.
     droppath: stochastic depth rate.
+    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and MLP.
   """
 
   def __init__(self, embed_dim, num_heads, window_size, stride=1, dropout=0.0, droppath=0.0,
-               **kwargs):
+               kernel_policy="auto", **kwargs):
     super().__init__(**kwargs)
     self.embed_dim = embed_dim
     self.num_heads = num_heads
@@ -193,11 +198,13 @@ class TransformerBlock(keras.layers.Layer):
     self.stride = stride
     self.dropout = dropout
     self.droppath = droppath
+    self.kernel_policy = kernel_policy
     dtype = self.dtype_policy
-    self.ln1 = layers.ChannelLayerNorm(name="ln1", dtype=dtype)
-    self.ln2 = layers.ChannelLayerNorm(name="ln2", dtype=dtype)
+    self.ln1 = layers.ChannelLayerNorm(kernel_policy=kernel_policy, name="ln1", dtype=dtype)
+    self.ln2 = layers.ChannelLayerNorm(kernel_policy=kernel_policy, name="ln2", dtype=dtype)
     self.attn = LocalMaskedSelfAttention(embed_dim, num_heads, window_size, stride=stride,
-                                         dropout=dropout, name="attn", dtype=dtype)
+                                         dropout=dropout, kernel_policy=kernel_policy,
+                                         name="attn", dtype=dtype)
     self.mlp_fc1 = _dense(4 * embed_dim, "mlp_fc1", dtype)
     self.mlp_fc2 = _dense(embed_dim, "mlp_fc2", dtype)
     self.mlp_dropout1 = keras.layers.Dropout(dropout, dtype=dtype)
@@ -244,7 +251,8 @@ class TransformerBlock(keras.layers.Layer):
     scale_attn = self.scale_attn if self.droppath > 0.0 else None
     scale_mlp = self.scale_mlp if self.droppath > 0.0 else None
     out = self._pool_skip(x) * mask + self._residual(attn, scale_attn, training)
-    mlp = layers.apply_to_valid_frames(lambda frames: self._mlp(frames, training), out, out_mask)
+    mlp = kernels.per_frame(lambda frames: self._mlp(frames, training), out, out_mask,
+                            self.kernel_policy)  # [B, T', C], zero on padded frames
     out = out + self._residual(mlp, scale_mlp, training)
     return out, out_mask
 
@@ -257,5 +265,6 @@ class TransformerBlock(keras.layers.Layer):
         "stride": self.stride,
         "dropout": self.dropout,
         "droppath": self.droppath,
+        "kernel_policy": self.kernel_policy,
     })
     return config

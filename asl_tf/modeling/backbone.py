@@ -70,12 +70,13 @@ class ConvTransformerBackbone(keras.layers.Layer):
     use_abs_pe: add the absolute position encoding.
     stream_dims: per-stream input channels (empty = one stream).
     stream_proj_dims: per-stream projected channels.
+    kernel_policy: `kernels.POLICIES` entry of every convolution, LayerNorm and MLP.
   """
 
   def __init__(self, input_dim, embd_dim, num_heads, embd_kernel_size=3, max_seq_len=2304,
                arch=(2, 2, 5), mha_win_size=(19,) * 6, scale_factor=2, embd_with_ln=True,
                dropout=0.0, droppath=0.0, use_abs_pe=False, stream_dims=(), stream_proj_dims=(),
-               **kwargs):
+               kernel_policy="auto", **kwargs):
     super().__init__(**kwargs)
     arch = tuple(int(a) for a in arch)
     mha_win_size = tuple(int(w) for w in mha_win_size)
@@ -115,20 +116,26 @@ class ConvTransformerBackbone(keras.layers.Layer):
     self.use_abs_pe = use_abs_pe
     self.stream_dims = stream_dims
     self.stream_proj_dims = stream_proj_dims
+    self.kernel_policy = kernel_policy
     dtype = self.dtype_policy
-    self.stream_proj = [layers.MaskedConv1D(d, 1, name=f"stream_proj_{i}", dtype=dtype)
+    policy = kernel_policy
+    self.stream_proj = [layers.MaskedConv1D(d, 1, kernel_policy=policy, name=f"stream_proj_{i}",
+                                            dtype=dtype)
                         for i, d in enumerate(stream_proj_dims)]
     self.embd = [layers.MaskedConv1D(embd_dim, embd_kernel_size, use_bias=not embd_with_ln,
-                                     name=f"embd_{i}", dtype=dtype) for i in range(arch[0])]
-    self.embd_norm = [layers.ChannelLayerNorm(name=f"embd_norm_{i}", dtype=dtype)
+                                     kernel_policy=policy, name=f"embd_{i}", dtype=dtype)
+                 for i in range(arch[0])]
+    self.embd_norm = [layers.ChannelLayerNorm(kernel_policy=policy, name=f"embd_norm_{i}",
+                                              dtype=dtype)
                       for i in range(arch[0])] if embd_with_ln else []
     self.stem = [attention.TransformerBlock(embd_dim, num_heads, mha_win_size[0], stride=1,
                                             dropout=dropout, droppath=droppath,
-                                            name=f"stem_{i}", dtype=dtype)
+                                            kernel_policy=policy, name=f"stem_{i}", dtype=dtype)
                  for i in range(arch[1])]
     self.branch = [attention.TransformerBlock(embd_dim, num_heads, mha_win_size[1 + i],
                                               stride=scale_factor, dropout=dropout,
-                                              droppath=droppath, name=f"branch_{i}", dtype=dtype)
+                                              droppath=droppath, kernel_policy=policy,
+                                              name=f"branch_{i}", dtype=dtype)
                    for i in range(arch[2])]
     if use_abs_pe:
       self.pos_table = tf.constant(sinusoid_table(max_seq_len, embd_dim))
@@ -201,5 +208,6 @@ class ConvTransformerBackbone(keras.layers.Layer):
         "use_abs_pe": self.use_abs_pe,
         "stream_dims": list(self.stream_dims),
         "stream_proj_dims": list(self.stream_proj_dims),
+        "kernel_policy": self.kernel_policy,
     })
     return config

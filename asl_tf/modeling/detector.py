@@ -83,24 +83,28 @@ class ASLDetector(keras.Model):
         arch=mc.backbone_arch, mha_win_size=mc.mha_win_size, scale_factor=mc.scale_factor,
         embd_with_ln=mc.embd_with_ln, dropout=mc.dropout, droppath=mc.droppath,
         use_abs_pe=mc.use_abs_pe, stream_dims=mc.stream_dims,
-        stream_proj_dims=mc.stream_proj_dims, name="backbone", dtype=dtype)
-    self.neck = neck_lib.IdentityNeck(mc.num_levels, with_ln=mc.fpn_with_ln, name="neck",
-                                      dtype=dtype)
+        stream_proj_dims=mc.stream_proj_dims, kernel_policy=mc.kernel_policy,
+        name="backbone", dtype=dtype)
+    self.neck = neck_lib.IdentityNeck(mc.num_levels, with_ln=mc.fpn_with_ln,
+                                      kernel_policy=mc.kernel_policy, name="neck", dtype=dtype)
     self.cls_head = heads.ClassificationHead(
         mc.num_classes, mc.head_dim, num_layers=mc.head_num_layers,
         kernel_size=mc.head_kernel_size, with_ln=mc.head_with_ln, prior_prob=mc.cls_prior_prob,
-        empty_classes=mc.head_empty_cls, name="cls_head", dtype=dtype)
+        empty_classes=mc.head_empty_cls, kernel_policy=mc.kernel_policy, name="cls_head",
+        dtype=dtype)
     self.reg_head = heads.RegressionHead(
         mc.num_levels, mc.head_dim, num_layers=mc.head_num_layers,
-        kernel_size=mc.head_kernel_size, with_ln=mc.head_with_ln, name="reg_head", dtype=dtype)
+        kernel_size=mc.head_kernel_size, with_ln=mc.head_with_ln,
+        kernel_policy=mc.kernel_policy, name="reg_head", dtype=dtype)
     uses_asl = mc.class_sensitivity or mc.instance_sensitivity or mc.contrastive_weight > 0
     self.sensitivity = sensitivity_lib.ActionSensitivityEvaluator(
         mc.num_classes, mc.head_dim, class_sensitivity=mc.class_sensitivity,
         sensitivity_parametrization=mc.sensitivity_parametrization,
         sensitivity_lr_scale=mc.sensitivity_lr_scale,
+        sensitivity_sigma_floor=mc.sensitivity_sigma_floor,
         instance_sensitivity=mc.instance_sensitivity, evaluator_layers=mc.evaluator_layers,
         contrastive=mc.contrastive_weight > 0, contrastive_proj_dim=mc.contrastive_proj_dim,
-        name="sensitivity", dtype=dtype) if uses_asl else None
+        kernel_policy=mc.kernel_policy, name="sensitivity", dtype=dtype) if uses_asl else None
     self.loss_normalizer = losses_lib.LossNormalizer(
         self.loss_config.init_loss_norm, self.loss_config.loss_norm_momentum,
         name="loss_normalizer")
@@ -268,6 +272,18 @@ class ASLDetector(keras.Model):
     return postprocess_lib.postprocess_detections(
         out["cls_logits"], out["offsets"], out["padding_mask"], out["points"], fps, duration,
         feat_stride, num_frames, self.eval_config)
+
+  def with_kernel_policy(self, policy: str) -> "ASLDetector":
+    """This detector (same weights) computing under `policy` (kernels.POLICIES); self if it
+    does already."""
+    if policy == self.model_config.kernel_policy:
+      return self
+    model_config = dataclasses.replace(self.model_config, kernel_policy=policy)
+    other = ASLDetector(model_config, loss_config=self.loss_config,
+                        eval_config=self.eval_config, clip_grad_norm=self.clip_grad_norm)
+    other.build_for_training()
+    other.set_weights(self.get_weights())
+    return other
 
   def get_config(self):
     config = super().get_config()

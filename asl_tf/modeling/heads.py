@@ -5,6 +5,7 @@ import math
 import keras
 import tensorflow as tf
 
+from asl_tf.modeling import kernels
 from asl_tf.modeling import layers
 
 EMPTY_CLASS_PRIOR = 1e-6
@@ -19,23 +20,27 @@ class ConvHead(keras.layers.Layer):
   """(num_layers - 1) x [MaskedConv1D -> LayerNorm -> ReLU] -> MaskedConv1D, shared over levels.
 
   The base of the classification and regression heads and of ASL's instance evaluator;
-  subclasses set `kernel_size` and call `_levels`.
+  subclasses call `_levels`.
   """
 
   def __init__(self, out_channels, head_dim, num_layers, kernel_size, with_ln,
-               output_bias_initializer, **kwargs):
+               output_bias_initializer, kernel_policy="auto", **kwargs):
     super().__init__(**kwargs)
     if num_layers < 1:
       raise ValueError(f"head_num_layers must be >= 1 (hidden layers + output), got {num_layers}")
+    self.kernel_policy = kernel_policy
     dtype = self.dtype_policy
     self.hidden = [layers.MaskedConv1D(head_dim, kernel_size, use_bias=not with_ln,
-                                       name=f"conv_{i}", dtype=dtype)
+                                       kernel_policy=kernel_policy, name=f"conv_{i}",
+                                       dtype=dtype)
                    for i in range(num_layers - 1)]
-    self.norms = [layers.ChannelLayerNorm(name=f"norm_{i}", dtype=dtype)
+    self.norms = [layers.ChannelLayerNorm(kernel_policy=kernel_policy, name=f"norm_{i}",
+                                          dtype=dtype)
                   for i in range(num_layers - 1)] if with_ln else []
     self.output_conv = layers.MaskedConv1D(out_channels, kernel_size,
                                            bias_initializer=output_bias_initializer,
-                                           name="output_conv", dtype=dtype)
+                                           kernel_policy=kernel_policy, name="output_conv",
+                                           dtype=dtype)
 
   def build(self, input_shape):
     shape = tuple(input_shape[0])
@@ -46,38 +51,26 @@ class ConvHead(keras.layers.Layer):
         self.norms[i].build(shape)
     self.output_conv.build(shape)
 
-  def _levels(self, xs, masks, training=False):
-    """Outputs of every level: list of [B, T_l, C] -> list of [B, T_l, out_channels].
+  def _stack(self, x, mask, keep, training=False):
+    """The conv stack on one sequence: [B, T, C] -> [B, T, out_channels].
 
-    The levels run as one sequence, joined along time with `kernel_size // 2` zero frames between
-    them: a few large GEMMs instead of a few per level. Each level sees exactly the zeros its own
-    padding would give: the gaps are masked out of every conv and zeroed again after each
-    LayerNorm (which maps zeros to its bias).
+    `keep` [1, T, 1] (or None) multiplies the LayerNorm outputs (see `kernels.over_levels`).
     """
-    gap = self.kernel_size // 2
-    batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]
-    x, mask, keep, sizes = [], [], [], []
-    for l, (level_x, level_mask) in enumerate(zip(xs, masks)):
-      if l and gap:
-        x.append(tf.zeros([batch, gap, channels], level_x.dtype))
-        mask.append(tf.zeros([batch, gap], tf.bool))
-        keep.append(tf.zeros([1, gap, 1], level_x.dtype))
-        sizes.append(gap)
-      length = level_x.shape[1] if level_x.shape[1] is not None else tf.shape(level_x)[1]
-      x.append(level_x)
-      mask.append(layers.as_bool_mask(level_mask))
-      keep.append(tf.ones([1, length, 1], level_x.dtype))
-      sizes.append(length)
-    x, mask = tf.concat(x, axis=1), tf.concat(mask, axis=1)  # [B, sum T_l + gaps, C]
-    keep = tf.concat(keep, axis=1)  # [1, sum T_l + gaps, 1]: 0 on the gaps
     for i, conv in enumerate(self.hidden):
       x, _ = conv(x, mask)
       if self.norms:
-        x = self.norms[i](x, training=training) * keep
+        x = self.norms[i](x, training=training)
+        if keep is not None:
+          x = x * keep
       x = tf.nn.relu(x)
     y, _ = self.output_conv(x, mask)
-    parts = tf.split(y, sizes, axis=1)
-    return parts[::2] if gap else parts
+    return y
+
+  def _levels(self, xs, masks, training=False):
+    """The stack on every level: list of [B, T_l, C] -> list of [B, T_l, out_channels]."""
+    masks = [layers.as_bool_mask(m) for m in masks]
+    return kernels.over_levels(lambda x, m, keep: self._stack(x, m, keep, training), xs, masks,
+                               self.output_conv.kernel_size // 2, self.kernel_policy)
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
@@ -95,10 +88,11 @@ class ClassificationHead(ConvHead):
     with_ln: LayerNorm after hidden convs (their bias is then off).
     prior_prob: initial foreground probability p of every class.
     empty_classes: class ids without training data; their bias starts at p = 1e-6.
+    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and level joining.
   """
 
   def __init__(self, num_classes, head_dim, num_layers=3, kernel_size=3, with_ln=True,
-               prior_prob=0.01, empty_classes=(), **kwargs):
+               prior_prob=0.01, empty_classes=(), kernel_policy="auto", **kwargs):
     bad = [c for c in empty_classes if not 0 <= c < num_classes]
     if bad:
       raise ValueError(f"head_empty_cls {bad} are not class ids in [0, {num_classes})")
@@ -108,7 +102,7 @@ class ClassificationHead(ConvHead):
     for c in empty_classes:
       bias[c] = prior_bias(EMPTY_CLASS_PRIOR)
     super().__init__(num_classes, head_dim, num_layers, kernel_size, with_ln,
-                     keras.initializers.Constant(bias), **kwargs)
+                     keras.initializers.Constant(bias), kernel_policy=kernel_policy, **kwargs)
     self.num_classes = num_classes
     self.head_dim = head_dim
     self.num_layers = num_layers
@@ -130,6 +124,7 @@ class ClassificationHead(ConvHead):
         "with_ln": self.with_ln,
         "prior_prob": self.prior_prob,
         "empty_classes": list(self.empty_classes),
+        "kernel_policy": self.kernel_policy,
     })
     return config
 
@@ -147,10 +142,13 @@ class RegressionHead(ConvHead):
     num_layers: hidden layers + 1.
     kernel_size: temporal kernel of every conv.
     with_ln: LayerNorm after hidden convs.
+    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and level joining.
   """
 
-  def __init__(self, num_levels, head_dim, num_layers=3, kernel_size=3, with_ln=True, **kwargs):
-    super().__init__(2, head_dim, num_layers, kernel_size, with_ln, "zeros", **kwargs)
+  def __init__(self, num_levels, head_dim, num_layers=3, kernel_size=3, with_ln=True,
+               kernel_policy="auto", **kwargs):
+    super().__init__(2, head_dim, num_layers, kernel_size, with_ln, "zeros",
+                     kernel_policy=kernel_policy, **kwargs)
     self.num_levels = num_levels
     self.head_dim = head_dim
     self.num_layers = num_layers
@@ -179,5 +177,6 @@ class RegressionHead(ConvHead):
         "num_layers": self.num_layers,
         "kernel_size": self.kernel_size,
         "with_ln": self.with_ln,
+        "kernel_policy": self.kernel_policy,
     })
     return config

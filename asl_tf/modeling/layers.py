@@ -4,50 +4,10 @@ All layers are channels-last: sequences are `[B, T, C]` and masks `[B, T]` (bool
 or 1 on valid frames). Masks are passed explicitly as `padding_mask`, never through Keras' masking.
 """
 
-import contextlib
-import functools
-import threading
-
 import keras
 import tensorflow as tf
 
-from asl_tf.modeling import winograd
-
-# Dense kernel-3 convolutions at least this wide (in and out) use Winograd F(4, 3); dense
-# stride-1 convolutions with fewer output channels run as one GEMM over the taps.
-WINOGRAD_MIN_CHANNELS = 64
-
-
-_tracing = threading.local()  # .portable_depth > 0 inside `portable_graphs()` (this thread)
-
-
-@contextlib.contextmanager
-def portable_graphs():
-  """Graphs traced inside (in this thread) use no computation that is only fast with oneDNN.
-
-  For SavedModels: a server may run without oneDNN (TensorFlow turns it on by default only on
-  AVX-512 / AMX CPUs), where the inference LayerNorm of `ChannelLayerNorm` would be 3x slower.
-  A `tf.function` traced before keeps its graph: enter this before the first trace.
-  """
-  _tracing.portable_depth = _portable_depth() + 1
-  try:
-    yield
-  finally:
-    _tracing.portable_depth -= 1
-
-
-def _portable_depth():
-  return getattr(_tracing, "portable_depth", 0)
-
-
-@functools.cache
-def onednn_enabled():
-  """Whether TensorFlow's oneDNN CPU kernels are on in this process."""
-  try:
-    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  return bool(_pywrap_util_port.IsMklEnabled())
+from asl_tf.modeling import kernels
 
 
 def pytorch_default_kernel_initializer():
@@ -61,73 +21,6 @@ def as_bool_mask(padding_mask):
   if padding_mask.dtype == tf.bool:
     return padding_mask
   return tf.not_equal(padding_mask, tf.zeros([], padding_mask.dtype))
-
-
-def apply_to_valid_frames(fn, x, padding_mask):
-  """Applies a per-frame computation to the valid frames of a padded batch only.
-
-  The valid frames of `x` are gathered into rows `[N, C]` (N = valid frames), `fn` runs on them,
-  and its rows are scattered back with zeros on padded frames: the same valid frames, gradients
-  included, as `fn(x) * mask` at N / (B * T) of the cost. When no frame is padded `fn` runs on
-  all frames as rows (a reshape, no gather or scatter). `fn` always sees rank-2 rows, on which
-  oneDNN fuses MatMul + bias (+ GELU at inference).
-
-  Args:
-    fn: maps rows [M, C] to [M, C'] frame by frame (e.g. LayerNorm + MLP).
-    x: [B, T, C].
-    padding_mask: [B, T] bool or float.
-
-  Returns:
-    [B, T, C'], zero on padded frames.
-  """
-  mask = as_bool_mask(padding_mask)
-
-  def valid_rows_only():
-    indices = tf.cast(tf.where(mask), tf.int32)  # [N, 2]: (batch, frame); int32 for XLA
-    rows = fn(tf.gather_nd(x, indices))  # [N, C']
-    return tf.scatter_nd(indices, rows, tf.concat([tf.shape(mask), [rows.shape[-1]]], axis=0))
-
-  return tf.cond(tf.reduce_all(mask), lambda: _apply_to_rows(fn, x), valid_rows_only)
-
-
-def _apply_to_rows(fn, x):
-  """`fn` on the frames of `x` [B, T, C] as rows [B * T, C]; returns [B, T, C'].
-
-  Keras Dense on [B, T, C] is a Tensordot; on rows it is one MatMul that oneDNN fuses with the
-  bias add and, at inference, a following GELU (the transformer MLP). The attention projections
-  stay on [B, T, C]: on rows the training step was slower.
-  """
-  rows = fn(tf.reshape(x, [-1, x.shape[-1]]))  # [B * T, C']
-  return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
-
-
-def conv1d_as_tap_gemm(x, kernel):
-  """Stride-1 convolution with `k // 2` zero frames of padding on each side, as one GEMM.
-
-  `x` times all k taps at once ([B * T, Cin] x [Cin, k * Cout]), then the k output blocks are
-  added with their frame shifts. Equals `tf.nn.conv1d` of the padded input (a cross-correlation)
-  up to float32 rounding. For narrow outputs (the heads' class / offset convolutions) this is
-  2-7x faster than the direct convolution on CPU, forward and backward, since oneDNN's
-  convolution kernels are slow when Cout is small.
-
-  Args:
-    x: [B, T, Cin] (static Cin).
-    kernel: [k, Cin, Cout], k odd.
-
-  Returns:
-    [B, T, Cout].
-  """
-  taps, in_channels, out_channels = kernel.shape
-  pad = taps // 2
-  batch, length = tf.shape(x)[0], tf.shape(x)[1]
-  w = tf.reshape(tf.transpose(kernel, [1, 0, 2]), [in_channels, taps * out_channels])
-  y = tf.matmul(tf.reshape(x, [-1, in_channels]), w)  # [B * T, k * Cout]: x[s] W_j
-  y = tf.reshape(tf.cast(y, tf.float32), [batch, length, taps * out_channels])  # f32 sums
-  y = tf.pad(y, [[0, 0], [pad, pad], [0, 0]])  # frame t + j holds x[t + j - pad] W_j
-  y = tf.add_n([y[:, j:j + length, j * out_channels:(j + 1) * out_channels]
-                for j in range(taps)])
-  y.set_shape(x.shape[:-1].concatenate([out_channels]))  # the slices lose the static shape
-  return tf.cast(y, x.dtype)
 
 
 def check_channels(x, expected, layer_name):
@@ -146,10 +39,7 @@ class MaskedConv1D(keras.layers.Layer):
   The input is zero-padded by `kernel_size // 2` on both sides and convolved with 'valid'
   padding, so output frame i is centred on input frame `i * strides` (unlike Keras 'same', which
   pads asymmetrically for even totals and shifts strided outputs). The output mask is
-  `padding_mask[:, ::strides]` and the output is multiplied by it. Dense, stride-1, kernel-3
-  float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels run as Winograd F(4, 3) (same
-  result up to float32 rounding, half the GEMM work; see `winograd.py`); dense stride-1 ones with
-  fewer output channels as one GEMM over the taps (`conv1d_as_tap_gemm`).
+  `padding_mask[:, ::strides]` and the output is multiplied by it.
 
   Inputs: `x` [B, T, Cin], `padding_mask` [B, T] bool or float.
   Outputs: `(y [B, ceil(T / strides), filters], out_mask [B, ceil(T / strides)] bool)`.
@@ -163,10 +53,12 @@ class MaskedConv1D(keras.layers.Layer):
     kernel_initializer: initializer of the `[kernel_size, Cin // groups, filters]` kernel;
       defaults to PyTorch's Conv1d default.
     bias_initializer: initializer of the `[filters]` bias.
+    kernel_policy: how the convolution is computed (`kernels.POLICIES`; same values).
   """
 
   def __init__(self, filters, kernel_size, strides=1, groups=1, use_bias=True,
-               kernel_initializer=None, bias_initializer="zeros", **kwargs):
+               kernel_initializer=None, bias_initializer="zeros", kernel_policy="auto",
+               **kwargs):
     super().__init__(**kwargs)
     if kernel_size % 2 != 1:
       raise ValueError(f"MaskedConv1D needs an odd kernel_size, got {kernel_size}")
@@ -182,6 +74,7 @@ class MaskedConv1D(keras.layers.Layer):
     self.kernel_initializer = keras.initializers.get(
         kernel_initializer or pytorch_default_kernel_initializer())
     self.bias_initializer = keras.initializers.get(bias_initializer)
+    self.kernel_policy = kernels.check_policy(kernel_policy)
 
   def build(self, input_shape):
     in_channels = input_shape[-1]
@@ -202,45 +95,12 @@ class MaskedConv1D(keras.layers.Layer):
     check_channels(x, self.in_channels, self.name)
     mask = as_bool_mask(padding_mask)
     out_mask = mask[:, ::self.strides]  # [B, ceil(T / s)]
-    kernel = tf.cast(self.kernel, x.dtype)
-    if self._use_winograd(x.dtype):
-      y = winograd.conv1d_k3(x, kernel)
-    elif self._use_tap_gemm():
-      y = conv1d_as_tap_gemm(x, kernel)
-    else:
-      pad = self.kernel_size // 2
-      x = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
-      if self.groups == 1:
-        y = tf.nn.conv1d(x, kernel, stride=self.strides, padding="VALID")
-      elif self.groups == self.in_channels and self.filters == self.in_channels:
-        # Depthwise: kernel [k, 1, C] -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis,
-        # which a height stride leaves at 1: TF needs equal row and column strides).
-        y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
-                                   strides=[1, self.strides, self.strides, 1], padding="VALID")
-        y = y[:, 0]  # [B, T_out, C]
-      else:
-        xs = tf.split(x, self.groups, axis=-1)
-        ks = tf.split(kernel, self.groups, axis=-1)
-        y = tf.concat([tf.nn.conv1d(xg, kg, stride=self.strides, padding="VALID")
-                       for xg, kg in zip(xs, ks)], axis=-1)
+    y = kernels.conv1d(x, tf.cast(self.kernel, x.dtype), self.strides, self.groups,
+                       self.kernel_policy)  # [B, ceil(T / s), filters]
     if self.use_bias:
       y = y + tf.cast(self.bias, y.dtype)
     y = y * tf.cast(out_mask, y.dtype)[..., None]
     return y, out_mask
-
-  def _use_winograd(self, dtype):
-    """F(4, 3) for dense, stride-1, kernel-3 float32 convolutions of >= 64 channels each way.
-
-    Narrower ones (the heads' output convolutions) gain less GEMM time than the transforms cost;
-    float16 / bfloat16 keep the direct convolution (the transforms' constants up to 8 cost
-    precision there).
-    """
-    return (self.kernel_size == 3 and self.strides == 1 and self.groups == 1 and dtype == tf.float32
-            and min(self.in_channels, self.filters) >= WINOGRAD_MIN_CHANNELS)
-
-  def _use_tap_gemm(self):
-    """One GEMM over the taps for dense stride-1 convolutions with < 64 output channels."""
-    return self.strides == 1 and self.groups == 1 and self.filters < WINOGRAD_MIN_CHANNELS
 
   def get_config(self):
     config = super().get_config()
@@ -252,6 +112,7 @@ class MaskedConv1D(keras.layers.Layer):
         "use_bias": self.use_bias,
         "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        "kernel_policy": self.kernel_policy,
     })
     return config
 
@@ -260,22 +121,19 @@ class MaskedConv1D(keras.layers.Layer):
 class ChannelLayerNorm(keras.layers.Layer):
   """LayerNorm over channels (ActionFormer's LayerNorm): biased variance, affine gamma / beta.
 
-  Statistics are computed in float32 (also under mixed precision). At inference in a graph with
-  a dynamic batch or length and oneDNN on (outside `portable_graphs()`), the normalization is
-  written as a training-mode FusedBatchNorm over rows, the form Grappler's oneDNN remapper fuses
-  into one `_MklLayerNorm` kernel: one pass instead of six element-wise ops (same values up to
-  float32 rounding; unfused, or without oneDNN, that form is slower, hence the conditions).
-  Training keeps the element-wise form.
+  Statistics are computed in float32 (also under mixed precision).
 
   Inputs: `x` [B, T, C]. Outputs: [B, T, C].
 
   Args:
     epsilon: added to the variance.
+    kernel_policy: how the normalization is computed (`kernels.POLICIES`; same values).
   """
 
-  def __init__(self, epsilon=1e-5, **kwargs):
+  def __init__(self, epsilon=1e-5, kernel_policy="auto", **kwargs):
     super().__init__(**kwargs)
     self.epsilon = epsilon
+    self.kernel_policy = kernels.check_policy(kernel_policy)
 
   def build(self, input_shape):
     channels = input_shape[-1]
@@ -283,53 +141,14 @@ class ChannelLayerNorm(keras.layers.Layer):
     self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
   def call(self, x, training=False):
-    x32 = tf.cast(x, tf.float32)
-    if training or not _fusable_layer_norm(x32):
-      mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
-      centred = x32 - mean
-      var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-      y = tf.multiply(centred, tf.math.rsqrt(var + self.epsilon), name="a_normalized")
-    else:
-      y = _normalize_as_batch_norm(x32, self.epsilon, name="a_normalized")
-    # The remapper's pattern is AddV2(beta, Mul(Reshape(FusedBatchNorm), gamma)) with inputs in
-    # this order; Grappler sorts the inputs of commutative ops by name, hence the names.
-    with tf.name_scope("b_beta"):
-      beta = tf.cast(self.beta, tf.float32)
-    with tf.name_scope("c_gamma"):
-      gamma = tf.cast(self.gamma, tf.float32)
-    y = tf.add(beta, tf.multiply(y, gamma, name="d_scaled"), name="e_shifted")
+    y = kernels.layer_norm(tf.cast(x, tf.float32), self.gamma, self.beta, self.epsilon,
+                           training=training, policy=self.kernel_policy)
     return tf.cast(y, x.dtype)
 
   def get_config(self):
     config = super().get_config()
-    config.update({"epsilon": self.epsilon})
+    config.update({"epsilon": self.epsilon, "kernel_policy": self.kernel_policy})
     return config
-
-
-def _fusable_layer_norm(x):
-  """Whether the inference LayerNorm of `x` [..., C] takes the form oneDNN fuses.
-
-  Only in graphs (eager ops are not rewritten) with a dynamic batch or length (with static ones,
-  constant folding turns the pattern's Fill ops into constants and nothing is fused), with
-  oneDNN on, outside `portable_graphs()`.
-  """
-  return (onednn_enabled() and not _portable_depth() and not tf.executing_eagerly()
-          and not x.shape[:-1].is_fully_defined())
-
-
-def _normalize_as_batch_norm(x, epsilon, name):
-  """(x - mean) / sqrt(var + eps) over the last axis, as Keras 2's fused LayerNorm wrote it.
-
-  Each row of `x` [..., C] becomes one channel of an NCHW batch [1, rows, C, 1], normalized by a
-  training-mode FusedBatchNorm with unit scale and zero offset (filled at run time).
-  """
-  shape = tf.shape(x)
-  rows = tf.reduce_prod(shape[:-1])
-  channels = x.shape[-1] if x.shape[-1] is not None else shape[-1]
-  y = tf.reshape(x, [1, rows, channels, 1])
-  y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, tf.fill([rows], 1.0), tf.fill([rows], 0.0),
-                                             epsilon=epsilon, data_format="NCHW")
-  return tf.reshape(y, shape, name=name)
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")

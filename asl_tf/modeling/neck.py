@@ -15,13 +15,16 @@ class IdentityNeck(keras.layers.Layer):
   Args:
     num_levels: pyramid levels.
     with_ln: apply a per-level LayerNorm (ActionFormer `fpn_with_ln`).
+    kernel_policy: `kernels.POLICIES` entry of the LayerNorms.
   """
 
-  def __init__(self, num_levels, with_ln=True, **kwargs):
+  def __init__(self, num_levels, with_ln=True, kernel_policy="auto", **kwargs):
     super().__init__(**kwargs)
     self.num_levels = num_levels
     self.with_ln = with_ln
-    self.norms = [layers.ChannelLayerNorm(name=f"norm_{l}", dtype=self.dtype_policy)
+    self.kernel_policy = kernel_policy
+    self.norms = [layers.ChannelLayerNorm(kernel_policy=kernel_policy, name=f"norm_{l}",
+                                          dtype=self.dtype_policy)
                   for l in range(num_levels)] if with_ln else []
 
   def build(self, input_shape):
@@ -38,5 +41,6 @@ class IdentityNeck(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update({"num_levels": self.num_levels, "with_ln": self.with_ln})
+    config.update({"num_levels": self.num_levels, "with_ln": self.with_ln,
+                   "kernel_policy": self.kernel_policy})
     return config

@@ -7,9 +7,9 @@
   negatives. Gradients reach mu / sigma through the weights (nothing is detached).
 * Instance level (reconstructed, docs/method.md 2): a light conv head on stop-gradient neck features
   predicting (q_cls, q_loc) in (0, 1) per point; its targets and MSE live in `asl_tf.losses`.
-* Action Sensitive Contrastive Loss features (reconstructed, docs/method.md 4): a projection of level-0
-  neck features, and `sample_contrastive_features`, which picks per GT the top-k points ranked
-  by the classification / localization sensitivity, and background points outside every GT.
+* Action Sensitive Contrastive Loss features (reconstructed, docs/method.md 4): a projection of
+  level-0 neck features and the ranks of every (point, GT) pair; the sampling of sensitive and
+  background frames and the loss live in `asl_tf.losses`.
 """
 
 import math
@@ -20,9 +20,9 @@ import tensorflow as tf
 from asl_tf.modeling import heads
 from asl_tf.modeling import layers
 
-# Lower bound of sigma in the `stable` parametrization (sigma = softplus(rho) + floor). It keeps
-# 1 / sigma^2 finite (no NaN when sigma would reach 0) while allowing Gaussians far narrower than
-# the spread of the positives (|x| <= radius / L_n), so it does not constrain the fit.
+# Default lower bound of sigma in the `stable` parametrization (sigma = softplus(rho) + floor).
+# It keeps 1 / sigma^2 finite (no NaN when sigma would reach 0) while allowing Gaussians far
+# narrower than the spread of the positives (|x| <= radius / L_n): it does not constrain the fit.
 SIGMA_FLOOR = 1e-2
 
 # Initial values of the authors' parameters: (mu, sigma) per Gaussian.
@@ -70,7 +70,7 @@ class ClassSensitivity(keras.layers.Layer):
   `sigma` (1) for classification; `mu_reg_left` (-0.5), `sigma_reg_left` (1), `mu_reg_right`
   (+0.5), `sigma_reg_right` (1) for localization. With parametrization `stable` the sigmas are
   stored as `sigma_rho`, `sigma_reg_left_rho`, `sigma_reg_right_rho`, with
-  sigma = softplus(rho) + SIGMA_FLOOR, initialised so that sigma starts at exactly 1.
+  sigma = softplus(rho) + sigma_floor, initialised so that sigma starts at exactly 1.
 
   Inputs: `x` float [...] normalised distances (`center_distance`), `labels` int [...] class ids
   (negative ids are clipped to 0; mask those entries yourself).
@@ -83,16 +83,23 @@ class ClassSensitivity(keras.layers.Layer):
     lr_scale: every parameter is stored divided by this and used multiplied by it, so that an
       Adam step (about the learning rate in the stored value) moves the parameter `lr_scale`
       times as far: a learning-rate multiplier for mu / sigma alone (1 = as released).
+    sigma_floor: lower bound of every sigma with `stable` (in (0, 1)); a larger floor keeps a
+      Gaussian from concentrating an instance's weight on a few frames.
   """
 
-  def __init__(self, num_classes, parametrization="authors", lr_scale=1.0, **kwargs):
+  def __init__(self, num_classes, parametrization="authors", lr_scale=1.0,
+               sigma_floor=SIGMA_FLOOR, **kwargs):
     super().__init__(**kwargs)
     if parametrization not in PARAMETRIZATIONS:
       raise ValueError(f"sensitivity parametrization {parametrization!r}: use one of "
                        f"{PARAMETRIZATIONS}")
     if not lr_scale > 0:
       raise ValueError(f"sensitivity lr_scale must be positive, got {lr_scale}")
+    if not 0.0 < sigma_floor < 1.0:
+      raise ValueError(f"sensitivity sigma_floor must be in (0, 1) (sigma starts at 1), got "
+                       f"{sigma_floor}")
     self.num_classes = num_classes
+    self.sigma_floor = float(sigma_floor)
     self.parametrization = parametrization
     self.lr_scale = float(lr_scale)
     self._params = {}
@@ -101,7 +108,7 @@ class ClassSensitivity(keras.layers.Layer):
       if parametrization == "authors":
         self._params[sigma_name] = self._add(sigma_name, _INIT[sigma_name])
       else:
-        rho = math.log(math.expm1(_INIT[sigma_name] - SIGMA_FLOOR))
+        rho = math.log(math.expm1(_INIT[sigma_name] - self.sigma_floor))
         self._params[sigma_name] = self._add(sigma_name + "_rho", rho)
 
   def _add(self, name, value):
@@ -125,7 +132,7 @@ class ClassSensitivity(keras.layers.Layer):
     for _, sigma_name in _GAUSSIANS:
       value = self._value(sigma_name)
       if self.parametrization == "stable":
-        value = tf.nn.softplus(value) + SIGMA_FLOOR
+        value = tf.nn.softplus(value) + self.sigma_floor
       out.append(value)
     return tuple(out)
 
@@ -155,7 +162,7 @@ class ClassSensitivity(keras.layers.Layer):
   def get_config(self):
     config = super().get_config()
     config.update({"num_classes": self.num_classes, "parametrization": self.parametrization,
-                   "lr_scale": self.lr_scale})
+                   "lr_scale": self.lr_scale, "sigma_floor": self.sigma_floor})
     return config
 
 
@@ -189,10 +196,12 @@ class InstanceEvaluator(heads.ConvHead):
     hidden_dim: channels of the hidden convolutions.
     num_layers: hidden conv layers (ModelConfig.evaluator_layers).
     kernel_size: temporal kernel size (odd).
+    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and level joining.
   """
 
-  def __init__(self, hidden_dim, num_layers=2, kernel_size=3, **kwargs):
-    super().__init__(2, hidden_dim, num_layers + 1, kernel_size, True, "zeros", **kwargs)
+  def __init__(self, hidden_dim, num_layers=2, kernel_size=3, kernel_policy="auto", **kwargs):
+    super().__init__(2, hidden_dim, num_layers + 1, kernel_size, True, "zeros",
+                     kernel_policy=kernel_policy, **kwargs)
     self.hidden_dim = hidden_dim
     self.num_layers = num_layers
     self.kernel_size = kernel_size
@@ -207,7 +216,7 @@ class InstanceEvaluator(heads.ConvHead):
   def get_config(self):
     config = super().get_config()
     config.update({"hidden_dim": self.hidden_dim, "num_layers": self.num_layers,
-                   "kernel_size": self.kernel_size})
+                   "kernel_size": self.kernel_size, "kernel_policy": self.kernel_policy})
     return config
 
 
@@ -270,35 +279,42 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     class_sensitivity: learn the class-level Gaussians.
     sensitivity_parametrization: `authors` or `stable` (see ClassSensitivity).
     sensitivity_lr_scale: ClassSensitivity's `lr_scale`.
+    sensitivity_sigma_floor: ClassSensitivity's `sigma_floor` (`stable` only).
     instance_sensitivity: build the instance evaluator.
     evaluator_layers: hidden layers of the instance evaluator.
     contrastive: produce the contrastive-loss features (ModelConfig.contrastive_weight > 0).
     contrastive_proj_dim: projection channels (0 = L2 normalisation only).
+    kernel_policy: `kernels.POLICIES` entry of the instance evaluator.
   """
 
   def __init__(self, num_classes, hidden_dim, class_sensitivity=True,
                sensitivity_parametrization="authors", instance_sensitivity=True,
                evaluator_layers=2, contrastive=True, contrastive_proj_dim=128,
-               sensitivity_lr_scale=1.0, **kwargs):
+               sensitivity_lr_scale=1.0, kernel_policy="auto",
+               sensitivity_sigma_floor=SIGMA_FLOOR, **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.hidden_dim = hidden_dim
     self.class_sensitivity = class_sensitivity
     self.sensitivity_parametrization = sensitivity_parametrization
     self.sensitivity_lr_scale = sensitivity_lr_scale
+    self.sensitivity_sigma_floor = sensitivity_sigma_floor
     self.instance_sensitivity = instance_sensitivity
     self.evaluator_layers = evaluator_layers
     self.contrastive = contrastive
     self.contrastive_proj_dim = contrastive_proj_dim
+    self.kernel_policy = kernel_policy
     self.class_level = None
     self.instance_level = None
     self.projection = None
     if class_sensitivity:
       self.class_level = ClassSensitivity(num_classes, sensitivity_parametrization,
                                           lr_scale=sensitivity_lr_scale,
+                                          sigma_floor=sensitivity_sigma_floor,
                                           dtype=self.dtype_policy, name="class_sensitivity")
     if instance_sensitivity:
       self.instance_level = InstanceEvaluator(hidden_dim, evaluator_layers,
+                                              kernel_policy=kernel_policy,
                                               dtype=self.dtype_policy, name="instance_evaluator")
     if contrastive:
       self.projection = ContrastiveProjection(contrastive_proj_dim, dtype=self.dtype_policy,
@@ -357,81 +373,11 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
         "class_sensitivity": self.class_sensitivity,
         "sensitivity_parametrization": self.sensitivity_parametrization,
         "sensitivity_lr_scale": self.sensitivity_lr_scale,
+        "sensitivity_sigma_floor": self.sensitivity_sigma_floor,
         "instance_sensitivity": self.instance_sensitivity,
         "evaluator_layers": self.evaluator_layers,
         "contrastive": self.contrastive,
         "contrastive_proj_dim": self.contrastive_proj_dim,
+        "kernel_policy": self.kernel_policy,
     })
     return config
-
-
-def sample_contrastive_features(embeddings, padding_mask, t, gt_segments, gt_labels, rank_cls,
-                                rank_loc, topk, num_background):
-  """Sensitive and background features for the contrastive loss (docs/method.md 4, reconstructed).
-
-  Per GT n, among the valid level-0 points inside [a_n, b_n] (inclusive), the `topk` with the
-  largest `rank_cls` are averaged into f_cls(n) and the `topk` with the largest `rank_loc` into
-  f_loc(n) (fewer if the segment holds fewer points; both re-normalised to unit length). A GT
-  without any point inside is dropped. Per video, `num_background` points outside every GT are
-  taken evenly spaced among the candidates (ranks floor((j + 0.5) c / num_background) of the c
-  candidates; all c of them when c < num_background). Everything has static shape.
-
-  Args:
-    embeddings: float32 [B, T, D] unit-norm level-0 features.
-    padding_mask: bool [B, T].
-    t: float32 [T] level-0 point locations.
-    gt_segments: float32 [B, M, 2]; gt_labels: int [B, M] (-1 = padding).
-    rank_cls, rank_loc: float32 [B, T, M] ranking scores of every (point, GT) pair.
-    topk: points averaged per GT and sub-task.
-    num_background: background points per video.
-
-  Returns:
-    (features [2BM + B num_background, D], labels int32 [...] (GT class, -1 for background),
-    valid bool [...]): the cls features of every GT, then the loc features, then background.
-  """
-  embeddings = tf.cast(embeddings, tf.float32)
-  gt_labels = tf.cast(gt_labels, tf.int32)
-  dim = embeddings.shape[-1]
-  num_points = embeddings.shape[1]
-  valid_gt = gt_labels >= 0  # [B, M]
-  start = gt_segments[:, None, :, 0]  # [B, 1, M]
-  end = gt_segments[:, None, :, 1]
-  inside = tf.logical_and(t[None, :, None] >= start, t[None, :, None] <= end)  # [B, T, M]
-  inside = tf.logical_and(inside, tf.logical_and(valid_gt[:, None, :], padding_mask[..., None]))
-  inside_mt = tf.transpose(inside, [0, 2, 1])  # [B, M, T]
-  k = min(topk, num_points) if num_points is not None else topk
-
-  def pool(rank):
-    score = tf.where(inside_mt, tf.transpose(rank, [0, 2, 1]), -1e9)  # [B, M, T]
-    _, idx = tf.math.top_k(score, k=k)  # [B, M, k]
-    picked = tf.cast(tf.gather(inside_mt, idx, batch_dims=2), tf.float32)  # [B, M, k]
-    feats = tf.gather(embeddings, idx, batch_dims=1)  # [B, M, k, D]
-    mean = tf.reduce_sum(feats * picked[..., None], axis=2) / tf.maximum(
-        tf.reduce_sum(picked, axis=2, keepdims=True), 1.0)  # [B, M, D]
-    return tf.math.l2_normalize(mean, axis=-1, epsilon=1e-12)
-
-  has_points = tf.logical_and(valid_gt, tf.reduce_any(inside_mt, axis=-1))  # [B, M]
-  f_cls = tf.reshape(pool(rank_cls), [-1, dim])  # [B M, D]
-  f_loc = tf.reshape(pool(rank_loc), [-1, dim])
-
-  candidate = tf.logical_and(padding_mask, tf.logical_not(tf.reduce_any(
-      tf.logical_and(t[None, :, None] >= start,
-                     tf.logical_and(t[None, :, None] <= end, valid_gt[:, None, :])), axis=-1)))
-  cand_i = tf.cast(candidate, tf.int32)  # [B, T]
-  rank = tf.cumsum(cand_i, axis=1) - 1
-  count = tf.reduce_sum(cand_i, axis=1, keepdims=True)  # [B, 1]
-  j = tf.range(num_background, dtype=tf.int32)[None, :]  # [1, J]
-  spaced = tf.cast(tf.floor((tf.cast(j, tf.float32) + 0.5) * tf.cast(count, tf.float32)
-                            / num_background), tf.int32)
-  target = tf.where(count >= num_background, spaced, j)  # [B, J]
-  select = tf.logical_and(candidate[:, None, :], tf.equal(rank[:, None, :], target[..., None]))
-  f_bg = tf.einsum("bjt,btd->bjd", tf.cast(select, tf.float32), embeddings)  # [B, J, D]
-  f_bg = tf.reshape(f_bg, [-1, dim])  # [B J, D]
-  bg_valid = tf.reshape(tf.broadcast_to(j < count, tf.shape(target)), [-1])
-
-  labels = tf.reshape(gt_labels, [-1])
-  inst_valid = tf.reshape(has_points, [-1])
-  features = tf.concat([f_cls, f_loc, f_bg], axis=0)
-  all_labels = tf.concat([labels, labels, -tf.ones_like(bg_valid, tf.int32)], axis=0)
-  valid = tf.concat([inst_valid, inst_valid, bg_valid], axis=0)
-  return features, all_labels, valid

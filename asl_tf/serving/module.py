@@ -17,8 +17,8 @@ a multiple of max_div_factor), so serving and `python -m asl_tf.evaluate` run th
 and give the same detections. fps, feat_stride and num_frames of the training configuration
 are constants of the graph; a video's duration is `(length * feat_stride + num_frames) / fps`.
 Inputs are checked in the graph (rank, channels, lengths) with messages naming the expected
-shape. The graphs are traced under `layers.portable_graphs()`: nothing in them is only fast with
-oneDNN, which a server may not run.
+shape. The graphs are traced with the `portable` kernel policy: nothing in them is only fast
+with oneDNN, which a server may not run.
 
 Assets: `assets/class_names.txt` (label id = line number), `assets/timebase.json` (fps,
 feat_stride, num_frames, max_div_factor, max_seq_len, input_dim, num_classes) and
@@ -28,6 +28,7 @@ Serving warm-up records in `assets.extra/tf_serving_warmup_requests`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -43,7 +44,6 @@ from asl_tf import config as config_lib
 from asl_tf.data import pipeline as pipeline_lib
 from asl_tf.data import timebase as timebase_lib
 from asl_tf.modeling import detector as detector_lib
-from asl_tf.modeling import layers
 from asl_tf.serving import warmup as warmup_lib
 
 SIGNATURE_NAMES = ("serving_default", "detect_full", "raw_scores")
@@ -312,9 +312,10 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
     raise ExportError(f"{path} exists already; pass another --version, or 0 for the next free "
                       "one")
   os.makedirs(export_dir, exist_ok=True)
-  with layers.portable_graphs():  # the server may run without oneDNN
-    module = ServingModule(model, config)  # traces the signatures
-    functions = module.concrete_functions()
+  model = model.with_kernel_policy("portable")  # the server may run without oneDNN
+  config = dataclasses.replace(config, model=model.model_config)
+  module = ServingModule(model, config)  # traces the signatures
+  functions = module.concrete_functions()
   info = {
       "model_name": os.path.basename(os.path.normpath(export_dir)),
       "version": version,
@@ -342,8 +343,7 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
         f.write(text)
     module.assets = [tf.saved_model.Asset(os.path.join(asset_dir, n)) for n in contents]
     saved = os.path.join(staging, "saved_model")
-    with layers.portable_graphs():  # saving traces the signatures again
-      tf.saved_model.save(module, saved, signatures=functions)
+    tf.saved_model.save(module, saved, signatures=functions)
     if warmup:
       seq_len, input_dim = timebase["max_seq_len"], timebase["input_dim"]
       warmup_lib.write_warmup_requests(saved, info["model_name"], [

@@ -40,23 +40,15 @@ def test_heads_share_weights_across_levels():
   assert len(head.weights) == 2 * 1 + 2 * 2 + 2  # 2 hidden convs (no bias), 2 norms, output
 
 
-def _one_level_on_its_grid(head, x, mask):
-  """ActionFormer's head on one level, frame grid as is: the reference for `_levels`."""
-  for i, conv in enumerate(head.hidden):
-    x, _ = conv(x, mask)
-    x = tf.nn.relu(head.norms[i](x))
-  return head.output_conv(x, mask)[0].numpy()
-
-
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 def test_joined_levels_equal_each_level_alone(kernel_size):
-  """The heads run all levels as one sequence; every level must see exactly its own zero padding
-  and its padded frames' LayerNorm bias.
+  """Under `fast` the heads run all levels as one sequence; every level must see exactly its own
+  zero padding and its padded frames' LayerNorm bias, as under `reference` (level by level).
 
   LayerNorm biases are non-zero (zeros map to them, and valid frames next to padding see that),
   video 1 ends in padding, and video 0 has leading padding, a 1-frame hole and a long hole.
   """
-  head = heads.ClassificationHead(3, 8, kernel_size=kernel_size)
+  head = heads.ClassificationHead(3, 8, kernel_size=kernel_size, kernel_policy="fast")
   feats, masks = _levels(np.random.default_rng(7), lengths=(24, 12, 6))
   masks[0][0, [0, 1, 5, 12, 13, 14, 15, 16, 17]] = False
   masks[1][0, [0, 6, 7, 8]] = False
@@ -68,8 +60,11 @@ def test_joined_levels_equal_each_level_alone(kernel_size):
   for conv in head.hidden + [head.output_conv]:
     conv.kernel.assign(rng.normal(size=conv.kernel.shape))
   joined = head(feats, masks)
+  reference = heads.ClassificationHead(3, 8, kernel_size=kernel_size, kernel_policy="reference")
+  reference(feats, masks)
+  reference.set_weights(head.get_weights())
   for l, (x, m) in enumerate(zip(feats, masks)):
-    alone = _one_level_on_its_grid(head, x, m)
+    alone = reference([x], [m])[0].numpy()
     assert joined[l].shape == alone.shape
     np.testing.assert_allclose(joined[l].numpy(), alone, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(joined[l].numpy()[~m], 0.0)
@@ -147,10 +142,9 @@ def test_mixed_precision_outputs_float32():
 def test_heads_compile_under_xla_on_the_winograd_path():
   """XLA needs static shapes: the joined levels (64 channels, so the hidden convs take the Winograd
   path, whose padding depends on the length) must compile and equal graph mode."""
-  head = heads.ClassificationHead(3, 64)
+  head = heads.ClassificationHead(3, 64, kernel_policy="fast")
   feats, masks = _levels(np.random.default_rng(9), lengths=(18, 9, 5), channels=64)
   want = [y.numpy() for y in head(feats, masks)]
-  assert head.hidden[0]._use_winograd(tf.float32)
   got = tf.function(head, jit_compile=True)(feats, masks)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-4)

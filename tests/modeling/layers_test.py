@@ -27,61 +27,22 @@ def _reference_conv(x, kernel, bias, stride, groups, mask):
   return y * mask[:, ::stride, None]
 
 
+@pytest.mark.parametrize("policy", ["reference", "fast"])
 @pytest.mark.parametrize("t", [9, 16])
 @pytest.mark.parametrize("stride,kernel_size,groups,filters", [
     (1, 3, 1, 6), (2, 3, 1, 6), (1, 5, 1, 3), (1, 3, 4, 4), (2, 3, 4, 4), (1, 3, 2, 6)])
-def test_masked_conv_matches_reference(t, stride, kernel_size, groups, filters):
+def test_masked_conv_matches_reference(t, stride, kernel_size, groups, filters, policy):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, t, 4)).astype(np.float32)
   mask = np.ones((2, t), bool)
   mask[1, t - 4:] = False
   conv = layers.MaskedConv1D(filters, kernel_size, strides=stride, groups=groups,
-                             bias_initializer="random_normal")
+                             bias_initializer="random_normal", kernel_policy=policy)
   y, out_mask = conv(x, mask)
   expected = _reference_conv(x, conv.kernel.numpy(), conv.bias.numpy(), stride, groups, mask)
   np.testing.assert_allclose(y.numpy(), expected, atol=1e-5)
   np.testing.assert_array_equal(out_mask.numpy(), mask[:, ::stride])
   assert y.shape == (2, -(-t // stride), filters)
-
-
-@pytest.mark.parametrize("kernel_size", [1, 3, 5])
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_tap_gemm_equals_direct_conv_values_and_gradients(kernel_size, jit_compile):
-  """One GEMM over the taps + shifted adds == tf.nn.conv1d on the padded input, incl. grads."""
-  rng = np.random.default_rng(kernel_size)
-  kernel = tf.constant(rng.normal(size=(kernel_size, 6, 5)).astype(np.float32))
-  pad = kernel_size // 2
-
-  def value_and_grads(conv):
-    def fn(x):
-      with tf.GradientTape() as tape:
-        tape.watch([x, kernel])
-        y = conv(x, kernel)
-        loss = tf.reduce_sum(y * tf.range(1.0, 6.0))  # distinct weight per output channel
-      return (y,) + tuple(tape.gradient(loss, [x, kernel]))
-    return tf.function(fn, jit_compile=jit_compile,
-                       input_signature=[tf.TensorSpec([None, None, 6], tf.float32)])
-
-  tap = value_and_grads(layers.conv1d_as_tap_gemm)
-  assert tap.get_concrete_function().structured_outputs[0].shape.as_list() == [None, None, 5]
-  direct = value_and_grads(
-      lambda x, k: tf.nn.conv1d(tf.pad(x, [[0, 0], [pad, pad], [0, 0]]), k, 1, "VALID"))
-  for length in (1, 2, 9):
-    x = tf.constant(rng.normal(size=(2, length, 6)).astype(np.float32))
-    got, want = tap(x), direct(x)
-    assert got[0].shape == (2, length, 5)
-    for g, w in zip(got, want):
-      np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
-
-
-def test_masked_conv_takes_the_tap_gemm_only_for_narrow_dense_stride_1():
-  narrow = layers.MaskedConv1D(20, 3)
-  narrow.build((None, None, 512))
-  assert narrow._use_tap_gemm() and not narrow._use_winograd(tf.float32)
-  for conv in (layers.MaskedConv1D(64, 3), layers.MaskedConv1D(20, 3, strides=2),
-               layers.MaskedConv1D(20, 3, groups=4)):
-    conv.build((None, None, 64))
-    assert not conv._use_tap_gemm()
 
 
 def test_strided_conv_output_i_is_centred_on_input_2i():
@@ -127,8 +88,9 @@ def test_masked_conv_rejects_wrong_channels_and_bad_geometry():
     layers.MaskedConv1D(5, 3, groups=2)
 
 
-def test_channel_layer_norm_golden():
-  norm = layers.ChannelLayerNorm()
+@pytest.mark.parametrize("policy", ["reference", "fast"])
+def test_channel_layer_norm_golden(policy):
+  norm = layers.ChannelLayerNorm(kernel_policy=policy)
   x = np.array([[[1.0, 2.0, 3.0, 6.0]]], np.float32)
   norm.build(x.shape)
   norm.gamma.assign([1.0, 2.0, 1.0, 1.0])
@@ -137,57 +99,15 @@ def test_channel_layer_norm_golden():
   s = np.sqrt(3.5 + 1e-5)
   expected = np.array([-2.0 / s, 2 * -1.0 / s, 0.0 + 1.0, 3.0 / s])
   np.testing.assert_allclose(norm(x).numpy()[0, 0], expected, rtol=1e-6)
+  graph = tf.function(lambda x: norm(x), input_signature=[tf.TensorSpec([None, None, 4])])
+  np.testing.assert_allclose(graph(x).numpy()[0, 0], expected, rtol=1e-6)
 
 
-def _graph_op_types(fn, *specs):
-  graph = tf.function(fn).get_concrete_function(*specs).graph
-  return {op.type for op in graph.get_operations()}
-
-
-def test_channel_layer_norm_inference_form_equals_training_form(monkeypatch):
-  """At inference with oneDNN the LayerNorm is a FusedBatchNorm over rows: same values, incl.
-  all-zero (padded) rows -> beta and rows with a large mean; not in training, not in
-  `portable_graphs()` (SavedModels)."""
-  monkeypatch.setattr(layers, "onednn_enabled", lambda: True)
-  norm = layers.ChannelLayerNorm()
-  norm.build((None, None, 16))
-  rng = np.random.default_rng(3)
-  norm.gamma.assign(rng.normal(size=16).astype(np.float32))
-  norm.beta.assign(rng.normal(size=16).astype(np.float32))
-  x = rng.normal(size=(2, 9, 16)).astype(np.float32)
-  x[0, 3] += 1000.0
-  x[1, 6:] = 0.0
-  spec = tf.TensorSpec([None, None, 16], tf.float32)
-  infer = tf.function(lambda x: norm(x, training=False), input_signature=[spec])
-  train = tf.function(lambda x: norm(x, training=True), input_signature=[spec])
-  got, want = infer(x).numpy(), train(x).numpy()
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[1, 6:], np.broadcast_to(norm.beta.numpy(), (3, 16)), atol=1e-6)
-  assert "FusedBatchNormV3" in _graph_op_types(lambda x: norm(x, training=False), spec)
-  assert "FusedBatchNormV3" not in _graph_op_types(lambda x: norm(x, training=True), spec)
-  with layers.portable_graphs():
-    assert "FusedBatchNormV3" not in _graph_op_types(lambda x: norm(x, training=False), spec)
-
-
-def test_channel_layer_norm_inference_form_fuses_into_one_onednn_kernel(tmp_path):
-  """Grappler's oneDNN remapper turns the inference form into `_MklLayerNorm` (the speed-up)."""
-  if not layers.onednn_enabled():
-    pytest.skip("oneDNN is off in this process")
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  norm = layers.ChannelLayerNorm()
-  forward = tf.function(lambda x: norm(x, training=False) * 2.0,
-                        input_signature=[tf.TensorSpec([None, None, 32], tf.float32)])
-  x = tf.ones([1, 64, 32])
-  forward(x)
-  tf.profiler.experimental.start(str(tmp_path))
-  forward(x).numpy()
-  tf.profiler.experimental.stop()
-  space = xplane_pb2.XSpace()
-  space.ParseFromString(next(tmp_path.rglob("*.xplane.pb")).read_bytes())
-  ops = {plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
-         for plane in space.planes for line in plane.lines for event in line.events}
-  assert "_MklLayerNorm" in ops
-  assert not {"FusedBatchNormV3", "_MklNativeFusedBatchNormV3", "Mean"} & ops
+def test_layers_reject_an_unknown_kernel_policy():
+  for make in (lambda: layers.MaskedConv1D(4, 3, kernel_policy="fastest"),
+               lambda: layers.ChannelLayerNorm(kernel_policy="fastest")):
+    with pytest.raises(ValueError, match=r"kernel_policy='fastest': use one of auto, reference"):
+      make()
 
 
 def test_channel_layer_norm_mixed_precision_keeps_dtype_and_accuracy():
@@ -196,38 +116,6 @@ def test_channel_layer_norm_mixed_precision_keeps_dtype_and_accuracy():
   half = layers.ChannelLayerNorm(dtype="mixed_float16")(x)
   assert half.dtype == tf.float16
   np.testing.assert_allclose(half.numpy().astype(np.float32), ref, atol=5e-3)
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("padded", [True, False])
-def test_apply_to_valid_frames_equals_masked_grid(padded, jit_compile):
-  """Values and gradients equal `fn(x) * mask`, on a padded batch (valid rows only) and an
-  unpadded one (all frames as rows); in graph mode (the gradient of a LayerNorm after the rows
-  once failed Grappler's shape folding) and under XLA."""
-  norm = layers.ChannelLayerNorm()
-  norm.build((None, 3))
-  norm.beta.assign([0.5, -1.0, 2.0])
-  x = tf.constant(np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32))
-  mask = np.ones((2, 7), np.float32)
-  if padded:
-    mask[1, 4:] = 0.0
-    mask[0, 0] = 0.0
-  mask = tf.constant(mask)
-  fn = lambda frames: tf.sin(norm(frames)) * 2.0
-
-  def value_and_grads(compute):
-    with tf.GradientTape() as tape:
-      tape.watch(x)
-      y = compute()
-      loss = tf.reduce_sum(y * y)
-    return [y] + tape.gradient(loss, [x, norm.gamma, norm.beta])
-
-  rows = tf.function(lambda: value_and_grads(lambda: layers.apply_to_valid_frames(fn, x, mask)),
-                     jit_compile=jit_compile)()
-  grid = value_and_grads(lambda: fn(x) * mask[..., None])
-  for got, want in zip(rows, grid):
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
-  assert float(tf.reduce_sum(tf.abs(rows[1]))) > 0.0
 
 
 def test_scale_and_layer_scale():

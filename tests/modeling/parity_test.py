@@ -1,16 +1,19 @@
 """Parity with the PyTorch ActionFormer (fixtures in ../shared/fixtures/actionformer_parity)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from asl_tf.modeling import detector as detector_lib
-from asl_tf.modeling import layers
+from asl_tf.modeling import kernels
 from asl_tf.modeling import weight_mapping
 from parity_cases import load_parity_case
 
 
-def _run(case):
-  detector = detector_lib.ASLDetector(case.model_config)
+def _run(case, policy):
+  detector = detector_lib.ASLDetector(dataclasses.replace(case.model_config,
+                                                          kernel_policy=policy))
   report = weight_mapping.load_actionformer_weights(detector, case.params,
                                                     source_config=case.meta["model"])
   features = np.transpose(case.arrays["input/features"], (0, 2, 1))  # [B, C, T] -> [B, T, C]
@@ -29,17 +32,18 @@ def _assert_close(name, got, expected, valid):
   np.testing.assert_array_equal(got[ref_zero], 0.0, err_msg=f"{name}: padded outputs")
 
 
-@pytest.fixture(scope="module", params=[("thumos_like", "auto"), ("anet_like", "auto"),
-                                        ("thumos_like", "winograd"), ("anet_like", "winograd")],
+@pytest.fixture(scope="module", params=[(name, policy) for name in ("thumos_like", "anet_like")
+                                        for policy in ("reference", "fast", "fast_winograd")],
                 ids=lambda p: "-".join(p))
 def parity_run(request):
-  """`winograd`: every dense kernel-3 stride-1 conv (fixture dims are 32) runs as F(4, 3)."""
-  name, convs = request.param
+  """Every kernel policy. `fast_winograd`: `fast` with every dense kernel-3 stride-1 conv (the
+  fixtures' dims are 32) as Winograd F(4, 3). (`portable` differs from `fast` only in graphs.)"""
+  name, policy = request.param
   case = load_parity_case(name)
   with pytest.MonkeyPatch.context() as patch:
-    if convs == "winograd":
-      patch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
-    yield (case,) + _run(case)
+    if policy == "fast_winograd":
+      patch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+    yield (case,) + _run(case, policy.split("_")[0])
 
 
 def test_every_level_matches_actionformer(parity_run):

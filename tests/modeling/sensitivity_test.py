@@ -10,7 +10,6 @@ import tensorflow as tf
 from asl_tf import config as config_lib
 from asl_tf import losses
 from asl_tf import targets as targets_lib
-from asl_tf.modeling import layers
 from asl_tf.modeling import sensitivity
 
 AUTHORS_NAMES = ["mu", "sigma", "mu_reg_left", "sigma_reg_left", "mu_reg_right",
@@ -113,6 +112,19 @@ def test_stable_parametrization_starts_at_sigma_one_and_stays_positive():
     sensitivity.ClassSensitivity(2, parametrization="softplus")
 
 
+def test_stable_sigma_floor_bounds_sigma_and_still_starts_at_one():
+  layer = sensitivity.ClassSensitivity(2, parametrization="stable", sigma_floor=0.1)
+  np.testing.assert_allclose(layer.sigmas()[0].numpy(), [1.0, 1.0], rtol=1e-6)
+  layer.weights[1].assign([-50.0, 0.0])  # sigma = softplus(rho) + 0.1
+  np.testing.assert_allclose(layer.sigmas()[0].numpy(), [0.1, np.log(2.0) + 0.1], rtol=1e-6)
+  # g(x = 0.1; mu 0, sigma 0.1) = exp(-0.5): the floor bounds how narrow the weights become.
+  g_cls, _ = layer(tf.constant([0.1]), tf.constant([0]))
+  np.testing.assert_allclose(g_cls.numpy(), [np.exp(-0.5)], rtol=1e-5)
+  assert sensitivity.ClassSensitivity.from_config(layer.get_config()).sigma_floor == 0.1
+  with pytest.raises(ValueError, match=r"sigma_floor must be in \(0, 1\)"):
+    sensitivity.ClassSensitivity(2, parametrization="stable", sigma_floor=1.0)
+
+
 def test_class_sensitivity_stays_float32_under_mixed_precision():
   layer = sensitivity.ClassSensitivity(2, dtype="mixed_float16")
   g_cls, g_loc = layer(tf.constant([0.1], tf.float16), tf.constant([0]))
@@ -151,13 +163,12 @@ def test_instance_evaluator_ignores_padded_inputs():
   np.testing.assert_allclose(q_noisy[valid], q[valid], rtol=1e-5, atol=1e-6)
 
 
-def test_instance_evaluator_traced_first_in_a_graph_with_dynamic_lengths(monkeypatch):
+def test_instance_evaluator_traced_first_in_a_graph_with_dynamic_lengths():
   """Built inside a tf.function over unknown lengths (its bias-free convs must keep the channel
   count for the norms' weights); `training` reaches the norms: only the inference trace takes the
-  oneDNN LayerNorm form."""
-  monkeypatch.setattr(layers, "onednn_enabled", lambda: True)
+  oneDNN LayerNorm form (under the `fast` policy)."""
   feats, masks = _levels()
-  layer = sensitivity.InstanceEvaluator(6)
+  layer = sensitivity.InstanceEvaluator(6, kernel_policy="fast")
   specs = ([tf.TensorSpec([None, None, feats[0].shape[-1]], tf.float32)] * 3,
            [tf.TensorSpec([None, None], tf.bool)] * 3)
   ops = {}
@@ -221,7 +232,7 @@ def test_sample_contrastive_features_golden():
   rank_loc[0, [1, 4], 0] = [0.9, 0.8]
   rank_cls[0, [7, 6], 1] = [0.9, 0.8]
   rank_loc[0, [8, 6], 1] = [0.9, 0.8]
-  feats, labels_out, valid = sensitivity.sample_contrastive_features(
+  feats, labels_out, valid = losses.sample_contrastive_features(
       emb, mask, t, segments, labels, rank_cls, rank_loc, topk=2, num_background=4)
   r = 1 / math.sqrt(2)
   expected = np.zeros((12, 10), np.float32)
@@ -235,7 +246,7 @@ def test_sample_contrastive_features_golden():
                              atol=1e-6)
   np.testing.assert_array_equal(labels_out.numpy(), [0, 1, 0, -1, 0, 1, 0, -1, -1, -1, -1, -1])
   np.testing.assert_array_equal(valid.numpy(), [1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0])
-  feats, _, valid = sensitivity.sample_contrastive_features(
+  feats, _, valid = losses.sample_contrastive_features(
       emb, mask, t, segments, labels, rank_cls, rank_loc, topk=2, num_background=1)
   np.testing.assert_array_equal(feats.numpy()[-1], np.eye(10)[5])
   assert valid.numpy()[-1]

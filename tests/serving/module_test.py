@@ -1,5 +1,6 @@
 """export_saved_model: a tiny detector exported once, reloaded every way TF Serving users do."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -38,10 +39,12 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  """(model, config, base path, version dir, loaded SavedModel): one export per module."""
+  """(model, config, base path, version dir, loaded SavedModel): one export per module. The model
+  computes under the `fast` kernel policy; the export must trace it as `portable`."""
   keras.utils.set_random_seed(0)
   config = tiny_config()
-  model = inference.build_detector(config)
+  model = inference.build_detector(
+      dataclasses.replace(config, model=dataclasses.replace(config.model, kernel_policy="fast")))
   base = str(tmp_path_factory.mktemp("models") / "asl")
   path = module.export_saved_model(model, config, base, class_names=CLASS_NAMES)
   return model, config, base, path, tf.saved_model.load(path)
@@ -106,7 +109,9 @@ def test_layout_assets_and_warmup(exported):
       "lengths": {"dtype": "int32", "shape": [-1]}}
   assert info["signatures"]["raw_scores"]["outputs"]["points"]["shape"] == [-1, 4]
   assert info["max_detections"] == K and info["class_names"] == list(CLASS_NAMES)
-  assert config_lib.Config.from_dict(info["config"]) == config
+  assert info["config"]["model"]["kernel_policy"] == "portable"
+  assert config_lib.Config.from_dict(info["config"]) == dataclasses.replace(
+      config, model=dataclasses.replace(config.model, kernel_policy="portable"))
   records = warmup.read_warmup_requests(path)
   assert [r.predict_log.request.model_spec.signature_name for r in records] == [
       "serving_default", "detect_full"]
@@ -116,7 +121,8 @@ def test_layout_assets_and_warmup(exported):
 
 def test_the_graphs_are_portable_across_onednn_settings(exported):
   """No computation that is only fast with oneDNN (the inference LayerNorm as FusedBatchNorm,
-  3x slower without it): a server may run without oneDNN."""
+  3x slower without it), though the model computes under `fast`: a server may run without
+  oneDNN."""
   from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
   saved = saved_model_pb2.SavedModel()
   with open(os.path.join(exported[3], "saved_model.pb"), "rb") as f:

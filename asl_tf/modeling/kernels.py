@@ -1,0 +1,260 @@
+"""The one place where computations are chosen for speed: convolution, LayerNorm, per-frame MLP
+and level-shared heads, each under an explicit kernel policy.
+
+Every function returns the same values under every policy (up to float32 rounding; the parity
+tests run under each). The layers call these functions and read like ActionFormer's blocks; what
+differs between policies lives here only.
+
+Policies (`ModelConfig.kernel_policy`):
+
+* `reference`: the plain form: `tf.nn.conv1d`, element-wise LayerNorm, the MLP on every frame
+  of [B, T, C] then masked, each pyramid level through the heads on its own. What cuDNN (GPU)
+  and XLA (TPU) run fastest.
+* `fast`: forms tuned for TensorFlow's oneDNN CPU kernels (measured in benchmarks/README.md):
+  dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
+  Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps;
+  the inference LayerNorm (graphs with a dynamic batch or length) as the FusedBatchNorm pattern
+  that oneDNN's remapper turns into one kernel; the MLP on the valid frames only, as rows; the
+  head levels joined into one sequence.
+* `portable`: `fast` without the LayerNorm pattern, which is 3x slower where oneDNN is off.
+  SavedModels are traced with it (a server may run without oneDNN).
+* `auto`: `reference` when a GPU or TPU is visible, else `fast` with oneDNN on, else `portable`.
+"""
+
+import functools
+
+import tensorflow as tf
+
+from asl_tf import config as config_lib
+from asl_tf.modeling import winograd
+
+POLICIES = config_lib.KERNEL_POLICIES
+# Under `fast` / `portable`: dense kernel-3 float32 convolutions at least this wide (in and out)
+# use Winograd F(4, 3); dense stride-1 convolutions with fewer output channels run as one GEMM
+# over the taps.
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def check_policy(policy):
+  """Raises a ValueError naming the flag when `policy` is not one of POLICIES."""
+  if policy not in POLICIES:
+    raise ValueError(f"kernel_policy={policy!r}: use one of {', '.join(POLICIES)} "
+                     "(--kernel_policy)")
+  return policy
+
+
+@functools.cache
+def onednn_enabled():
+  """Whether TensorFlow's oneDNN CPU kernels are on in this process."""
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return bool(_pywrap_util_port.IsMklEnabled())
+
+
+@functools.cache
+def _accelerator_visible():
+  return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def resolve(policy):
+  """`reference`, `fast` or `portable` for `policy` (`auto` looks at this process's devices)."""
+  check_policy(policy)
+  if policy != "auto":
+    return policy
+  if _accelerator_visible():
+    return "reference"
+  return "fast" if onednn_enabled() else "portable"
+
+
+# -- convolution -----------------------------------------------------------------------------
+def conv1d(x, kernel, strides=1, groups=1, policy="reference"):
+  """Convolution with PyTorch padding: `k // 2` zero frames on both sides, then 'valid'.
+
+  Output frame i is centred on input frame `i * strides`.
+
+  Args:
+    x: [B, T, Cin] (static Cin).
+    kernel: [k, Cin // groups, Cout], k odd, in the dtype of `x`.
+    strides: temporal stride.
+    groups: channel groups (`groups == Cin == Cout` is depthwise).
+    policy: a kernel policy.
+
+  Returns:
+    [B, ceil(T / strides), Cout].
+  """
+  taps, _, out_channels = kernel.shape
+  in_channels = x.shape[-1]
+  dense_stride_1 = strides == 1 and groups == 1
+  if resolve(policy) != "reference" and dense_stride_1:
+    if (taps == 3 and x.dtype == tf.float32
+        and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS):
+      # float16 / bfloat16 keep the direct form: the transforms' constants cost precision.
+      return winograd.conv1d_k3(x, kernel)
+    if out_channels < WINOGRAD_MIN_CHANNELS:
+      return conv1d_as_tap_gemm(x, kernel)
+  pad = taps // 2
+  x = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
+  if groups == 1:
+    return tf.nn.conv1d(x, kernel, stride=strides, padding="VALID")
+  if groups == in_channels and out_channels == in_channels:
+    # Depthwise: kernel [k, 1, C] -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis,
+    # which a height stride leaves at 1: TF needs equal row and column strides).
+    y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
+                               strides=[1, strides, strides, 1], padding="VALID")
+    return y[:, 0]
+  xs = tf.split(x, groups, axis=-1)
+  ks = tf.split(kernel, groups, axis=-1)
+  return tf.concat([tf.nn.conv1d(xg, kg, stride=strides, padding="VALID")
+                    for xg, kg in zip(xs, ks)], axis=-1)
+
+
+def conv1d_as_tap_gemm(x, kernel):
+  """Stride-1 convolution with `k // 2` zero frames of padding on each side, as one GEMM.
+
+  `x` times all k taps at once ([B * T, Cin] x [Cin, k * Cout]), then the k output blocks are
+  added with their frame shifts. For narrow outputs (the heads' class / offset convolutions)
+  2-7x faster than oneDNN's direct convolution, forward and backward.
+
+  Args:
+    x: [B, T, Cin] (static Cin).
+    kernel: [k, Cin, Cout], k odd.
+
+  Returns:
+    [B, T, Cout].
+  """
+  taps, in_channels, out_channels = kernel.shape
+  pad = taps // 2
+  batch, length = tf.shape(x)[0], tf.shape(x)[1]
+  w = tf.reshape(tf.transpose(kernel, [1, 0, 2]), [in_channels, taps * out_channels])
+  y = tf.matmul(tf.reshape(x, [-1, in_channels]), w)  # [B * T, k * Cout]: x[s] W_j
+  y = tf.reshape(tf.cast(y, tf.float32), [batch, length, taps * out_channels])  # f32 sums
+  y = tf.pad(y, [[0, 0], [pad, pad], [0, 0]])  # frame t + j holds x[t + j - pad] W_j
+  y = tf.add_n([y[:, j:j + length, j * out_channels:(j + 1) * out_channels]
+                for j in range(taps)])
+  y.set_shape(x.shape[:-1].concatenate([out_channels]))  # the slices lose the static shape
+  return tf.cast(y, x.dtype)
+
+
+# -- LayerNorm -------------------------------------------------------------------------------
+def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
+  """LayerNorm over the last axis with biased variance: (x - mean) / sqrt(var + eps) * g + b.
+
+  Args:
+    x: float32 [..., C]; gamma, beta: [C] (variables or tensors; read as float32).
+    epsilon: added to the variance.
+    training: the training step (always the element-wise form).
+    policy: a kernel policy.
+
+  Returns:
+    float32 [..., C].
+  """
+  if not training and _fusable_layer_norm(x, policy):
+    y = _normalize_as_batch_norm(x, epsilon, name="a_normalized")
+  else:
+    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
+    y = tf.multiply(centred, tf.math.rsqrt(var + epsilon), name="a_normalized")
+  # The remapper's pattern is AddV2(beta, Mul(Reshape(FusedBatchNorm), gamma)) with inputs in
+  # this order; Grappler sorts the inputs of commutative ops by name, hence the names.
+  with tf.name_scope("b_beta"):
+    beta = tf.cast(beta, tf.float32)
+  with tf.name_scope("c_gamma"):
+    gamma = tf.cast(gamma, tf.float32)
+  return tf.add(beta, tf.multiply(y, gamma, name="d_scaled"), name="e_shifted")
+
+
+def _fusable_layer_norm(x, policy):
+  """`fast`, in a graph (eager ops are not rewritten), with a dynamic batch or length (static
+  ones let constant folding turn the pattern's Fill ops into constants: nothing is fused)."""
+  return (resolve(policy) == "fast" and not tf.executing_eagerly()
+          and not x.shape[:-1].is_fully_defined())
+
+
+def _normalize_as_batch_norm(x, epsilon, name):
+  """(x - mean) / sqrt(var + eps) over the last axis, as Keras 2's fused LayerNorm wrote it:
+  each row of `x` [..., C] one channel of an NCHW batch [1, rows, C, 1], normalized by a
+  training-mode FusedBatchNorm with unit scale and zero offset (filled at run time)."""
+  shape = tf.shape(x)
+  rows = tf.reduce_prod(shape[:-1])
+  channels = x.shape[-1] if x.shape[-1] is not None else shape[-1]
+  y = tf.reshape(x, [1, rows, channels, 1])
+  y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, tf.fill([rows], 1.0), tf.fill([rows], 0.0),
+                                             epsilon=epsilon, data_format="NCHW")
+  return tf.reshape(y, shape, name=name)
+
+
+# -- per-frame computations ------------------------------------------------------------------
+def per_frame(fn, x, padding_mask, policy="reference"):
+  """`fn(x) * mask`: a frame-by-frame computation, zero on padded frames.
+
+  `reference` runs `fn` on [B, T, C]. `fast` / `portable` gather the valid frames into rows
+  [N, C], run `fn` on them and scatter the rows back (N / (B T) of the cost; on rows oneDNN
+  fuses MatMul + bias (+ GELU at inference)); with no padded frame, a reshape to rows.
+
+  Args:
+    fn: maps [..., C] to [..., C'] frame by frame (it must accept rank 2 and rank 3).
+    x: [B, T, C].
+    padding_mask: bool [B, T].
+    policy: a kernel policy.
+
+  Returns:
+    [B, T, C'].
+  """
+  if resolve(policy) == "reference":
+    y = fn(x)
+    return y * tf.cast(padding_mask, y.dtype)[..., None]
+
+  def valid_rows_only():
+    indices = tf.cast(tf.where(padding_mask), tf.int32)  # [N, 2]: (batch, frame); int32 for XLA
+    rows = fn(tf.gather_nd(x, indices))  # [N, C']
+    return tf.scatter_nd(indices, rows,
+                         tf.concat([tf.shape(padding_mask), [rows.shape[-1]]], axis=0))
+
+  def all_rows():
+    rows = fn(tf.reshape(x, [-1, x.shape[-1]]))  # [B * T, C']
+    return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
+
+  return tf.cond(tf.reduce_all(padding_mask), all_rows, valid_rows_only)
+
+
+# -- heads shared over pyramid levels --------------------------------------------------------
+def over_levels(stack, xs, masks, gap, policy="reference"):
+  """Runs a level-shared conv stack on every pyramid level.
+
+  `reference`: once per level. `fast` / `portable`: once on the levels joined along time with
+  `gap` zero frames between them (a few large GEMMs instead of a few per level). `stack` gets a
+  multiplier `keep` [1, T, 1] (0 on the gaps, else None) to apply after each LayerNorm, which
+  maps the gaps' zeros to its bias; with the gaps masked out of every conv (k <= 2 gap + 1),
+  each level then sees exactly the zeros its own padding would give.
+
+  Args:
+    stack: `(x [B, T, C], mask bool [B, T], keep) -> [B, T, C']`.
+    xs: list of [B, T_l, C]; masks: list of bool [B, T_l].
+    gap: zero frames between levels (the stack's kernel_size // 2).
+    policy: a kernel policy.
+
+  Returns:
+    list of [B, T_l, C'].
+  """
+  if resolve(policy) == "reference" or len(xs) == 1:
+    return [stack(x, m, None) for x, m in zip(xs, masks)]
+  batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]
+  x, mask, keep, sizes = [], [], [], []
+  for l, (level_x, level_mask) in enumerate(zip(xs, masks)):
+    if l and gap:
+      x.append(tf.zeros([batch, gap, channels], level_x.dtype))
+      mask.append(tf.zeros([batch, gap], tf.bool))
+      keep.append(tf.zeros([1, gap, 1], level_x.dtype))
+      sizes.append(gap)
+    length = level_x.shape[1] if level_x.shape[1] is not None else tf.shape(level_x)[1]
+    x.append(level_x)
+    mask.append(level_mask)
+    keep.append(tf.ones([1, length, 1], level_x.dtype))
+    sizes.append(length)
+  y = stack(tf.concat(x, axis=1), tf.concat(mask, axis=1),
+            tf.concat(keep, axis=1) if gap else None)  # [B, sum T_l + gaps, C']
+  parts = tf.split(y, sizes, axis=1)
+  return parts[::2] if gap else parts

@@ -1,0 +1,112 @@
+"""In-process A/B: training step and inference forward of several variants, alternating rounds.
+
+Every variant's detector is built in this one process (with `--compare=kernel_policy` all with
+the first variant's weights), its `train_step` and forward traced and warmed up; then each round
+times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
+the machine (other load, frequency) hit all variants alike. Reports the median over
+`--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
+(`avx512*`, `amx*`). Never run it beside other work.
+
+  python benchmarks/ab_step.py --compare=kernel_policy            # reference vs fast vs portable
+  python benchmarks/ab_step.py --compare=asl                      # ActionFormer vs ASL defaults
+  python benchmarks/ab_step.py --compare=asl --config=thumos_i3d --repeats=5
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
+COMPARISONS = {
+    "kernel_policy": {"reference": ("--kernel_policy=reference",),
+                      "fast": ("--kernel_policy=fast",),
+                      "portable": ("--kernel_policy=portable",)},
+    "asl": {"actionformer": _OFF,
+            "asl_default": (),
+            "asl_contrastive": ("--contrastive_weight=0.1",)},
+}
+
+
+def cpu_flags():
+  """The CPU flags that decide the fast paths (AVX-512, its bf16 extension, AMX)."""
+  flags = set((common._read_key("/proc/cpuinfo", "flags") or "").split())  # pylint: disable=protected-access
+  return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
+
+
+def main():
+  parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=8)
+  parser.add_argument("--compare", default="kernel_policy", choices=sorted(COMPARISONS))
+  parser.add_argument("--config", default="bench", help="flagfile name in configs/")
+  parser.add_argument("--steps", type=int, default=5, help="steps per variant and round")
+  args = parser.parse_args()
+  rounds = 2 if args.quick else args.repeats
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
+  from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
+  from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  variants = COMPARISONS[args.compare]
+  runs, weights = {}, None
+  for name, extra in variants.items():
+    asl_flags.FLAGS.unparse_flags()
+    cfg = train_step._config(args.config, args.quick, extra)  # pylint: disable=protected-access
+    tf.keras.utils.set_random_seed(0)
+    model = detector_lib.ASLDetector(cfg.model, loss_config=cfg.loss,
+                                     clip_grad_norm=cfg.train.clip_grad_norm)
+    model.build_for_training()
+    if args.compare == "kernel_policy":
+      weights = weights or model.get_weights()
+      model.set_weights(weights)
+    model.optimizer = optimizer_lib.build_optimizer(model, cfg.train, cfg.model, 100)
+    model.optimizer.build(model.trainable_variables)
+    batch = train_step._batch(cfg)  # pylint: disable=protected-access
+    step = tf.function(model.train_step)
+    spec = [tf.TensorSpec([None, None, cfg.model.input_dim]), tf.TensorSpec([None, None])]
+    forward = tf.function(lambda x, m, model=model: model(x, m)["cls_logits"],
+                          input_signature=spec)
+    epoch = tf.constant(5, tf.int64)
+    for _ in range(3):
+      step(batch, epoch)
+      forward(batch["features"], batch["padding_mask"])
+    runs[name] = (step, forward, batch, epoch)
+
+  times = {name: {"train_step": [], "forward": []} for name in runs}
+  # Round 0 is warm-up: a variant's first calls after other variants were built are slow.
+  for round_index in range(rounds + 1):
+    for name, (step, forward, batch, epoch) in runs.items():
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        out = step(batch, epoch)
+      float(out["total_loss"])
+      step_sec = (time.perf_counter() - start) / args.steps
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        logits = forward(batch["features"], batch["padding_mask"])
+      logits.numpy()
+      if round_index:
+        times[name]["train_step"].append(step_sec)
+        times[name]["forward"].append((time.perf_counter() - start) / args.steps)
+  first = next(iter(runs))
+  results = {}
+  for name, measured in times.items():
+    results[name] = {}
+    for what, values in measured.items():
+      median = float(np.median(values))
+      results[name][what] = {"median_sec": round(median, 5),
+                             "ratio_to_" + first: round(median / np.median(times[first][what]), 3),
+                             "rounds_sec": [round(v, 5) for v in values]}
+  common.emit({"benchmark": "ab_step", "command": " ".join(["python"] + sys.argv),
+               "compare": args.compare, "config": args.config, "variants": variants,
+               "machine": {**common.machine_info(), "cpu_flags": cpu_flags()},
+               "results": results}, args.output)
+
+
+if __name__ == "__main__":
+  main()

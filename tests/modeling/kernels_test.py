@@ -1,0 +1,171 @@
+"""Tests of asl_tf.modeling.kernels: each policy's forms give the reference values (and grads)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from asl_tf.modeling import kernels
+from asl_tf.modeling import layers
+
+
+def _graph_op_types(fn, *specs):
+  graph = tf.function(fn).get_concrete_function(*specs).graph
+  return {op.type for op in graph.get_operations()}
+
+
+def test_resolve_auto_by_device(monkeypatch):
+  for policy in ("reference", "fast", "portable"):
+    assert kernels.resolve(policy) == policy
+  monkeypatch.setattr(kernels, "_accelerator_visible", lambda: True)
+  assert kernels.resolve("auto") == "reference"
+  monkeypatch.setattr(kernels, "_accelerator_visible", lambda: False)
+  monkeypatch.setattr(kernels, "onednn_enabled", lambda: True)
+  assert kernels.resolve("auto") == "fast"
+  monkeypatch.setattr(kernels, "onednn_enabled", lambda: False)
+  assert kernels.resolve("auto") == "portable"
+  with pytest.raises(ValueError, match=r"kernel_policy='gpu': use one of auto, reference, fast, "
+                     r"portable \(--kernel_policy\)"):
+    kernels.resolve("gpu")
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_tap_gemm_equals_direct_conv_values_and_gradients(kernel_size, jit_compile):
+  """One GEMM over the taps + shifted adds == tf.nn.conv1d on the padded input, incl. grads."""
+  rng = np.random.default_rng(kernel_size)
+  kernel = tf.constant(rng.normal(size=(kernel_size, 6, 5)).astype(np.float32))
+  pad = kernel_size // 2
+
+  def value_and_grads(conv):
+    def fn(x):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = conv(x, kernel)
+        loss = tf.reduce_sum(y * tf.range(1.0, 6.0))  # distinct weight per output channel
+      return (y,) + tuple(tape.gradient(loss, [x, kernel]))
+    return tf.function(fn, jit_compile=jit_compile,
+                       input_signature=[tf.TensorSpec([None, None, 6], tf.float32)])
+
+  tap = value_and_grads(kernels.conv1d_as_tap_gemm)
+  assert tap.get_concrete_function().structured_outputs[0].shape.as_list() == [None, None, 5]
+  direct = value_and_grads(
+      lambda x, k: tf.nn.conv1d(tf.pad(x, [[0, 0], [pad, pad], [0, 0]]), k, 1, "VALID"))
+  for length in (1, 2, 9):
+    x = tf.constant(rng.normal(size=(2, length, 6)).astype(np.float32))
+    got, want = tap(x), direct(x)
+    assert got[0].shape == (2, length, 5)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,kernel_size,strides,groups,dtype,fast_form", [
+    (64, 64, 3, 1, 1, tf.float32, "winograd"),
+    (64, 64, 3, 1, 1, tf.float16, "direct"),  # the transforms' constants cost half precision
+    (512, 20, 3, 1, 1, tf.float32, "tap_gemm"),  # narrow output: one GEMM over the taps
+    (64, 20, 5, 1, 1, tf.float32, "tap_gemm"),
+    (64, 64, 5, 1, 1, tf.float32, "direct"),
+    (64, 64, 3, 2, 1, tf.float32, "direct"),
+    (64, 64, 3, 1, 64, tf.float32, "direct"),
+])
+def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides, groups, dtype,
+                                fast_form):
+  """`reference` always runs TensorFlow's convolution; `fast` / `portable` pick Winograd F(4, 3)
+  or the tap GEMM where they pay. Values agree with the reference under every policy."""
+  rng = np.random.default_rng(0)
+  kernel = tf.constant(rng.normal(size=(kernel_size, in_channels // groups, out_channels)),
+                       dtype)
+  x = tf.constant(rng.normal(size=(2, 10, in_channels)), dtype)
+  spec = tf.TensorSpec([None, None, in_channels], dtype)
+  conv_ops = {"Conv2D", "DepthwiseConv2dNative"}
+  outputs = {}
+  for policy in ("reference", "fast", "portable"):
+    fn = lambda x, policy=policy: kernels.conv1d(x, kernel, strides, groups, policy)
+    ops = _graph_op_types(fn, spec)
+    form = "direct" if conv_ops & ops else ("winograd" if "BatchMatMulV2" in ops else "tap_gemm")
+    assert form == ("direct" if policy == "reference" else fast_form), policy
+    outputs[policy] = tf.function(fn)(x).numpy().astype(np.float32)
+  tol = 1e-4 if dtype == tf.float32 else 1e-1
+  for policy in ("fast", "portable"):
+    np.testing.assert_allclose(outputs[policy], outputs["reference"], rtol=tol, atol=tol)
+
+
+def test_layer_norm_inference_form_only_under_fast():
+  """`fast` writes the inference LayerNorm (graph, dynamic shape) as a FusedBatchNorm over rows:
+  same values, incl. all-zero (padded) rows -> beta and rows with a large mean; not in
+  training, not under `portable` (SavedModels) or `reference`."""
+  rng = np.random.default_rng(3)
+  gamma = tf.constant(rng.normal(size=16).astype(np.float32))
+  beta = tf.constant(rng.normal(size=16).astype(np.float32))
+  x = rng.normal(size=(2, 9, 16)).astype(np.float32)
+  x[0, 3] += 1000.0
+  x[1, 6:] = 0.0
+  spec = tf.TensorSpec([None, None, 16], tf.float32)
+
+  def norm(policy, training):
+    return lambda x: kernels.layer_norm(x, gamma, beta, 1e-5, training, policy)
+
+  want = tf.function(norm("reference", False), input_signature=[spec])(x).numpy()
+  got = tf.function(norm("fast", False), input_signature=[spec])(x).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1, 6:], np.broadcast_to(beta.numpy(), (3, 16)), atol=1e-6)
+  assert "FusedBatchNormV3" in _graph_op_types(norm("fast", False), spec)
+  for policy, training in (("fast", True), ("portable", False), ("reference", False)):
+    assert "FusedBatchNormV3" not in _graph_op_types(norm(policy, training), spec), policy
+  static = tf.TensorSpec([2, 9, 16], tf.float32)  # constant folding would undo the pattern
+  assert "FusedBatchNormV3" not in _graph_op_types(norm("fast", False), static)
+
+
+def test_layer_norm_fast_form_fuses_into_one_onednn_kernel(tmp_path):
+  """Grappler's oneDNN remapper turns the inference form into `_MklLayerNorm` (the speed-up)."""
+  if not kernels.onednn_enabled():
+    pytest.skip("oneDNN is off in this process")
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  norm = layers.ChannelLayerNorm(kernel_policy="fast")
+  forward = tf.function(lambda x: norm(x, training=False) * 2.0,
+                        input_signature=[tf.TensorSpec([None, None, 32], tf.float32)])
+  x = tf.ones([1, 64, 32])
+  forward(x)
+  tf.profiler.experimental.start(str(tmp_path))
+  forward(x).numpy()
+  tf.profiler.experimental.stop()
+  space = xplane_pb2.XSpace()
+  space.ParseFromString(next(tmp_path.rglob("*.xplane.pb")).read_bytes())
+  ops = {plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
+         for plane in space.planes for line in plane.lines for event in line.events}
+  assert "_MklLayerNorm" in ops
+  assert not {"FusedBatchNormV3", "_MklNativeFusedBatchNormV3", "Mean"} & ops
+
+
+@pytest.mark.parametrize("policy,jit_compile", [("fast", False), ("fast", True),
+                                                ("reference", False)])
+@pytest.mark.parametrize("padded", [True, False])
+def test_per_frame_equals_masked_grid(padded, policy, jit_compile):
+  """Values and gradients equal `fn(x) * mask`, on a padded batch (valid rows only) and an
+  unpadded one (all frames as rows); in graph mode (the gradient of a LayerNorm after the rows
+  once failed Grappler's shape folding) and under XLA."""
+  norm = layers.ChannelLayerNorm()
+  norm.build((None, 3))
+  norm.beta.assign([0.5, -1.0, 2.0])
+  x = tf.constant(np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32))
+  mask = np.ones((2, 7), np.float32)
+  if padded:
+    mask[1, 4:] = 0.0
+    mask[0, 0] = 0.0
+  mask = tf.constant(mask)
+  fn = lambda frames: tf.sin(norm(frames)) * 2.0
+  # The bool mask is computed inside the function, as in the model (with a captured bool
+  # constant, XLA failed to size the gathered rows).
+  per_frame = lambda: kernels.per_frame(fn, x, layers.as_bool_mask(mask), policy)
+
+  def value_and_grads(compute):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = compute()
+      loss = tf.reduce_sum(y * y)
+    return [y] + tape.gradient(loss, [x, norm.gamma, norm.beta])
+
+  rows = tf.function(lambda: value_and_grads(per_frame), jit_compile=jit_compile)()
+  grid = value_and_grads(lambda: fn(x) * mask[..., None])
+  for got, want in zip(rows, grid):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+  assert float(tf.reduce_sum(tf.abs(rows[1]))) > 0.0
