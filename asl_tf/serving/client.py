@@ -6,7 +6,7 @@ Library:
   videos[0]["segments_sec"], videos[0]["scores"], videos[0]["labels"]
 
 Command line:
-  python -m asl_tf.serving.client --server=localhost:8500 --model=asl --features=video.npy \
+  python -m asl_tf.serving.client --server=localhost:8500 --model=asl --features_path=video.npy \
       [--signature=serving_default] [--lengths=2304] [--class_names=classes.txt] \
       [--timeout_sec=60] [--tls_ca=ca.pem] [--rest=localhost:8501]
 
@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
@@ -152,13 +152,16 @@ class ASLServingClient:
     max_backoff_sec: cap of one sleep.
     validate_inputs: check inputs against the served signature before sending.
     class_names: label names indexed by label id (None = integer labels only).
+    on_retry: called with one line before each retry sleep (e.g. to tell a person waiting
+      that the server is not up yet); None = silent.
   """
 
   def __init__(self, server: str = "", model_name: str = "asl",
                model_version: Optional[int] = None, rest: str = "", timeout_sec: float = 60.0,
                tls_ca: str = "", max_attempts: int = 6, initial_backoff_sec: float = 0.5,
                max_backoff_sec: float = 8.0, validate_inputs: bool = True,
-               class_names: Optional[Sequence[str]] = None):
+               class_names: Optional[Sequence[str]] = None,
+               on_retry: Optional[Callable[[str], None]] = None):
     if not server and not rest:
       raise ValueError("give a gRPC server (host:8500) or a REST endpoint (host:8501)")
     if max_attempts < 1:
@@ -174,6 +177,7 @@ class ASLServingClient:
     self.max_backoff_sec = max_backoff_sec
     self.validate_inputs = validate_inputs
     self.class_names = list(class_names) if class_names is not None else None
+    self.on_retry = on_retry
     self._signature_defs = None
     self._channel = None
     self._stub = None
@@ -224,6 +228,10 @@ class ASLServingClient:
               f"{self.target} unavailable after {attempt} attempts over "
               f"{time.monotonic() - start:.1f} s (is the server running and the port right?); "
               f"last error: {e.message}") from e
+        if self.on_retry is not None:
+          self.on_retry(f"{self.target} unavailable ({e.message.strip() or 'no answer'}); "
+                        f"retrying in {backoff:.1f} s (attempt {attempt + 1} of "
+                        f"{self.max_attempts})")
         time.sleep(backoff)
         backoff = min(2 * backoff, self.max_backoff_sec)
 
@@ -387,8 +395,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("model_version", 0, "Model version (0 = latest).", flag_values=fv)
   flags.DEFINE_string("signature", DEFAULT_SIGNATURE, "serving_default or detect_full.",
                       flag_values=fv)
-  flags.DEFINE_string("features", None, ".npy features, [T, C] or [B, T, C] float32.",
+  flags.DEFINE_string("features_path", None, ".npy features, [T, C] or [B, T, C] float32 (as "
+                      "asl_tf.infer's --features_path; --features is the same flag).",
                       flag_values=fv, required=True)
+  flags.DEFINE_alias("features", "features_path", flag_values=fv)
   flags.DEFINE_list("lengths", [], "Valid frames per video (default: all).", flag_values=fv)
   flags.DEFINE_string("class_names", "", "Class names file, one per line (default: label ids).",
                       flag_values=fv)
@@ -423,9 +433,9 @@ def _input_file_problem(fv: flags.FlagValues) -> str:
 def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
   """Runs the command line on parsed flags; returns the process exit code."""
   try:
-    features = features_lib.read_feature_file(fv.features, ranks=(2, 3))
+    features = features_lib.read_feature_file(fv.features_path, ranks=(2, 3))
   except features_lib.FeatureError as e:
-    print(f"asl_tf.serving.client: --features: {e}", file=sys.stderr)
+    print(f"asl_tf.serving.client: --features_path: {e}", file=sys.stderr)
     return 2
   try:
     lengths = [int(n) for n in fv.lengths] or None
@@ -442,7 +452,8 @@ def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
       fv.server, model_name=fv.model, model_version=fv.model_version or None, rest=fv.rest,
       timeout_sec=fv.timeout_sec, tls_ca=fv.tls_ca, max_attempts=fv.max_attempts,
       initial_backoff_sec=fv.initial_backoff_sec, validate_inputs=fv.validate_inputs,
-      class_names=read_class_names(fv.class_names) if fv.class_names else None)
+      class_names=read_class_names(fv.class_names) if fv.class_names else None,
+      on_retry=lambda line: print(line, file=sys.stderr, flush=True))
   try:
     videos = client.detect(features, lengths, signature=fv.signature)
   except ServingError as e:
@@ -460,6 +471,9 @@ def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
             f"{d['label']}", file=out)
   if fv.output_json:
     files.write_json_atomic(fv.output_json, {"results": results}, indent=1)
+  if not fv.class_names:
+    print("labels are class ids: pass --class_names=<export_dir>/<version>/assets/"
+          "class_names.txt (written by asl_tf.export) for names", file=sys.stderr)
   return 0
 
 

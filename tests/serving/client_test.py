@@ -144,10 +144,11 @@ def test_retries_until_a_late_server_is_up(stand_in):
   late = testing_server.TestingServer(stand_in.base_path, port=port)  # Loaded, not listening.
   timer = threading.Timer(0.8, late.start)
   timer.start()
+  notices = []
   try:
     with client_lib.ASLServingClient(f"127.0.0.1:{port}", max_attempts=12,
                                      initial_backoff_sec=0.1, max_backoff_sec=0.4,
-                                     timeout_sec=5) as c:
+                                     timeout_sec=5, on_retry=notices.append) as c:
       start = time.monotonic()
       videos = c.detect(_videos([10])[0])
       elapsed = time.monotonic() - start
@@ -156,6 +157,11 @@ def test_retries_until_a_late_server_is_up(stand_in):
     late.stop()
   assert len(videos[0]["scores"]) == stand_in.max_detections
   assert 0.7 < elapsed < 5.0
+  # A person waiting is told each retry: 0.1, 0.2, 0.4, 0.4 ... s until the server is up.
+  assert len(notices) >= 3
+  assert re.fullmatch(rf"127\.0\.0\.1:{port} unavailable \(.*\); retrying in 0\.1 s "
+                      r"\(attempt 2 of 12\)", notices[0])
+  assert "retrying in 0.2 s (attempt 3 of 12)" in notices[1]
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
@@ -240,12 +246,14 @@ def test_command_line_prints_seconds_and_label_names(server, stand_in, tmp_path)
   np.testing.assert_allclose(first["score"], want["scores"][1, 0], atol=1e-5)
 
 
-def test_command_line_rest_and_errors(server, tmp_path):
+def test_command_line_rest_and_errors(server, tmp_path, capsys):
   np.save(tmp_path / "video.npy", _videos([8])[0])
   code, out = _run_cli(["--server=unused:1", f"--rest={server.rest_address}",
-                        f"--features={tmp_path / 'video.npy'}", "--signature=detect_full"])
+                        f"--features_path={tmp_path / 'video.npy'}", "--signature=detect_full"])
   assert code == 0 and out.splitlines()[0] == "video 0: 5 detections"
-  assert out.splitlines()[1].split()[-1] == "0"  # No class names: label ids.
+  assert out.splitlines()[1].split()[-1] == "0"  # No class names: label ids, and where names are.
+  assert "labels are class ids: pass --class_names=<export_dir>/<version>/assets/class_names" \
+      in capsys.readouterr().err
   code, out = _run_cli([f"--server={server.address}", "--model=nope",
                         f"--features={tmp_path / 'video.npy'}"])
   assert code == 1 and not out
