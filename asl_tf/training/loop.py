@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -294,14 +295,10 @@ class Trainer:
         if self.chief:
           print(f"first step done in {elapsed:.0f} s (tracing); the ETA counts from here",
                 flush=True)
-      if bar is None:
-        bar = keras.utils.Progbar(self.steps_per_epoch,
-                                  stateful_metrics=["lr", "num_pos", "steps/s"],
-                                  verbose=1 if self.chief else 0)
       rate = (i + 1 - timed_from) / max(time.perf_counter() - t_timed, 1e-9)
-      bar.update(i + 1, values=[(k, v) for k, v in logs.items() if k != "num_pos"]
-                 + [("lr", lr), ("num_pos", logs.get("num_pos", 0.0))]
-                 + ([("steps/s", rate)] if i + 1 > timed_from else []))
+      if self.chief:
+        bar = bar or _Progress(self.steps_per_epoch, epoch, total_epochs)
+        bar.update(i + 1, logs, lr, rate if i + 1 > timed_from else None)
       if step % max(1, cfg.train.log_every) == 0 or i + 1 == self.steps_per_epoch:
         writer.scalars(step, {**{f"train/{k}": v for k, v in logs.items()},
                               "train/learning_rate": lr,
@@ -309,6 +306,31 @@ class Trainer:
     means = {k: v / self.steps_per_epoch for k, v in sums.items()}
     means["epoch_sec"] = time.perf_counter() - t_epoch
     return means
+
+
+class _Progress:
+  """Per-step progress of one epoch: Keras' progress bar on a terminal; in a file or pipe (no
+  terminal, e.g. `> train.log`), one plain line every tenth of the epoch and at its end."""
+
+  def __init__(self, steps: int, epoch: int, total_epochs: int):
+    self.steps = steps
+    self.prefix = f"epoch {epoch + 1}/{total_epochs}"
+    self.every = max(1, steps // 10)
+    self.bar = None
+    if sys.stdout.isatty():
+      self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr", "num_pos", "steps/s"])
+
+  def update(self, done: int, logs: Dict[str, float], lr: float, rate: Optional[float]):
+    if self.bar is not None:
+      self.bar.update(done, values=[(k, v) for k, v in logs.items() if k != "num_pos"]
+                      + [("lr", lr), ("num_pos", logs.get("num_pos", 0.0))]
+                      + ([("steps/s", rate)] if rate else []))
+      return
+    if done % self.every and done != self.steps:
+      return
+    losses = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith("loss"))
+    speed = f", {rate:.2f} steps/s, epoch ETA {(self.steps - done) / rate:.0f} s" if rate else ""
+    print(f"{self.prefix} step {done}/{self.steps}: {losses} lr {lr:.3g}{speed}", flush=True)
 
 
 class _Profiler:

@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_kill_and_resume_equals_uninterrupted_run_with_logs_and_profile(tiny_dat
       "first step done in") < log.index("steps/s")
   assert f"run folder: {killed}" in log and f"--checkpoint={killed}" in log
   assert "cudart_stub" not in log and "port.cc" not in log and "Sharding callback" not in log
+  # In a file, progress is plain lines (a terminal's progress bar wrote escape codes and one
+  # ever-growing line into train.log).
+  assert "\x1b[" not in log
+  assert re.search(r"^epoch 3/3 step (\d+)/\1: cls_loss \d+\.\d{4} .*steps/s, epoch ETA 0 s$",
+                   log, re.M)
 
   scalars, images = _scalars(os.path.join(full, "logs"))
   for tag in ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "total_loss",
