@@ -12,6 +12,7 @@ applied (e.g. `--max_frames`) and model flags refused; with one, the flags' mode
 against the checkpoint's.
 """
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -36,6 +37,10 @@ def export_checkpoint(checkpoint: str, export_dir: str, version: int = 0,
   """
   from asl_tf import inference  # pylint: disable=g-import-not-at-top
   from asl_tf.serving import module  # pylint: disable=g-import-not-at-top
+  config = inference.checkpoint_config(checkpoint, config)
+  # SavedModels always compute under `portable` (a server may run without oneDNN).
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                 kernel_policy="portable"))
   model, config = inference.load_model(checkpoint, config, use_ema=True)
   return module.export_saved_model(model, config, export_dir, version=version,
                                    class_names=inference.class_names(config))

@@ -260,7 +260,7 @@ TOOL_FLAGS = {
                      "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
                                     "multiclass_nms", "nms_sigma", "kernel_policy")},
     "asl_tf.visualize": {"what": ("checkpoint", "video_ids", "num_videos", "plot_dir"),
-                         "data": _DATA, "evaluation": _EVALUATION[:-1]},
+                         "data": _DATA, "evaluation": _EVALUATION[:-1] + ("kernel_policy",)},
     "asl_tf.export": {"export": ("checkpoint", "export_dir", "version", "max_frames"),
                       "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
                                      "multiclass_nms", "nms_sigma")},

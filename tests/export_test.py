@@ -171,6 +171,12 @@ def test_kernel_policy_may_differ_from_the_checkpoints(run_dir, parsed_flags):
     features = np.random.default_rng(4).normal(size=(2, 24, C)).astype(np.float32)
     scores[policy] = _raw_scores(model, features, np.array([24, 13]))
   np.testing.assert_allclose(scores["fast"], scores["reference"], rtol=1e-5, atol=1e-6)
+  portable = model.with_kernel_policy("portable")  # what the export traces
+  assert portable.name == model.name and portable.dtype_policy.name == model.dtype_policy.name
+  assert ([v.path for v in portable.trainable_variables]
+          == [v.path for v in model.trainable_variables])
+  np.testing.assert_allclose(_raw_scores(portable, features, np.array([24, 13])),
+                             scores["fast"], rtol=1e-5, atol=1e-6)
 
 
 def test_tools_without_flagfile_apply_command_line_flags_to_the_runs_config(run_dir,

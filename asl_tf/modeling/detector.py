@@ -280,7 +280,8 @@ class ASLDetector(keras.Model):
       return self
     model_config = dataclasses.replace(self.model_config, kernel_policy=policy)
     other = ASLDetector(model_config, loss_config=self.loss_config,
-                        eval_config=self.eval_config, clip_grad_norm=self.clip_grad_norm)
+                        eval_config=self.eval_config, clip_grad_norm=self.clip_grad_norm,
+                        name=self.name, dtype=self.dtype_policy)
     other.build_for_training()
     other.set_weights(self.get_weights())
     return other

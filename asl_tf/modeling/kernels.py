@@ -2,7 +2,8 @@
 and level-shared heads, each under an explicit kernel policy.
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
-tests run under each). The layers call these functions and read like ActionFormer's blocks; what
+tests run under each). Dropout inside `per_frame` draws its random masks over rows or over the
+grid, so training with dropout > 0 takes different random draws under different policies. The layers call these functions and read like ActionFormer's blocks; what
 differs between policies lives here only.
 
 Policies (`ModelConfig.kernel_policy`):
@@ -53,8 +54,15 @@ def onednn_enabled():
   return bool(_pywrap_util_port.IsMklEnabled())
 
 
+def _bool(mask):
+  mask = tf.convert_to_tensor(mask)
+  return mask if mask.dtype == tf.bool else tf.not_equal(mask, tf.zeros([], mask.dtype))
+
+
 @functools.cache
 def _accelerator_visible():
+  # Cached for the process: devices hidden or TPUs initialised after the first trace are not
+  # seen (set --kernel_policy explicitly there).
   return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
@@ -84,8 +92,8 @@ def conv1d(x, kernel, strides=1, groups=1, policy="reference"):
   Returns:
     [B, ceil(T / strides), Cout].
   """
-  taps, _, out_channels = kernel.shape
-  in_channels = x.shape[-1]
+  taps, group_channels, out_channels = kernel.shape
+  in_channels = group_channels * groups
   dense_stride_1 = strides == 1 and groups == 1
   if resolve(policy) != "reference" and dense_stride_1:
     if (taps == 3 and x.dtype == tf.float32
@@ -197,12 +205,13 @@ def per_frame(fn, x, padding_mask, policy="reference"):
   Args:
     fn: maps [..., C] to [..., C'] frame by frame (it must accept rank 2 and rank 3).
     x: [B, T, C].
-    padding_mask: bool [B, T].
+    padding_mask: [B, T] bool (or numeric, nonzero = valid).
     policy: a kernel policy.
 
   Returns:
     [B, T, C'].
   """
+  padding_mask = _bool(padding_mask)
   if resolve(policy) == "reference":
     y = fn(x)
     return y * tf.cast(padding_mask, y.dtype)[..., None]
@@ -232,13 +241,14 @@ def over_levels(stack, xs, masks, gap, policy="reference"):
 
   Args:
     stack: `(x [B, T, C], mask bool [B, T], keep) -> [B, T, C']`.
-    xs: list of [B, T_l, C]; masks: list of bool [B, T_l].
+    xs: list of [B, T_l, C]; masks: list of [B, T_l] bool (or numeric, nonzero = valid).
     gap: zero frames between levels (the stack's kernel_size // 2).
     policy: a kernel policy.
 
   Returns:
     list of [B, T_l, C'].
   """
+  masks = [_bool(m) for m in masks]
   if resolve(policy) == "reference" or len(xs) == 1:
     return [stack(x, m, None) for x, m in zip(xs, masks)]
   batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]

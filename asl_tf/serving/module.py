@@ -313,7 +313,8 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
                       "one")
   os.makedirs(export_dir, exist_ok=True)
   model = model.with_kernel_policy("portable")  # the server may run without oneDNN
-  config = dataclasses.replace(config, model=model.model_config)
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                 kernel_policy="portable"))
   module = ServingModule(model, config)  # traces the signatures
   functions = module.concrete_functions()
   info = {

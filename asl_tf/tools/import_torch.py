@@ -173,22 +173,21 @@ def sensitivity_values(state: Mapping[str, np.ndarray],
 
   Args:
     state: PyTorch name -> array (prefix already stripped); `mu`, `sigma`, ... are [K, 1].
-    model_config: `num_classes` and `sensitivity_parametrization`.
+    model_config: `num_classes`, `sensitivity_parametrization` and `sensitivity_sigma_floor`.
 
   Returns:
     `{source name: float32 [K]}`, each the value of the matching detector variable (with the
-    `stable` parametrization, sigma becomes rho = softplus^-1(sigma - SIGMA_FLOOR)). Empty when
+    `stable` parametrization, sigma becomes rho = softplus^-1(sigma - floor), floor =
+    `sensitivity_sigma_floor`). Empty when
     class-level sensitivity is off (the source keys are then reported as unused).
 
   Raises:
     ImportTorchError: a parameter that is not [K, 1] / [K] with the flags' K, or a sigma at or
-      below SIGMA_FLOOR with the `stable` parametrization.
+      below the sigma floor with the `stable` parametrization.
   """
   if not model_config.class_sensitivity:
     return {}
-  # Imported here: asl_tf.modeling pulls in TensorFlow, which the checks above do not need.
-  from asl_tf.modeling import sensitivity  # pylint: disable=g-import-not-at-top
-  floor = sensitivity.SIGMA_FLOOR
+  floor = model_config.sensitivity_sigma_floor
   out, problems = {}, []
   for name in SENSITIVITY_KEYS:
     if name not in state:
@@ -206,9 +205,9 @@ def sensitivity_values(state: Mapping[str, np.ndarray],
     if name.startswith("sigma") and model_config.sensitivity_parametrization == "stable":
       if not np.all(value > floor):
         problems.append(
-            f"{name} has values down to {value.min():.6g}, at or below SIGMA_FLOOR={floor} "
+            f"{name} has values down to {value.min():.6g}, at or below the floor {floor} "
             "of the stable parametrization (sigma = softplus(rho) + floor); import with "
-            "--sensitivity_parametrization=authors")
+            "--sensitivity_parametrization=authors or a lower --sensitivity_sigma_floor")
         continue
       value = softplus_inverse(value - floor)
     out[name] = value.astype(np.float32)

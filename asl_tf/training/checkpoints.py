@@ -100,6 +100,8 @@ def config_differences(saved: config_lib.Config, new: config_lib.Config) -> List
         continue
       if section == "eval":
         continue  # post-processing does not affect training state
+      if section == "model" and field.name in config_lib.RUNTIME_MODEL_FIELDS:
+        continue  # how, not what, the model computes
       va, vb = getattr(a, field.name), getattr(b, field.name)
       if va != vb:
         diffs.append(f"{section}.{field.name}: {va!r} (checkpoint) vs {vb!r} (now)")

@@ -11,8 +11,8 @@ import dataclasses
 import math
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -317,7 +317,7 @@ class _Progress:
     self.prefix = f"epoch {epoch + 1}/{total_epochs}"
     self.every = max(1, steps // 10)
     self.bar = None
-    if sys.stdout.isatty():
+    if getattr(sys.stdout, "isatty", lambda: False)():
       self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr", "num_pos", "steps/s"])
 
   def update(self, done: int, logs: Dict[str, float], lr: float, rate: Optional[float]):

@@ -169,3 +169,22 @@ def test_per_frame_equals_masked_grid(padded, policy, jit_compile):
   for got, want in zip(rows, grid):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
   assert float(tf.reduce_sum(tf.abs(rows[1]))) > 0.0
+
+
+def test_conv1d_and_masks_without_static_channels_or_bool_masks():
+  """The forms are picked from the kernel's shape (an input traced with unknown channels still
+  takes the tap GEMM), and float masks work under every policy."""
+  kernel = tf.constant(np.random.default_rng(1).normal(size=(3, 6, 5)).astype(np.float32))
+  x = tf.constant(np.random.default_rng(2).normal(size=(2, 7, 6)).astype(np.float32))
+  traced = tf.function(lambda x: kernels.conv1d(x, kernel, policy="fast"),
+                       input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
+  np.testing.assert_allclose(traced(x).numpy(), kernels.conv1d(x, kernel).numpy(),
+                             rtol=1e-5, atol=1e-5)
+  mask = np.ones((2, 7), np.float32)
+  mask[1, 5:] = 0.0
+  for policy in ("reference", "fast"):
+    y = kernels.per_frame(lambda v: v * 2.0, x, mask, policy)
+    np.testing.assert_allclose(y.numpy(), x.numpy() * 2.0 * mask[..., None])
+    levels = kernels.over_levels(lambda v, m, keep: v + 1.0, [x, x[:, :4]], [mask, mask[:, :4]],
+                                 1, policy)
+    np.testing.assert_allclose(levels[1].numpy(), x.numpy()[:, :4] + 1.0)

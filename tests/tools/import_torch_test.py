@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 from asl_tf import inference
 from asl_tf.modeling import sensitivity
@@ -242,7 +243,7 @@ def test_asl_gaussians_round_trip(tmp_path, parametrization, use_ema):
 
 @pytest.mark.parametrize("parametrization,name,value,expected", [
     ("stable", "sigma", np.array([1.0, 0.005, 1.0, 1.0, 1.0]),
-     "sigma has values down to 0.005, at or below SIGMA_FLOOR=0.01"),
+     "sigma has values down to 0.005, at or below the floor 0.01"),
     ("authors", "mu_reg_left", np.zeros(3),
      "mu_reg_left: checkpoint has 3 classes (shape [3, 1]), the flags 5 (--num_classes)"),
 ])
@@ -260,6 +261,22 @@ def test_bad_asl_parameters_are_refused(tmp_path, parametrization, name, value, 
   assert expected in str(e.value.code)
   assert "nothing was copied" in str(e.value.code)
   assert not (tmp_path / "run").exists()
+
+
+def test_stable_import_uses_the_configured_sigma_floor():
+  """sigma = softplus(rho) + floor with the model's own floor (it once used the default 0.01:
+  imported sigmas came out 0.09 too large at floor 0.1, and sigmas under the floor passed)."""
+  model_config = config_lib.ModelConfig(num_classes=2, sensitivity_parametrization="stable",
+                                        sensitivity_sigma_floor=0.1)
+  state = {k: np.ones((2, 1), np.float32) for k in import_torch.SENSITIVITY_KEYS}
+  state["sigma"] = np.array([[0.5], [2.0]], np.float32)
+  values = import_torch.sensitivity_values(state, model_config)
+  layer = sensitivity.ClassSensitivity(2, "stable", sigma_floor=0.1)
+  layer.weights[1].assign(values["sigma"])
+  np.testing.assert_allclose(layer.sigmas()[0].numpy(), [0.5, 2.0], rtol=1e-5)
+  state["sigma"] = np.array([[0.05], [1.0]], np.float32)
+  with pytest.raises(import_torch.ImportTorchError, match="at or below the floor 0.1"):
+    import_torch.sensitivity_values(state, model_config)
 
 
 def test_missing_file_is_one_clear_line(tmp_path):

@@ -92,6 +92,9 @@ def test_resume_with_an_incompatible_config_names_the_field(tiny_data, tmp_path)
   assert "train.learning_rate: 0.001 (checkpoint) vs 0.002 (now)" in str(e.value)
   assert "log_every" not in str(e.value)  # logging may change on resume
   loop.check_run_folder(_config(tiny_data, tmp_path / "run", resume=True, log_every=5))
+  # The kernel policy changes how, not what, the model computes: a run may resume under another.
+  loop.check_run_folder(_config(tiny_data, tmp_path / "run", resume=True,
+                                kernel_policy="reference"))
 
 
 # -- weight decay and learning rate ------------------------------------------------------------
