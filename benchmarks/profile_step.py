@@ -16,7 +16,6 @@ step no scheduling can beat.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import os

@@ -1,11 +1,9 @@
 """Flagfiles parse into valid configs; inconsistent settings fail with what to change."""
 
-import dataclasses
 import json
 import os
 
 import pytest
-from absl import flags as absl_flags
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags

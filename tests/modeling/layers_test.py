@@ -144,22 +144,6 @@ def test_drop_path_is_per_sample_and_rescaled():
     layers.DropPath(1.0)
 
 
-@pytest.mark.parametrize("layer", [
-    layers.MaskedConv1D(8, 5, strides=2, groups=2, use_bias=False),
-    layers.ChannelLayerNorm(epsilon=1e-3),
-    layers.Scale(init_value=0.5),
-    layers.LayerScale(7, init_value=0.1),
-    layers.DropPath(0.3),
-])
-def test_config_round_trip(layer):
-  config = layer.get_config()
-  clone = layer.__class__.from_config(config)
-  assert clone.get_config() == config
-  restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-  assert type(restored) is type(layer)
-  assert restored.get_config() == config
-
-
 def test_masked_conv_mixed_precision():
   x = np.random.default_rng(3).normal(size=(2, 10, 4)).astype(np.float32)
   mask = np.ones((2, 10), bool)

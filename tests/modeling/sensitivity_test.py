@@ -188,21 +188,6 @@ def test_instance_evaluator_mixed_precision():
   assert q.dtype == tf.float32 and np.isfinite(q.numpy()).all()
 
 
-@pytest.mark.parametrize("layer", [
-    sensitivity.ClassSensitivity(3, parametrization="stable"),
-    sensitivity.InstanceEvaluator(16, num_layers=1, kernel_size=5),
-    sensitivity.ContrastiveProjection(0),
-    sensitivity.ActionSensitivityEvaluator(4, 16, class_sensitivity=False,
-                                           sensitivity_parametrization="stable",
-                                           evaluator_layers=3, contrastive_proj_dim=32),
-])
-def test_config_round_trip(layer):
-  clone = layer.__class__.from_config(layer.get_config())
-  assert clone.get_config() == layer.get_config()
-  restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-  assert type(restored) is type(layer)
-
-
 def test_contrastive_projection_unit_norm():
   x = tf.constant(np.random.default_rng(1).normal(size=(2, 5, 8)), tf.float32)
   keras.utils.set_random_seed(0)
