@@ -120,7 +120,6 @@ class ModelConfig:
     cls_prior_prob: classification bias prior (bias = -log((1 - p) / p)).
     head_empty_cls: class ids without training data (bias for p = 1e-6).
     regression_range: per level (lo, hi) in base-grid units.
-    max_buffer_len_factor: point-table length = max_seq_len x this factor.
     class_sensitivity: ASL class-level Gaussian weights.
     sensitivity_parametrization: `authors` (raw sigma, weight decay as in the released code) or
       `stable` (sigma = softplus(rho) + eps, no weight decay on mu / sigma).
@@ -161,7 +160,6 @@ class ModelConfig:
   head_empty_cls: Tuple[int, ...] = ()
   regression_range: Tuple[Tuple[float, float], ...] = (
       (0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 10000))
-  max_buffer_len_factor: float = 6.0
   class_sensitivity: bool = True
   sensitivity_parametrization: str = "authors"
   sensitivity_lr_scale: float = 1.0
@@ -407,8 +405,13 @@ class Config:
     return cls.from_dict(data)
 
 
+# Fields older versions saved that never changed a result (dropped when loading them).
+_REMOVED_FIELDS = {"ModelConfig": {"max_buffer_len_factor"}}  # the point table has no buffer
+
+
 def _section_from_dict(section_cls, d: dict):
   known = {f.name for f in dataclasses.fields(section_cls)}
+  d = {k: v for k, v in d.items() if k not in _REMOVED_FIELDS.get(section_cls.__name__, ())}
   unknown = sorted(set(d) - known)
   if unknown:
     raise ConfigError(f"unknown {section_cls.__name__} fields {unknown}; "

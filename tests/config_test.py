@@ -147,6 +147,44 @@ def test_each_tools_help_lists_its_own_flags_and_exits_0(tool, capsys):
   assert "--helpfull" in out
 
 
+# ActionFormer's architecture constants that no flag changes (fixed by the method).
+FIELDS_WITHOUT_FLAGS = {("model", "scale_factor"), ("model", "embd_with_ln"),
+                        ("model", "fpn_with_ln"), ("model", "head_kernel_size"),
+                        ("model", "head_with_ln"), ("loss", "focal_alpha"),
+                        ("loss", "focal_gamma"), ("loss", "loss_norm_momentum")}
+
+
+def test_flag_defaults_equal_the_dataclass_defaults():
+  """The flags and the dataclasses agree on every default (paths aside: flags make them
+  absolute), and every field a flag does not reach is a listed constant."""
+  absl_flags = asl_flags.FLAGS
+  absl_flags.unparse_flags()
+  try:
+    asl_flags.parse_argv(["test"])
+    from_flags = asl_flags.build_config(check=False)
+  finally:
+    absl_flags.unparse_flags()
+  defaults = config_lib.Config()
+  unreached = set()
+  for section in ("data", "model", "loss", "train", "eval", "export"):
+    flagged, default = getattr(from_flags, section), getattr(defaults, section)
+    for name, value in vars(default).items():
+      flag = asl_flags._FLAG_OF_FIELD.get((section, name), name)  # pylint: disable=protected-access
+      if flag not in absl_flags:
+        unreached.add((section, name))
+      elif name in ("output_dir", "export_dir"):
+        assert getattr(flagged, name) == os.path.abspath(value), name
+      else:
+        assert getattr(flagged, name) == value, f"{section}.{name}"
+  assert unreached == FIELDS_WITHOUT_FLAGS
+
+
+def test_a_config_saved_with_a_removed_field_loads():
+  old = config_lib.Config().to_dict()
+  old["model"]["max_buffer_len_factor"] = 6.0  # saved by earlier versions; never used
+  assert config_lib.Config.from_dict(old) == config_lib.Config()
+
+
 def test_a_config_saved_before_normalisation_existed_keeps_its_behaviour():
   """Runs saved without `sensitivity_normalization` trained without it: loading (to evaluate or
   resume) must not switch today's default on; a section saved with it keeps its value."""

@@ -43,8 +43,7 @@ def model_config_from_actionformer(meta: dict) -> config_lib.ModelConfig:
       head_with_ln=model["head_with_ln"], n_head=model["n_head"], mha_win_size=win,
       use_abs_pe=model["use_abs_pe"], dropout=train["dropout"], droppath=train["droppath"],
       cls_prior_prob=train["cls_prior_prob"], head_empty_cls=tuple(train["head_empty_cls"]),
-      regression_range=tuple(tuple(r) for r in model["regression_range"]),
-      max_buffer_len_factor=model["max_buffer_len_factor"])
+      regression_range=tuple(tuple(r) for r in model["regression_range"]))
 
 
 def parity_file(filename: str) -> str:

@@ -2,7 +2,7 @@
 
 Every pyramid level l with stride s_l contributes one point per frame, at t = i * s_l in base-grid
 units (no 0.5 offset), carrying the level's regression range and stride. Unlike ActionFormer there
-is no buffer of `max_seq_len * max_buffer_len_factor` points: any length works.
+is no precomputed buffer of points (its `max_buffer_len_factor`): any length works.
 """
 
 from typing import Sequence, Tuple
