@@ -324,7 +324,7 @@ def _draw_score_curve(ax, mpl: _Mpl, curve, rows, class_names) -> None:
   if low >= 0.0 and high <= 1.0:
     ax.set_ylim(0.0, 1.4)  # headroom for the legend
     ax.set_yticks([0.0, 0.5, 1.0])
-  ax.set_ylabel("score", fontsize=10)
+  ax.set_ylabel("score\n(max over levels)", fontsize=9)
   ax.grid(True, axis="y", color="#eeeeee")
   ax.legend(handles=handles, loc="upper left", fontsize=8, ncol=min(len(handles), 6),
             framealpha=0.8)

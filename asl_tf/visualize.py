@@ -15,13 +15,34 @@ from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
 
+def max_over_levels(probs, points, length):
+  """Per base-grid frame, the max score over the pyramid levels: [N, K] -> [length, K].
+
+  A point of stride s at t = i * s covers the frames t .. t + s - 1 (long actions fire on the
+  coarse levels, short ones on level 0: the max shows both).
+
+  Args:
+    probs: [N, K] scores of one video, levels concatenated; points: [N, 4] (t, lo, hi, stride).
+    length: valid frames of the video on the base grid.
+  """
+  out = np.zeros((length, probs.shape[1]), probs.dtype)
+  for stride in np.unique(points[:, 3]):
+    level = points[:, 3] == stride
+    level_probs = np.repeat(probs[level], int(stride), axis=0)[:length]  # [<= length, K]
+    out[:len(level_probs)] = np.maximum(out[:len(level_probs)], level_probs)
+  return out
+
+
 def score_curve(model, features, mask, record):
-  """(times_sec [T0], scores [T0, K]) of pyramid level 0 for one padded video."""
+  """(times_sec [T0], scores [T0, K]) for one padded video: per frame of the base grid, the
+  max over the pyramid levels (`max_over_levels`)."""
   from asl_tf.data import timebase  # pylint: disable=g-import-not-at-top
   out = model(features, mask, training=False)
   length = record.features.length
-  probs = 1.0 / (1.0 + np.exp(-out["cls_logits"].numpy()[0, :length]))  # level 0 comes first
-  t_grid = out["points"].numpy()[:length, 0]
+  probs = 1.0 / (1.0 + np.exp(-out["cls_logits"].numpy()[0]))  # [N, K]
+  valid = out["padding_mask"].numpy()[0]
+  probs = max_over_levels(np.where(valid[:, None], probs, 0.0), out["points"].numpy(), length)
+  t_grid = np.arange(length, dtype=np.float64)
   times = timebase.grid_to_sec(t_grid, record.fps, record.features.feat_stride,
                                record.features.num_frames, record.duration_sec)
   return times, probs

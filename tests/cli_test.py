@@ -290,3 +290,14 @@ def test_infer_without_flagfile_uses_the_runs_timebase_and_single_dash_flags_app
   _run(evaluate.main, [f"--checkpoint={tmp_path / 'run_15'}", "-tiou_thresholds=0.5"])
   with open(tmp_path / "run_15" / "eval" / "metrics.json") as f:
     assert json.load(f)["tiou_thresholds"] == [0.5]
+
+
+def test_score_curve_is_the_max_over_levels_per_frame():
+  """A stride-2 point covers two base frames; the curve takes each frame's best level (it showed
+  level 0 only, where long actions hardly fire)."""
+  points = np.array([[0, 0, 4, 1], [1, 0, 4, 1], [2, 0, 4, 1], [3, 0, 4, 1],
+                     [0, 4, 1e4, 2], [2, 4, 1e4, 2]], np.float32)
+  probs = np.array([[0.1, 0.0], [0.2, 0.0], [0.3, 0.9], [0.4, 0.0], [0.5, 0.0], [0.05, 0.6]])
+  np.testing.assert_allclose(visualize.max_over_levels(probs, points, 4),
+                             [[0.5, 0.0], [0.5, 0.0], [0.3, 0.9], [0.4, 0.6]])
+  np.testing.assert_allclose(visualize.max_over_levels(probs, points, 3)[:, 1], [0.0, 0.0, 0.9])
