@@ -310,12 +310,16 @@ class Trainer:
 
 class _Progress:
   """Per-step progress of one epoch: Keras' progress bar on a terminal; in a file or pipe (no
-  terminal, e.g. `> train.log`), one plain line every tenth of the epoch and at its end."""
+  terminal, e.g. `> train.log`), plain lines: at most one per tenth of the epoch and per
+  MIN_LINE_SEC, and one at its end."""
+
+  MIN_LINE_SEC = 15.0
 
   def __init__(self, steps: int, epoch: int, total_epochs: int):
     self.steps = steps
     self.prefix = f"epoch {epoch + 1}/{total_epochs}"
     self.every = max(1, steps // 10)
+    self.last_line = time.perf_counter()
     self.bar = None
     if getattr(sys.stdout, "isatty", lambda: False)():
       self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr", "num_pos", "steps/s"])
@@ -326,8 +330,10 @@ class _Progress:
                       + [("lr", lr), ("num_pos", logs.get("num_pos", 0.0))]
                       + ([("steps/s", rate)] if rate else []))
       return
-    if done % self.every and done != self.steps:
+    now = time.perf_counter()
+    if done != self.steps and (done % self.every or now - self.last_line < self.MIN_LINE_SEC):
       return
+    self.last_line = now
     losses = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith("loss"))
     speed = f", {rate:.2f} steps/s, epoch ETA {(self.steps - done) / rate:.0f} s" if rate else ""
     print(f"{self.prefix} step {done}/{self.steps}: {losses} lr {lr:.3g}{speed}", flush=True)

@@ -251,3 +251,20 @@ def test_flags_contradicting_the_data_fail_with_one_line_naming_both_values(tiny
       if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("step_sec,expected_steps", [(1.0, [20, 40, 60, 80, 100]),
+                                                     (0.01, [100])])
+def test_progress_in_a_file_is_a_few_plain_lines(monkeypatch, capsys, step_sec, expected_steps):
+  """Without a terminal: a line per tenth of the epoch but at most one per 15 s, and the last
+  step's line (a 25-step demo epoch printed 13 lines before)."""
+  clock = [0.0]
+  monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+  progress = loop._Progress(100, epoch=2, total_epochs=5)  # pylint: disable=protected-access
+  for done in range(1, 101):
+    clock[0] += step_sec
+    progress.update(done, {"cls_loss": 0.5, "total_loss": 0.75}, 1e-4, 1.0 / step_sec)
+  lines = capsys.readouterr().out.splitlines()
+  assert [int(l.split()[3].split("/")[0]) for l in lines] == expected_steps
+  assert lines[-1] == (f"epoch 3/5 step 100/100: cls_loss 0.5000 total_loss 0.7500 lr 0.0001, "
+                       f"{1.0 / step_sec:.2f} steps/s, epoch ETA 0 s")
