@@ -54,9 +54,12 @@ def onednn_enabled():
   return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def _bool(mask):
-  mask = tf.convert_to_tensor(mask)
-  return mask if mask.dtype == tf.bool else tf.not_equal(mask, tf.zeros([], mask.dtype))
+def as_bool_mask(padding_mask):
+  """Returns `padding_mask` (bool, or numeric where nonzero = valid) as a bool tensor."""
+  padding_mask = tf.convert_to_tensor(padding_mask)
+  if padding_mask.dtype == tf.bool:
+    return padding_mask
+  return tf.not_equal(padding_mask, tf.zeros([], padding_mask.dtype))
 
 
 @functools.cache
@@ -211,7 +214,7 @@ def per_frame(fn, x, padding_mask, policy="reference"):
   Returns:
     [B, T, C'].
   """
-  padding_mask = _bool(padding_mask)
+  padding_mask = as_bool_mask(padding_mask)
   if resolve(policy) == "reference":
     y = fn(x)
     return y * tf.cast(padding_mask, y.dtype)[..., None]
@@ -248,7 +251,7 @@ def over_levels(stack, xs, masks, gap, policy="reference"):
   Returns:
     list of [B, T_l, C'].
   """
-  masks = [_bool(m) for m in masks]
+  masks = [as_bool_mask(m) for m in masks]
   if resolve(policy) == "reference" or len(xs) == 1:
     return [stack(x, m, None) for x, m in zip(xs, masks)]
   batch, channels = tf.shape(xs[0])[0], xs[0].shape[-1]

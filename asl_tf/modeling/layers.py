@@ -15,12 +15,8 @@ def pytorch_default_kernel_initializer():
   return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def as_bool_mask(padding_mask):
-  """Returns `padding_mask` (bool, or numeric where nonzero = valid) as a bool tensor."""
-  padding_mask = tf.convert_to_tensor(padding_mask)
-  if padding_mask.dtype == tf.bool:
-    return padding_mask
-  return tf.not_equal(padding_mask, tf.zeros([], padding_mask.dtype))
+# Masks are converted where the computation forms are chosen (kernels); the layers use the same.
+as_bool_mask = kernels.as_bool_mask
 
 
 def check_channels(x, expected, layer_name):
