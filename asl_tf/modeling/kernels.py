@@ -3,8 +3,9 @@ and level-shared heads, each under an explicit kernel policy.
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
 tests run under each). Dropout inside `per_frame` draws its random masks over rows or over the
-grid, so training with dropout > 0 takes different random draws under different policies. The layers call these functions and read like ActionFormer's blocks; what
-differs between policies lives here only.
+grid, so training with dropout > 0 takes different random draws under different policies. The
+layers call these functions and read like ActionFormer's blocks; what differs between policies
+lives here only.
 
 Policies (`ModelConfig.kernel_policy`):
 
