@@ -152,17 +152,22 @@ def snapshot_code(dest: str) -> dict:
   if os.path.exists(info_path):
     with open(info_path) as f:
       return json.load(f)
-  if os.path.exists(dest):
+  if os.path.exists(dest):  # a copy interrupted before it was complete
     shutil.rmtree(dest)
+  # Built under a private name and renamed into place, so two grids started together never
+  # see (or delete) each other's half-made copy.
+  building = f"{dest}.building-{os.getpid()}"
   ignore = shutil.ignore_patterns("__pycache__")
-  shutil.copytree(os.path.join(_REPO_ROOT, "asl_tf"), os.path.join(dest, "asl_tf"), ignore=ignore)
-  shutil.copytree(os.path.join(_REPO_ROOT, "configs"), os.path.join(dest, "configs"))
-  os.makedirs(os.path.join(dest, "benchmarks"))
+  shutil.copytree(os.path.join(_REPO_ROOT, "asl_tf"), os.path.join(building, "asl_tf"),
+                  ignore=ignore)
+  shutil.copytree(os.path.join(_REPO_ROOT, "configs"), os.path.join(building, "configs"))
+  os.makedirs(os.path.join(building, "benchmarks"))
   for name in os.listdir(os.path.join(_REPO_ROOT, "benchmarks")):
     if name.endswith(".flags"):
-      shutil.copy(os.path.join(_REPO_ROOT, "benchmarks", name), os.path.join(dest, "benchmarks"))
+      shutil.copy(os.path.join(_REPO_ROOT, "benchmarks", name),
+                  os.path.join(building, "benchmarks"))
   os.makedirs(os.path.join(_REPO_ROOT, "runs"), exist_ok=True)
-  os.symlink(os.path.join(_REPO_ROOT, "runs"), os.path.join(dest, "runs"))
+  os.symlink(os.path.join(_REPO_ROOT, "runs"), os.path.join(building, "runs"))
 
   def git(*args):
     return subprocess.run(["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True,
@@ -171,8 +176,14 @@ def snapshot_code(dest: str) -> dict:
   info = {"root": dest, "git_head": git("rev-parse", "HEAD"),
           "modified": git("status", "--short", "--", "asl_tf", "configs").splitlines(),
           "taken": time.strftime("%Y-%m-%d %H:%M:%S")}
-  with open(info_path, "w") as f:
+  with open(os.path.join(building, "snapshot.json"), "w") as f:
     json.dump(info, f, indent=1)
+  try:
+    os.rename(building, dest)
+  except OSError:  # another grid finished the same snapshot first: use theirs
+    shutil.rmtree(building)
+    with open(info_path) as f:
+      return json.load(f)
   return info
 
 

@@ -116,6 +116,34 @@ def test_code_digest_follows_the_sources(tmp_path, monkeypatch):
   assert ablation.code_digest() != first and len(first) == 12
 
 
+def test_snapshot_code_copies_the_tree_and_survives_a_grid_started_at_the_same_time(
+    tmp_path, monkeypatch):
+  for sub in ("asl_tf", "configs", "benchmarks"):
+    (tmp_path / sub).mkdir()
+  (tmp_path / "asl_tf" / "a.py").write_text("x = 1\n")
+  (tmp_path / "configs" / "c.flags").write_text("--c=1\n")
+  (tmp_path / "benchmarks" / "b.flags").write_text("--a=1\n")
+  monkeypatch.setattr(ablation, "_REPO_ROOT", str(tmp_path))
+  dest = tmp_path / "runs" / "code_x"
+  info = ablation.snapshot_code(str(dest))
+  assert (dest / "asl_tf" / "a.py").read_text() == "x = 1\n"
+  assert (dest / "benchmarks" / "b.flags").exists() and info["root"] == str(dest)
+  assert ablation.snapshot_code(str(dest)) == info  # reused, not rebuilt
+
+  # Another grid completes the same snapshot while this one is copying.
+  other = tmp_path / "runs" / "code_y"
+  copytree = ablation.shutil.copytree
+
+  def racing_copytree(src, dst, *args, **kwargs):
+    if not other.exists():
+      copytree(str(dest), str(other), symlinks=True)
+    return copytree(src, dst, *args, **kwargs)
+
+  monkeypatch.setattr(ablation.shutil, "copytree", racing_copytree)
+  assert ablation.snapshot_code(str(other)) == info  # the other grid's record
+  assert sorted(os.listdir(tmp_path / "runs")) == ["code_x", "code_y"]  # no half-made copy
+
+
 def test_thumos_synthetic_keeps_real_segments(tmp_path):
   src = tmp_path / "thumos.json"
   database = {
