@@ -1,7 +1,9 @@
-"""Frozen configuration objects for asl_tf.
+"""Frozen configuration objects for asl_tf: the one place where defaults are written.
 
-Flags are read once by the entry points (`asl_tf/flags.py`) and turned into these dataclasses
-with `from_flags`; library code only ever sees the dataclasses. `Config.to_json` /
+Each field is a command-line flag of the same name (`asl_tf/flags.py` generates them: type and
+default from the field, help from the `Attributes:` entry of the class docstring). Flags are read
+once by the entry points and turned into these dataclasses with `from_flags`; library code only
+ever sees the dataclasses. `Config.to_json` /
 `Config.from_json` round-trip the resolved configuration, which is written beside every output.
 """
 
@@ -11,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Optional, Sequence, Tuple
+import re
+import typing
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from asl_tf import files
 
@@ -28,6 +32,24 @@ KERNEL_POLICIES = ("auto", "reference", "fast", "portable")
 # Model fields that change how, not what, the model computes: a flag may change them for a
 # trained checkpoint.
 RUNTIME_MODEL_FIELDS = ("kernel_policy",)
+# The string fields that take one of a fixed set of values (their flags are enums).
+FIELD_CHOICES = {
+    "annotation_format": ANNOTATION_FORMATS, "on_bad_feature": ("error", "skip"),
+    "sensitivity_parametrization": SENSITIVITY_PARAMETRIZATIONS,
+    "instance_combination": INSTANCE_COMBINATIONS,
+    "sensitivity_normalization": SENSITIVITY_NORMALIZATIONS,
+    "evaluator_target": EVALUATOR_TARGETS, "evaluator_loss": EVALUATOR_LOSSES,
+    "kernel_policy": KERNEL_POLICIES, "mixed_precision": MIXED_PRECISION_POLICIES,
+    "nms_method": NMS_METHODS,
+}
+# Fields whose flag has another name than the field; every other field's flag is its name (a
+# name in two sections, such as input_dim, is one flag that sets both).
+_FLAG_OF_FIELD = {("eval", "batch_size"): "eval_batch_size"}
+
+
+def flag_name(section: str, field: str) -> str:
+  """The command-line flag of `Config.<section>.<field>`."""
+  return _FLAG_OF_FIELD.get((section, field), field)
 
 
 class ConfigError(ValueError):
@@ -109,9 +131,15 @@ class ModelConfig:
     max_seq_len: training length T; also the absolute position-encoding table length.
     backbone_arch: (embedding convs, stem blocks, branch blocks); levels = branch + 1.
     scale_factor: downsampling between levels (2).
-    embd_dim, embd_kernel_size, embd_with_ln: embedding convolutions.
-    fpn_dim, fpn_with_ln: identity neck.
-    head_dim, head_num_layers, head_kernel_size, head_with_ln: shared heads.
+    embd_dim: embedding and transformer channels.
+    embd_kernel_size: kernel size of the embedding convolutions.
+    embd_with_ln: LayerNorm after each embedding convolution.
+    fpn_dim: channels of the identity neck (equal to embd_dim).
+    fpn_with_ln: LayerNorm on each neck output.
+    head_dim: channels of the shared heads.
+    head_num_layers: conv layers of each head (hidden layers + output layer).
+    head_kernel_size: kernel size of the head convolutions.
+    head_with_ln: LayerNorm after each hidden head convolution.
     n_head: attention heads.
     mha_win_size: local window per level; <= 1 (e.g. -1) means global attention.
     use_abs_pe: add the sinusoidal absolute position encoding after the embedding.
@@ -208,7 +236,8 @@ class LossConfig:
 
   Attributes:
     center_sample_radius: centre sampling radius in level strides (<= 0 = whole segment).
-    focal_alpha, focal_gamma: sigmoid focal loss.
+    focal_alpha: sigmoid focal loss alpha (weight of the positive targets).
+    focal_gamma: sigmoid focal loss gamma (focusing exponent).
     label_smoothing: y <- y (1 - e) + e / (K + 1).
     reg_loss_weight: DIoU loss weight (ActionFormer `loss_weight`; ANet 2.0).
     init_loss_norm: initial value of the EMA positive-count normalizer.
@@ -489,37 +518,20 @@ def validate(config: Config) -> Config:
     if len(model.stream_dims) != len(data.feature_dir) and data.feature_dir:
       problems.append(f"{len(model.stream_dims)} --stream_dims for {len(data.feature_dir)} "
                       "--feature_dir folders")
-  if data.annotation_format not in ANNOTATION_FORMATS:
-    problems.append(f"--annotation_format={data.annotation_format!r} is unknown; use one of "
-                    f"{ANNOTATION_FORMATS}")
   if data.feature_ext not in (".npy", ".npz"):
     problems.append(f"--feature_ext={data.feature_ext!r}: only .npy and .npz are supported")
-  if data.on_bad_feature not in ("error", "skip"):
-    problems.append(f"--on_bad_feature={data.on_bad_feature!r}: use error or skip")
   if data.crop_ratio is not None and not (0 < data.crop_ratio[0] <= data.crop_ratio[1] <= 1):
     problems.append(f"--crop_ratio={data.crop_ratio} needs 0 < lo <= hi <= 1")
   if not 0.0 < model.sensitivity_sigma_floor < 1.0:
     problems.append(f"--sensitivity_sigma_floor={model.sensitivity_sigma_floor}: use a value in "
                     "(0, 1) (sigma starts at 1)")
-  if model.kernel_policy not in KERNEL_POLICIES:
-    problems.append(f"--kernel_policy={model.kernel_policy!r}: use one of {KERNEL_POLICIES}")
-  if model.sensitivity_parametrization not in SENSITIVITY_PARAMETRIZATIONS:
-    problems.append(f"--sensitivity_parametrization={model.sensitivity_parametrization!r}: use "
-                    f"one of {SENSITIVITY_PARAMETRIZATIONS}")
-  if loss.instance_combination not in INSTANCE_COMBINATIONS:
-    problems.append(f"--instance_combination={loss.instance_combination!r}: use one of "
-                    f"{INSTANCE_COMBINATIONS}")
-  for flag, value, choices in (
-      ("sensitivity_normalization", loss.sensitivity_normalization, SENSITIVITY_NORMALIZATIONS),
-      ("evaluator_target", loss.evaluator_target, EVALUATOR_TARGETS),
-      ("evaluator_loss", loss.evaluator_loss, EVALUATOR_LOSSES)):
-    if value not in choices:
-      problems.append(f"--{flag}={value!r}: use one of {choices}")
-  if ev.nms_method not in NMS_METHODS:
-    problems.append(f"--nms_method={ev.nms_method!r}: use one of {NMS_METHODS}")
-  if train.mixed_precision not in MIXED_PRECISION_POLICIES:
-    problems.append(f"--mixed_precision={train.mixed_precision!r}: use one of "
-                    f"{MIXED_PRECISION_POLICIES}")
+  for section in dataclasses.fields(config):
+    for field in dataclasses.fields(getattr(config, section.name)):
+      value, choices = getattr(getattr(config, section.name), field.name), FIELD_CHOICES.get(
+          field.name)
+      if choices is not None and value not in choices:
+        problems.append(f"--{flag_name(section.name, field.name)}={value!r}: use one of "
+                        f"{choices}")
   if train.profile_steps is not None and not 0 < train.profile_steps[0] <= train.profile_steps[1]:
     problems.append(f"--profile_steps={train.profile_steps} needs 0 < START <= END")
   if problems:
@@ -527,69 +539,73 @@ def validate(config: Config) -> Config:
   return config
 
 
-# (section, field, flag, test, what the flag needs): single-value ranges checked first.
+# (section, field, test, what its flag needs): single-value ranges checked first.
 _POSITIVE = lambda v: v > 0  # pylint: disable=unnecessary-lambda-assignment
 _NON_NEGATIVE = lambda v: v >= 0  # pylint: disable=unnecessary-lambda-assignment
 _RANGES = (
-    ("data", "input_dim", "input_dim", _POSITIVE, "a positive integer"),
-    ("data", "num_classes", "num_classes", _POSITIVE, "a positive integer"),
-    ("data", "feat_stride", "feat_stride", _POSITIVE, "a positive number of frames"),
-    ("data", "num_frames", "num_frames", _NON_NEGATIVE, ">= 0 frames"),
-    ("data", "default_fps", "default_fps", _POSITIVE, "a positive fps"),
-    ("data", "fps_override", "fps_override", _NON_NEGATIVE, ">= 0 (0 = off)"),
-    ("data", "max_seq_len", "max_seq_len", _POSITIVE, "a positive length"),
-    ("data", "resize_length", "resize_length", _NON_NEGATIVE, ">= 0 (0 = off)"),
-    ("data", "max_segments", "max_segments", _POSITIVE, "a positive integer"),
-    ("data", "trunc_thresh", "trunc_thresh", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    ("model", "embd_dim", "embd_dim", _POSITIVE, "a positive integer"),
-    ("model", "fpn_dim", "fpn_dim", _POSITIVE, "a positive integer"),
-    ("model", "head_dim", "head_dim", _POSITIVE, "a positive integer"),
-    ("model", "n_head", "n_head", _POSITIVE, "a positive integer"),
-    ("model", "embd_kernel_size", "embd_kernel_size", _POSITIVE, "a positive integer"),
-    ("model", "head_num_layers", "head_num_layers", _POSITIVE, "a positive integer"),
-    ("model", "scale_factor", "scale_factor", lambda v: v >= 2, "an integer >= 2"),
-    ("model", "dropout", "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    ("model", "droppath", "droppath", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    ("model", "cls_prior_prob", "cls_prior_prob", lambda v: 0 < v < 1, "a probability in (0, 1)"),
-    ("model", "evaluator_layers", "evaluator_layers", _NON_NEGATIVE, ">= 0"),
-    ("model", "sensitivity_lr_scale", "sensitivity_lr_scale", _POSITIVE, "positive"),
-    ("model", "contrastive_weight", "contrastive_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
-    ("model", "contrastive_proj_dim", "contrastive_proj_dim", _NON_NEGATIVE, ">= 0"),
-    ("loss", "label_smoothing", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("loss", "reg_loss_weight", "reg_loss_weight", _NON_NEGATIVE, ">= 0"),
-    ("loss", "init_loss_norm", "init_loss_norm", _POSITIVE, "positive"),
-    ("loss", "evaluator_loss_weight", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
-    ("loss", "instance_start_epoch", "instance_start_epoch", _NON_NEGATIVE, ">= 0"),
-    ("loss", "contrastive_temperature", "contrastive_temperature", _POSITIVE, "positive"),
-    ("loss", "contrastive_topk", "contrastive_topk", _POSITIVE, "a positive integer"),
-    ("loss", "contrastive_num_background", "contrastive_num_background", _POSITIVE,
+    ("data", "input_dim", _POSITIVE, "a positive integer"),
+    ("data", "num_classes", _POSITIVE, "a positive integer"),
+    ("data", "feat_stride", _POSITIVE, "a positive number of frames"),
+    ("data", "num_frames", _NON_NEGATIVE, ">= 0 frames"),
+    ("data", "default_fps", _POSITIVE, "a positive fps"),
+    ("data", "fps_override", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("data", "max_seq_len", _POSITIVE, "a positive length"),
+    ("data", "resize_length", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("data", "max_segments", _POSITIVE, "a positive integer"),
+    ("data", "trunc_thresh", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("model", "embd_dim", _POSITIVE, "a positive integer"),
+    ("model", "fpn_dim", _POSITIVE, "a positive integer"),
+    ("model", "head_dim", _POSITIVE, "a positive integer"),
+    ("model", "n_head", _POSITIVE, "a positive integer"),
+    ("model", "embd_kernel_size", _POSITIVE, "a positive integer"),
+    ("model", "head_num_layers", _POSITIVE, "a positive integer"),
+    ("model", "head_kernel_size", _POSITIVE, "a positive integer"),
+    ("model", "scale_factor", lambda v: v >= 2, "an integer >= 2"),
+    ("model", "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model", "droppath", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model", "cls_prior_prob", lambda v: 0 < v < 1, "a probability in (0, 1)"),
+    ("model", "evaluator_layers", _NON_NEGATIVE, ">= 0"),
+    ("model", "sensitivity_lr_scale", _POSITIVE, "positive"),
+    ("model", "contrastive_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("model", "contrastive_proj_dim", _NON_NEGATIVE, ">= 0"),
+    ("loss", "focal_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("loss", "focal_gamma", _NON_NEGATIVE, ">= 0"),
+    ("loss", "loss_norm_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss", "reg_loss_weight", _NON_NEGATIVE, ">= 0"),
+    ("loss", "init_loss_norm", _POSITIVE, "positive"),
+    ("loss", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
+    ("loss", "instance_start_epoch", _NON_NEGATIVE, ">= 0"),
+    ("loss", "contrastive_temperature", _POSITIVE, "positive"),
+    ("loss", "contrastive_topk", _POSITIVE, "a positive integer"),
+    ("loss", "contrastive_num_background", _POSITIVE,
      "a positive integer"),
-    ("train", "epochs", "epochs", _POSITIVE, "at least 1 (cosine epochs after the warm-up)"),
-    ("train", "warmup_epochs", "warmup_epochs", _NON_NEGATIVE, ">= 0"),
-    ("train", "batch_size", "batch_size", _POSITIVE, "a positive number of videos"),
-    ("train", "learning_rate", "learning_rate", _POSITIVE,
+    ("train", "epochs", _POSITIVE, "at least 1 (cosine epochs after the warm-up)"),
+    ("train", "warmup_epochs", _NON_NEGATIVE, ">= 0"),
+    ("train", "batch_size", _POSITIVE, "a positive number of videos"),
+    ("train", "learning_rate", _POSITIVE,
      "positive (<= 0 would not train, or train backwards)"),
-    ("train", "weight_decay", "weight_decay", _NON_NEGATIVE, ">= 0"),
-    ("train", "ema_decay", "ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
-    ("train", "keep_checkpoints", "keep_checkpoints", _POSITIVE, "a positive integer"),
-    ("train", "log_every", "log_every", _POSITIVE, "a positive number of steps"),
-    ("train", "num_cpu_devices", "num_cpu_devices", _NON_NEGATIVE, ">= 0 (0 = off)"),
-    ("eval", "batch_size", "eval_batch_size", _POSITIVE, "a positive number of videos"),
-    ("eval", "pre_nms_topk", "pre_nms_topk", _POSITIVE, "a positive integer"),
-    ("eval", "max_seg_num", "max_seg_num", _POSITIVE, "a positive integer"),
-    ("eval", "nms_sigma", "nms_sigma", _POSITIVE, "positive"),
-    ("eval", "fusion_topk", "fusion_topk", _POSITIVE, "a positive integer"),
-    ("export", "max_frames", "max_frames", _NON_NEGATIVE, ">= 0 (0 = 16 x max_seq_len)"),
+    ("train", "weight_decay", _NON_NEGATIVE, ">= 0"),
+    ("train", "ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
+    ("train", "keep_checkpoints", _POSITIVE, "a positive integer"),
+    ("train", "log_every", _POSITIVE, "a positive number of steps"),
+    ("train", "num_cpu_devices", _NON_NEGATIVE, ">= 0 (0 = off)"),
+    ("eval", "batch_size", _POSITIVE, "a positive number of videos"),
+    ("eval", "pre_nms_topk", _POSITIVE, "a positive integer"),
+    ("eval", "max_seg_num", _POSITIVE, "a positive integer"),
+    ("eval", "nms_sigma", _POSITIVE, "positive"),
+    ("eval", "fusion_topk", _POSITIVE, "a positive integer"),
+    ("export", "max_frames", _NON_NEGATIVE, ">= 0 (0 = 16 x max_seq_len)"),
 )
 
 
 def _range_problems(config: Config) -> list:
   """One line per flag whose value is out of its range (names the flag and the range)."""
   problems = []
-  for section, field, flag, ok, need in _RANGES:
+  for section, field, ok, need in _RANGES:
     value = getattr(getattr(config, section), field)
     if not ok(value):
-      problems.append(f"--{flag}={value} must be {need}")
+      problems.append(f"--{flag_name(section, field)}={value} must be {need}")
   data, ev = config.data, config.eval
   if not ev.tiou_thresholds or not all(0 < t <= 1 for t in ev.tiou_thresholds):
     problems.append(f"--tiou_thresholds={','.join(map(str, ev.tiou_thresholds))} needs one or "
@@ -625,147 +641,71 @@ def absolute_paths(config: Config) -> Config:
   return Config(**sections)
 
 
-def _floats(values: Optional[Sequence], name: str) -> Tuple[float, ...]:
-  try:
-    return tuple(float(v) for v in values or ())
-  except ValueError:
-    raise ConfigError(f"--{name}={','.join(map(str, values))}: expected comma-separated "
-                      "numbers") from None
-
-
-def _ints(values: Optional[Sequence], name: str) -> Tuple[int, ...]:
-  try:
-    return tuple(int(v) for v in values or ())
-  except ValueError:
-    raise ConfigError(f"--{name}={','.join(map(str, values))}: expected comma-separated "
-                      "integers") from None
-
-
-def _pairs(values: Sequence[float], name: str) -> Tuple[Tuple[float, float], ...]:
-  values = _floats(values, name)
-  if len(values) % 2:
-    raise ConfigError(f"--{name} needs an even number of values (lo,hi pairs), got {values}")
-  return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+def field_help(section_cls) -> Dict[str, str]:
+  """{field: its description} from the `Attributes:` section of a config class's docstring
+  (the flags' help text: the dataclasses are its one source)."""
+  text = (section_cls.__doc__ or "").split("Attributes:", 1)[-1]
+  helps, name = {}, None
+  for line in text.splitlines():
+    entry = re.match(r"^    (\w+): (.*)$", line)
+    if entry:
+      name = entry.group(1)
+      helps[name] = entry.group(2).strip()
+    elif name and line.startswith("      "):
+      helps[name] += " " + line.strip()
+    else:
+      name = None
+  return helps
 
 
 def from_flags(flags, check: bool = True) -> Config:
-  """Builds a Config from parsed absl flags (see asl_tf/flags.py); validates it unless `check`
-  is false (a tool that merges the flags into a checkpoint's config validates the merge)."""
-  f = flags
-  crop = _floats(f.crop_ratio, "crop_ratio")
-  if crop and len(crop) != 2:
-    raise ConfigError(f"--crop_ratio needs two values LO,HI, got {crop}")
-  profile = _ints(f.profile_steps, "profile_steps")
-  if profile and len(profile) != 2:
-    raise ConfigError(f"--profile_steps needs START,END, got {profile}")
-  data = DataConfig(
-      annotation_file=f.annotation_file,
-      annotation_format=f.annotation_format,
-      label_map_file=f.label_map_file,
-      feature_dir=tuple(f.feature_dir or ()),
-      feature_ext=f.feature_ext,
-      npz_key=f.npz_key,
-      file_prefix=f.file_prefix,
-      file_suffix=f.file_suffix,
-      train_subset=f.train_subset,
-      eval_subset=f.eval_subset,
-      input_dim=f.input_dim,
-      num_classes=f.num_classes,
-      feat_stride=f.feat_stride,
-      num_frames=f.num_frames,
-      default_fps=f.default_fps,
-      fps_override=f.fps_override,
-      max_seq_len=f.max_seq_len,
-      resize_length=f.resize_length,
-      trunc_thresh=f.trunc_thresh,
-      crop_ratio=crop or None,
-      max_segments=f.max_segments,
-      on_bad_feature=f.on_bad_feature,
-      demo_dir=f.demo_dir,
-  )
-  model = ModelConfig(
-      input_dim=f.input_dim,
-      stream_dims=_ints(f.stream_dims, "stream_dims"),
-      stream_proj_dims=_ints(f.stream_proj_dims, "stream_proj_dims"),
-      num_classes=f.num_classes,
-      max_seq_len=f.max_seq_len,
-      backbone_arch=_ints(f.backbone_arch, "backbone_arch"),
-      embd_dim=f.embd_dim,
-      embd_kernel_size=f.embd_kernel_size,
-      fpn_dim=f.fpn_dim,
-      head_dim=f.head_dim,
-      head_num_layers=f.head_num_layers,
-      n_head=f.n_head,
-      mha_win_size=_ints(f.mha_win_size, "mha_win_size"),
-      use_abs_pe=f.use_abs_pe,
-      dropout=f.dropout,
-      droppath=f.droppath,
-      cls_prior_prob=f.cls_prior_prob,
-      head_empty_cls=_ints(f.head_empty_cls, "head_empty_cls"),
-      regression_range=_pairs(f.regression_range, "regression_range"),
-      class_sensitivity=f.class_sensitivity,
-      sensitivity_parametrization=f.sensitivity_parametrization,
-      sensitivity_lr_scale=f.sensitivity_lr_scale,
-      sensitivity_sigma_floor=f.sensitivity_sigma_floor,
-      instance_sensitivity=f.instance_sensitivity,
-      evaluator_layers=f.evaluator_layers,
-      contrastive_weight=f.contrastive_weight,
-      contrastive_proj_dim=f.contrastive_proj_dim,
-      kernel_policy=f.kernel_policy,
-  )
-  loss = LossConfig(
-      center_sample_radius=f.center_sample_radius,
-      label_smoothing=f.label_smoothing,
-      reg_loss_weight=f.reg_loss_weight,
-      init_loss_norm=f.init_loss_norm,
-      evaluator_loss_weight=f.evaluator_loss_weight,
-      instance_combination=f.instance_combination,
-      instance_start_epoch=f.instance_start_epoch,
-      sensitivity_normalization=f.sensitivity_normalization,
-      evaluator_target=f.evaluator_target,
-      evaluator_loss=f.evaluator_loss,
-      contrastive_temperature=f.contrastive_temperature,
-      contrastive_topk=f.contrastive_topk,
-      contrastive_num_background=f.contrastive_num_background,
-  )
-  train = TrainConfig(
-      output_dir=f.output_dir,
-      epochs=f.epochs,
-      warmup_epochs=f.warmup_epochs,
-      batch_size=f.batch_size,
-      learning_rate=f.learning_rate,
-      weight_decay=f.weight_decay,
-      sensitivity_weight_decay=f.sensitivity_weight_decay,
-      clip_grad_norm=f.clip_grad_norm,
-      ema_decay=f.ema_decay,
-      seed=f.seed,
-      deterministic=f.deterministic,
-      resume=f.resume,
-      keep_checkpoints=f.keep_checkpoints,
-      eval_every=f.eval_every,
-      log_every=f.log_every,
-      profile_steps=profile or None,
-      mixed_precision=f.mixed_precision,
-      jit_compile=f.jit_compile,
-      num_cpu_devices=f.num_cpu_devices,
-  )
-  ev = EvalConfig(
-      tiou_thresholds=_floats(f.tiou_thresholds, "tiou_thresholds"),
-      pre_nms_thresh=f.pre_nms_thresh,
-      pre_nms_topk=f.pre_nms_topk,
-      max_seg_num=f.max_seg_num,
-      min_score=f.min_score,
-      nms_method=f.nms_method,
-      multiclass_nms=f.multiclass_nms,
-      nms_sigma=f.nms_sigma,
-      iou_threshold=f.iou_threshold,
-      voting_thresh=f.voting_thresh,
-      duration_thresh=f.duration_thresh,
-      ext_score_file=f.ext_score_file,
-      fusion_topk=f.fusion_topk,
-      batch_size=f.eval_batch_size,
-  )
-  export = ExportConfig(checkpoint=f.checkpoint, export_dir=f.export_dir, version=f.version,
-                        max_frames=f.max_frames)
-  config = Config(data=data, model=model, loss=loss, train=train, eval=ev, export=export)
+  """Builds a Config from parsed absl flags (see asl_tf/flags.py, which defines one flag per
+  field, named by `flag_name`); validates it unless `check` is false (a tool that merges the
+  flags into a checkpoint's config validates the merge).
+
+  Raises:
+    ConfigError: naming the flag whose value does not convert to its field.
+  """
+  sections = {}
+  for section in dataclasses.fields(Config):
+    section_cls = section.default_factory
+    types = typing.get_type_hints(section_cls)
+    sections[section.name] = section_cls(**{
+        field.name: _from_flag(getattr(flags, flag_name(section.name, field.name)),
+                               types[field.name], flag_name(section.name, field.name))
+        for field in dataclasses.fields(section_cls)})
+  config = Config(**sections)
   return absolute_paths(validate(config) if check else config)
+
+
+def _from_flag(value: Any, field_type: Any, flag: str) -> Any:
+  """A flag's parsed value (lists are lists of strings) converted to its field's type."""
+  args = typing.get_args(field_type)
+  optional = typing.get_origin(field_type) is typing.Union and type(None) in args
+  if optional:
+    field_type = next(a for a in args if a is not type(None))
+    args = typing.get_args(field_type)
+  if typing.get_origin(field_type) is not tuple:
+    return value
+  strings = [str(v).strip() for v in value or ()]
+  if args[-1] is Ellipsis and typing.get_origin(args[0]) is tuple:  # pairs, flattened
+    numbers = _numbers(strings, float, flag)
+    if len(numbers) % 2:
+      raise ConfigError(f"--{flag} needs an even number of values (lo,hi pairs), got "
+                        f"{','.join(strings)}")
+    return tuple((numbers[i], numbers[i + 1]) for i in range(0, len(numbers), 2))
+  element = args[0]
+  values = tuple(strings) if element is str else _numbers(strings, element, flag)
+  if optional and not values:
+    return None
+  if args[-1] is not Ellipsis and len(values) != len(args):
+    raise ConfigError(f"--{flag}={','.join(strings)} needs {len(args)} comma-separated values")
+  return values
+
+
+def _numbers(strings: Sequence[str], kind: type, flag: str) -> tuple:
+  try:
+    return tuple(kind(v) for v in strings)
+  except ValueError:
+    what = "integers" if kind is int else "numbers"
+    raise ConfigError(f"--{flag}={','.join(strings)}: expected comma-separated {what}") from None

@@ -16,6 +16,9 @@ from absl import app
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
+HELP_GROUPS = {"what": ("checkpoint", "output_dir"), "data": asl_flags.DATA_FLAGS,
+               "evaluation": asl_flags.EVALUATION_FLAGS + ("kernel_policy",)}
+
 
 def main(argv):
   del argv
@@ -40,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.evaluate"))
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.evaluate", HELP_GROUPS))

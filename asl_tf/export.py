@@ -21,6 +21,10 @@ from absl import app
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
+HELP_GROUPS = {"export": ("checkpoint", "export_dir", "version", "max_frames"),
+               "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
+                              "multiclass_nms", "nms_sigma")}
+
 def export_checkpoint(checkpoint: str, export_dir: str, version: int = 0,
                       config: Optional[config_lib.Config] = None) -> str:
   """Loads a checkpoint with its EMA weights and exports it (see module docstring).
@@ -75,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.export"))
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.export", HELP_GROUPS))

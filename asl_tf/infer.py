@@ -15,10 +15,29 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from absl import app
+from absl import flags
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 from asl_tf.data import timebase
+
+flags.DEFINE_string("features_path", "", "a [T, C] feature file (.npy/.npz) or a folder of "
+                    "them.")
+flags.DEFINE_string("saved_model", "", "an exported SavedModel (version folder) to run instead "
+                    "of --checkpoint.")
+flags.DEFINE_string("results_file", "", "where to write the detections (ActivityNet results "
+                    "JSON); default infer/detections.json in the checkpoint's run folder (or in "
+                    "--output_dir when given).")
+flags.DEFINE_boolean("overwrite", False, "replace an existing --results_file that is not an "
+                     "ActivityNet results file.")
+flags.DEFINE_float("fps", 0.0, "fps of the videos (0 = --fps_override, else "
+                   "--default_fps).")
+HELP_GROUPS = {"what": ("checkpoint", "saved_model", "features_path", "results_file",
+                        "overwrite", "fps", "output_dir"),
+               "data": ("input_dim", "npz_key", "file_prefix", "feat_stride", "num_frames",
+                        "default_fps", "fps_override", "resize_length"),
+               "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
+                              "multiclass_nms", "nms_sigma", "kernel_policy")}
 
 FEATURE_EXTS = (".npy", ".npz")
 
@@ -205,4 +224,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.infer"))
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.infer", HELP_GROUPS))

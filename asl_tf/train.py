@@ -15,6 +15,10 @@ from absl import logging
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
+HELP_GROUPS = {"data": asl_flags.DATA_FLAGS, "model": asl_flags.MODEL_FLAGS,
+               "ASL": asl_flags.ASL_FLAGS, "training": asl_flags.TRAINING_FLAGS,
+               "evaluation (at the end)": asl_flags.EVALUATION_FLAGS}
+
 
 def _data_error(error) -> str:
   """The FeatureError line inside a tf.data error (e.g. NaN found while reading), or ''."""
@@ -69,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.train"))
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.train", HELP_GROUPS))

@@ -10,9 +10,18 @@ import sys
 
 import numpy as np
 from absl import app
+from absl import flags
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
+
+flags.DEFINE_list("video_ids", [], "videos to draw (default: the first --num_videos of "
+                  "--eval_subset).")
+flags.DEFINE_integer("num_videos", 3, "how many videos to draw without --video_ids.")
+flags.DEFINE_string("plot_dir", "", "output folder (default <output_dir>/plots).")
+HELP_GROUPS = {"what": ("checkpoint", "video_ids", "num_videos", "plot_dir"),
+               "data": asl_flags.DATA_FLAGS,
+               "evaluation": asl_flags.EVALUATION_FLAGS[:-1] + ("kernel_policy",)}
 
 
 def max_over_levels(probs, points, length):
@@ -100,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.visualize"))
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.visualize", HELP_GROUPS))

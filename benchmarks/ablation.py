@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every variant sets every ASL switch, so changing a default in configs/base.flags never changes
+# Every variant sets every ASL switch, so changing a default in asl_tf/config.py never changes
 # what a variant trains.
 _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrastive_weight": "0",
         "instance_combination": "sum", "sensitivity_normalization": "none",

@@ -71,7 +71,7 @@ def test_ablation_reuses_finished_runs(tmp_path):
 
 
 def test_ablation_variants_set_every_switch_and_add_one_part_each():
-  """Every variant names every ASL switch (a base.flags default never leaks in); the +part
+  """Every variant names every ASL switch (a changed default never leaks in); the +part
   variants differ from ActionFormer in one part."""
   off = dict(flag[2:].split("=") for flag in ablation.VARIANTS["actionformer"])
   assert off["class_sensitivity"] == "false" and off["instance_sensitivity"] == "false"

@@ -1,5 +1,7 @@
 """Flagfiles parse into valid configs; inconsistent settings fail with what to change."""
 
+import dataclasses
+import importlib
 import json
 import os
 
@@ -9,7 +11,8 @@ from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-FLAGFILES = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".flags") and f != "base.flags")
+FLAGFILES = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".flags"))
+BENCH_DIR = os.path.join(os.path.dirname(CONFIG_DIR), "benchmarks")
 
 
 def _parse(argv):
@@ -41,18 +44,37 @@ def test_dense_configs_fit_their_densest_videos():
 
 
 def test_nested_flagfile_resolves_relative_to_its_file_and_command_line_wins(tmp_path):
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "base.flags").write_text("--droppath=0.2\n--epochs=7\n")
+  (tmp_path / "run.flags").write_text("# a comment\n--flagfile=configs/base.flags\n--epochs=5\n")
   cwd = os.getcwd()
-  os.chdir(tmp_path)  # base.flags is named relative to configs/, not to the cwd
+  os.chdir(CONFIG_DIR)  # nested names resolve against their file, not the cwd
   try:
-    cfg = _parse([f"--flagfile={os.path.join(CONFIG_DIR, 'anet.flags')}", "--epochs=3",
-                  "--feature_ext=npz"])
+    cfg = _parse([f"--flagfile={tmp_path / 'run.flags'}", "--feature_ext=npz"])
+    anet = _parse([f"--flagfile={os.path.join(CONFIG_DIR, 'anet.flags')}", "--epochs=3"])
   finally:
     os.chdir(cwd)
-  assert cfg.model.mha_win_size == (7, 7, 7, 7, 7, -1)
+  assert cfg.model.droppath == 0.2 and cfg.train.epochs == 5  # the later line wins
   assert cfg.data.feature_ext == ".npz"
-  assert cfg.train.epochs == 3
-  assert cfg.model.droppath == 0.1  # from base.flags
-  assert cfg.eval.tiou_thresholds[0] == 0.5 and len(cfg.eval.tiou_thresholds) == 10
+  assert anet.model.mha_win_size == (7, 7, 7, 7, 7, -1) and anet.train.epochs == 3
+  assert anet.eval.tiou_thresholds[0] == 0.5 and len(anet.eval.tiou_thresholds) == 10
+
+
+@pytest.mark.parametrize("path", [os.path.join(CONFIG_DIR, f) for f in FLAGFILES]
+                         + [os.path.join(BENCH_DIR, f) for f in sorted(os.listdir(BENCH_DIR))
+                            if f.endswith(".flags")])
+def test_flagfiles_hold_only_what_differs_from_the_defaults(path):
+  """The dataclasses are the one source of defaults: a flagfile line that repeats one would
+  silently pin it when the default changes."""
+  defaults = config_lib.absolute_paths(config_lib.Config())
+  with open(path) as f:
+    lines = [l.strip() for l in f if l.startswith("--") and not l.startswith("--flagfile")]
+  assert lines
+  for line in lines:
+    asl_flags.FLAGS.unparse_flags()
+    asl_flags.parse_argv(["prog", line])
+    assert asl_flags.build_config(check=False) != defaults, f"{path}: {line} is the default"
+  asl_flags.FLAGS.unparse_flags()
 
 
 def test_anet_max_div_factor_is_96():
@@ -129,34 +151,33 @@ def test_unknown_or_malformed_flag_is_one_line_naming_it():
 def test_entry_points_end_with_one_line_on_a_bad_flag():
   """No absl traceback: the tool's name and the message, exit status 1."""
   with pytest.raises(SystemExit) as e:
-    asl_flags.cli_parser("asl_tf.evaluate")(["prog", "--checkpont=runs/x"])
+    asl_flags.cli_parser("asl_tf.evaluate", {})(["prog", "--checkpont=runs/x"])
   assert str(e.value).startswith("asl_tf.evaluate: Unknown command line flag 'checkpont'")
   assert "checkpoint" in str(e.value)
 
 
-@pytest.mark.parametrize("tool", sorted(asl_flags.TOOL_FLAGS))
+TOOLS = ("asl_tf.train", "asl_tf.evaluate", "asl_tf.infer", "asl_tf.visualize", "asl_tf.export",
+         "asl_tf.tools.import_torch")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
 def test_each_tools_help_lists_its_own_flags_and_exits_0(tool, capsys):
+  groups = importlib.import_module(tool).HELP_GROUPS
   with pytest.raises(SystemExit) as e:
-    asl_flags.cli_parser(tool)(["prog", "--help"])
+    asl_flags.cli_parser(tool, groups)(["prog", "--help"])
   assert e.value.code == 0
   out = capsys.readouterr().out
   listed = {line.split()[0].split("=")[0] for line in out.splitlines()
             if line.startswith("  --")}
-  want = {f"--{n}" for names in asl_flags.TOOL_FLAGS[tool].values() for n in names}
+  want = {f"--{n}" for names in groups.values() for n in names}
   assert listed == want and len(out.splitlines()) <= 70
   assert "--helpfull" in out
 
 
-# ActionFormer's architecture constants that no flag changes (fixed by the method).
-FIELDS_WITHOUT_FLAGS = {("model", "scale_factor"), ("model", "embd_with_ln"),
-                        ("model", "fpn_with_ln"), ("model", "head_kernel_size"),
-                        ("model", "head_with_ln"), ("loss", "focal_alpha"),
-                        ("loss", "focal_gamma"), ("loss", "loss_norm_momentum")}
-
-
-def test_flag_defaults_equal_the_dataclass_defaults():
-  """The flags and the dataclasses agree on every default (paths aside: flags make them
-  absolute), and every field a flag does not reach is a listed constant."""
+def test_every_config_field_has_one_flag_with_its_default_type_and_help():
+  """The flags are generated from the dataclasses: parsing no flag gives the dataclass defaults
+  (paths aside: flags make them absolute), each flag's help is its field's docstring entry, and a
+  value given on the command line reaches its field with the field's type."""
   absl_flags = asl_flags.FLAGS
   absl_flags.unparse_flags()
   try:
@@ -164,19 +185,38 @@ def test_flag_defaults_equal_the_dataclass_defaults():
     from_flags = asl_flags.build_config(check=False)
   finally:
     absl_flags.unparse_flags()
-  defaults = config_lib.Config()
-  unreached = set()
-  for section in ("data", "model", "loss", "train", "eval", "export"):
-    flagged, default = getattr(from_flags, section), getattr(defaults, section)
+  defaults, seen = config_lib.Config(), set()
+  for section in dataclasses.fields(config_lib.Config):
+    helps = config_lib.field_help(section.default_factory)
+    flagged, default = getattr(from_flags, section.name), getattr(defaults, section.name)
     for name, value in vars(default).items():
-      flag = asl_flags._FLAG_OF_FIELD.get((section, name), name)  # pylint: disable=protected-access
-      if flag not in absl_flags:
-        unreached.add((section, name))
-      elif name in ("output_dir", "export_dir"):
+      flag = config_lib.flag_name(section.name, name)
+      assert flag in absl_flags and helps.get(name), f"{section.name}.{name}"
+      if flag not in seen:  # a flag shared by two sections has the first one's help
+        assert absl_flags[flag].help.endswith(helps[name]), flag
+      seen.add(flag)
+      if name in ("output_dir", "export_dir"):
         assert getattr(flagged, name) == os.path.abspath(value), name
       else:
-        assert getattr(flagged, name) == value, f"{section}.{name}"
-  assert unreached == FIELDS_WITHOUT_FLAGS
+        assert getattr(flagged, name) == value, f"{section.name}.{name}"
+  cfg = _parse(["--scale_factor=3", "--backbone_arch=2,2,2", "--mha_win_size=-1",
+                "--regression_range=0,4,4,8,8,1e4", "--crop_ratio=0.5,1", "--eval_batch_size=3",
+                "--focal_gamma=1.5", "--head_with_ln=false", "--max_seq_len=2304"])
+  assert cfg.model.scale_factor == 3 and cfg.model.backbone_arch == (2, 2, 2)
+  assert cfg.model.mha_win_size == (-1, -1, -1)
+  assert cfg.model.regression_range == ((0.0, 4.0), (4.0, 8.0), (8.0, 10000.0))
+  assert cfg.data.crop_ratio == (0.5, 1.0) and cfg.eval.batch_size == 3
+  assert cfg.loss.focal_gamma == 1.5 and cfg.model.head_with_ln is False
+
+
+def test_field_help_reads_each_attribute_and_its_continuation_lines():
+  section = type("Section", (), {"__doc__": (
+      "A section.\n\n  Attributes:\n    alpha: first line,\n      continued.\n"
+      "    beta: `b` (x).\n  ")})
+  assert config_lib.field_help(section) == {"alpha": "first line, continued.",
+                                            "beta": "`b` (x)."}
+  assert asl_flags.first_sentence("a (b). C d. E") == "a (b)."
+  assert asl_flags.first_sentence("no end") == "no end."
 
 
 def test_a_config_saved_with_a_removed_field_loads():

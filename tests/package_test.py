@@ -7,7 +7,7 @@ import sys
 import pytest
 
 _TOOL = ("import os, sys; from absl import app; from asl_tf import flags; "
-         "flags.cli_parser('asl_tf.x')(['prog']); "
+         "flags.cli_parser('asl_tf.x', {})(['prog']); "
          "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], os.environ['TF_CPP_MIN_LOG_LEVEL'])")
 
 

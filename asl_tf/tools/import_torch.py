@@ -38,10 +38,25 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 from absl import app
+from absl import flags
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 from asl_tf.tools import torch_checkpoint
+
+flags.DEFINE_string("torch_checkpoint", "", "ActionFormer / ASL .pth.tar to import.")
+flags.DEFINE_boolean("use_ema", True, "import state_dict_ema (what ActionFormer evaluates); "
+                     "--nouse_ema imports the raw state_dict.")
+flags.DEFINE_string("output", "", "run folder to write (config.json, checkpoints/).")
+flags.DEFINE_boolean("allow_missing", False, "keep ASL-only variables the source lacks "
+                     "(instance evaluator, contrastive projection, mu / sigma) at their "
+                     "initialization instead of failing.")
+flags.DEFINE_boolean("allow_unused", False, "skip checkpoint tensors that nothing maps instead "
+                     "of failing.")
+HELP_GROUPS = {"import": ("torch_checkpoint", "output", "use_ema", "allow_missing",
+                          "allow_unused"),
+               "model": ("input_dim", "num_classes", "max_seq_len") + asl_flags.MODEL_FLAGS
+                        + asl_flags.ASL_FLAGS[:2]}
 
 # The authors' class-level parameter names, each [K, 1]: (mu, sigma) per Gaussian.
 SENSITIVITY_KEYS = ("mu", "sigma", "mu_reg_left", "sigma_reg_left", "mu_reg_right",
@@ -358,4 +373,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.tools.import_torch"))
+  app.run(main, flags_parser=asl_flags.cli_parser("asl_tf.tools.import_torch", HELP_GROUPS))

@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=sys.argv, flags_parser=asl_flags.cli_parser("asl_tf.train"))
+  app.run(main, argv=sys.argv, flags_parser=asl_flags.cli_parser("asl_tf.train", train.HELP_GROUPS))
