@@ -30,9 +30,7 @@ from asl_tf.training import optimizer as optimizer_lib
 
 def build_detector(config: config_lib.Config) -> detector_lib.ASLDetector:
   """A built (weights created) detector for `config`."""
-  model = detector_lib.ASLDetector(config.model, loss_config=config.loss,
-                                   eval_config=config.eval,
-                                   clip_grad_norm=config.train.clip_grad_norm)
+  model = detector_lib.ASLDetector(config.model, eval_config=config.eval)
   model.build_for_training()
   return model
 

@@ -12,6 +12,7 @@ the machine (other load, frequency) hit all variants alike. Reports the median o
   python benchmarks/ab_step.py --compare=asl --config=thumos_i3d --repeats=5
 """
 
+import functools
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ def main():
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
   from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from asl_tf.training import task as task_lib  # pylint: disable=g-import-not-at-top
 
   variants = COMPARISONS[args.compare]
   runs, weights = {}, None
@@ -58,16 +60,16 @@ def main():
     asl_flags.FLAGS.unparse_flags()
     cfg = train_step._config(args.config, args.quick, extra)  # pylint: disable=protected-access
     tf.keras.utils.set_random_seed(0)
-    model = detector_lib.ASLDetector(cfg.model, loss_config=cfg.loss,
-                                     clip_grad_norm=cfg.train.clip_grad_norm)
+    model = detector_lib.ASLDetector(cfg.model)
     model.build_for_training()
+    task = task_lib.DetectionTask(cfg.model, cfg.loss, cfg.train.clip_grad_norm)
     if args.compare == "kernel_policy":
       weights = weights or model.get_weights()
       model.set_weights(weights)
-    model.optimizer = optimizer_lib.build_optimizer(model, cfg.train, cfg.model, 100)
-    model.optimizer.build(model.trainable_variables)
+    optimizer = optimizer_lib.build_optimizer(model, cfg.train, cfg.model, 100)
+    optimizer.build(model.trainable_variables)
     batch = train_step._batch(cfg)  # pylint: disable=protected-access
-    step = tf.function(model.train_step)
+    step = tf.function(functools.partial(task.train_step, model, optimizer))
     spec = [tf.TensorSpec([None, None, cfg.model.input_dim]), tf.TensorSpec([None, None])]
     forward = tf.function(lambda x, m, model=model: model(x, m)["cls_logits"],
                           input_signature=spec)

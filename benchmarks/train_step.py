@@ -2,7 +2,7 @@
 
 Each variant (`asl`: the flagfile as is; `actionformer`: every ASL option off, the model the
 PyTorch reference ran) and mode (`graph`: tf.function; `xla`: `jit_compile=True`) runs in a
-fresh subprocess: the detector is built with its optimizer, `model.train_step` is wrapped in a
+fresh subprocess: the detector is built with its optimizer, `task.train_step` is wrapped in a
 `tf.function`, warmed up (tracing / compilation, timed separately) and then timed over
 `--repeats` steps on one fixed synthetic batch (random features, two videos of full and 3/4
 length, a few segments).
@@ -14,6 +14,7 @@ Usage:
   python benchmarks/train_step.py --quick           # tiny sizes (seconds)
 """
 
+import functools
 import os
 import sys
 
@@ -69,15 +70,17 @@ def build_step(config_name, quick, jit_compile, extra_flags=()):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
   from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from asl_tf.training import task as task_lib  # pylint: disable=g-import-not-at-top
   config = _config(config_name, quick, extra_flags)
-  model = detector_lib.ASLDetector(config.model, loss_config=config.loss,
-                                   clip_grad_norm=config.train.clip_grad_norm)
+  model = detector_lib.ASLDetector(config.model)
   model.build_for_training()
-  model.optimizer = optimizer_lib.build_optimizer(model, config.train, config.model, 100)
-  model.optimizer.build(model.trainable_variables)
+  task = task_lib.DetectionTask(config.model, config.loss, config.train.clip_grad_norm)
+  optimizer = optimizer_lib.build_optimizer(model, config.train, config.model, 100)
+  optimizer.build(model.trainable_variables)
   batch = {k: tf.constant(v) for k, v in _batch(config).items()}
   epoch = tf.constant(0, tf.int64)
-  step = tf.function(model.train_step, jit_compile=jit_compile)
+  step = tf.function(functools.partial(task.train_step, model, optimizer),
+                     jit_compile=jit_compile)
 
   def run():
     float(step(batch, epoch)["total_loss"])

@@ -24,8 +24,7 @@ is stored as rho = softplus^-1(sigma - SIGMA_FLOOR)). Strictness:
 - a trainable ASL-only variable the checkpoint lacks (instance evaluator, contrastive projection,
   mu / sigma of a plain ActionFormer checkpoint) is an error unless `--allow_missing`, which keeps
   it at its initialization. These parts only shape the training losses, so detections do not
-  depend on them; fine-tuning starts them from scratch;
-- non-trainable training state (the loss normalizer) is always kept at its initial value.
+  depend on them; fine-tuning starts them from scratch.
 """
 
 from __future__ import annotations
@@ -79,7 +78,6 @@ class ImportReport:
     loaded: source keys copied into the detector.
     unused: source keys nothing maps (skipped with `allow_unused`).
     kept_at_init: trainable detector variables not in the source (kept with `allow_missing`).
-    training_state: non-trainable detector variables kept at their initial value.
     unchecked: settings the weights cannot show, taken from the flags (heads, windows, ...).
   """
   source: str
@@ -89,7 +87,6 @@ class ImportReport:
   loaded: List[str] = dataclasses.field(default_factory=list)
   unused: List[str] = dataclasses.field(default_factory=list)
   kept_at_init: List[str] = dataclasses.field(default_factory=list)
-  training_state: List[str] = dataclasses.field(default_factory=list)
   unchecked: Dict[str, object] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
@@ -100,8 +97,6 @@ class ImportReport:
     lines += [f"    {name}" for name in self.unused]
     lines.append(f"  not in the source, kept at initialization: {len(self.kept_at_init)}")
     lines += [f"    {name}" for name in self.kept_at_init]
-    lines.append(f"  training state kept at its initial value: {len(self.training_state)}")
-    lines += [f"    {name}" for name in self.training_state]
     lines.append("  taken from the flags (the weights cannot show them): "
                  + ", ".join(f"{k}={v}" for k, v in self.unchecked.items()))
     return "\n".join(lines)
@@ -301,11 +296,9 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
     raise ImportTorchError("the checkpoint lacks ActionFormer weights the detector needs; "
                            "nothing was written:\n  - "
                            + "\n  - ".join(mapped.missing))
-  trainable = {v.path for v in model.trainable_variables}
   report.loaded = mapped.loaded
   report.unused = mapped.unused
-  report.kept_at_init = [p for p in mapped.other_targets if p in trainable]
-  report.training_state = [p for p in mapped.other_targets if p not in trainable]
+  report.kept_at_init = list(mapped.other_targets)
   problems = []
   if report.unused and not allow_unused:
     problems.append(f"{len(report.unused)} checkpoint tensors are not mapped (pass "

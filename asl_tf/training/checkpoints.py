@@ -19,7 +19,7 @@ import dataclasses
 import errno
 import fcntl
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
@@ -112,8 +112,9 @@ class RunCheckpointer:
   """Per-epoch and best checkpoints of one training run.
 
   Besides `objects`, every checkpoint holds the model's variables by position
-  (`model.variables`: weights, the loss normalizer and the dropout / drop-path SeedGenerator
-  states, which Keras 3 does not expose to `tf.train.Checkpoint` through the model itself).
+  (`model_variables`: weights and the dropout / drop-path SeedGenerator states, which Keras 3
+  does not expose to `tf.train.Checkpoint` through the model itself) and the training task's
+  state (`task_variables`: the loss normaliser).
 
   Args:
     run_dir: the run folder; checkpoints are restored from `run_dir/checkpoints`.
@@ -121,14 +122,24 @@ class RunCheckpointer:
     model: the Keras model.
     write_dir: where checkpoints are written (default `run_dir`; a scratch folder on
       non-chief workers, which must take part in every save).
+    task_variables: the training task's state (`DetectionTask.state_variables`).
     **objects: other trackables to save (optimizer, epoch counter, ...).
   """
 
   def __init__(self, run_dir: str, keep: int, model, write_dir: Optional[str] = None,
-               **objects):
+               task_variables: Sequence = (), **objects):
     self.run_dir = run_dir
+    self._num_model_variables = len(model.variables)
+    self._task_variables = list(task_variables)
+    if self._task_variables:
+      objects["task_variables"] = self._task_variables
     self.checkpoint = tf.train.Checkpoint(model=model, model_variables=list(model.variables),
                                           **objects)
+    # Checkpoints written while the detector held the loss normaliser: it followed the model's
+    # variables in `model_variables`.
+    self._before_task = tf.train.Checkpoint(
+        model=model, model_variables=list(model.variables),
+        **{k: v for k, v in objects.items() if k != "task_variables"})
     write_dir = write_dir or run_dir
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, os.path.join(write_dir, CHECKPOINT_DIR), max_to_keep=max(1, keep),
@@ -165,7 +176,7 @@ class RunCheckpointer:
         damaged.append(path)
         continue
       try:
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        self._restore(path)
       except (tf.errors.OpError, AssertionError, ValueError) as e:
         raise CheckpointError(f"cannot restore {path}: {e}. The run's configuration or code "
                               "changed since it was written; start a new --output_dir.") from e
@@ -175,6 +186,17 @@ class RunCheckpointer:
       return path
     raise CheckpointError(f"every checkpoint in {folder} is damaged ({', '.join(damaged)}); "
                           "start a new --output_dir")
+
+  def _restore(self, path: str) -> None:
+    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+    if not self._task_variables or "task_variables" in saved:
+      self.checkpoint.restore(path).assert_existing_objects_matched()
+      return
+    self._before_task.restore(path).assert_existing_objects_matched()
+    reader = tf.train.load_checkpoint(path)
+    for i, variable in enumerate(self._task_variables):
+      variable.assign(reader.get_tensor(
+          f"model_variables/{self._num_model_variables + i}/.ATTRIBUTES/VARIABLE_VALUE"))
 
   def save(self, epoch: int, best: bool = False) -> str:
     """Writes the checkpoint of a finished epoch (and the best copy when `best`).

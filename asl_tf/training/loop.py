@@ -1,4 +1,4 @@
-"""The training loop: a custom loop over `strategy.run(model.train_step)`.
+"""The training loop: a custom loop over `strategy.run(task.train_step)`.
 
 One code path serves the default strategy, MirroredStrategy and MultiWorkerMirroredStrategy
 (Keras' `fit` does not work with multi-worker here, docs/method.md 7). Each epoch: a seeded data
@@ -8,6 +8,7 @@ order, the steps, TensorBoard scalars, optional evaluation with the EMA weights,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -29,9 +30,10 @@ from asl_tf.training import checkpoints as ckpt_lib
 from asl_tf.training import optimizer as optimizer_lib
 from asl_tf.training import strategy as strategy_lib
 from asl_tf.training import summaries as summaries_lib
+from asl_tf.training import task as task_lib
 
 
-# The batch entries `ASLDetector.train_step` reads (video ids and metadata stay outside the step,
+# The batch entries `DetectionTask.train_step` reads (video ids and metadata stay outside the step,
 # where XLA would reject the string tensor).
 TRAIN_STEP_KEYS = ("features", "padding_mask", "gt_segments", "gt_labels")
 
@@ -140,13 +142,11 @@ class Trainer:
       print(f"building the model ({config.model.num_levels} levels, dims {config.model.embd_dim})"
             " and the optimizer", flush=True)
     with self.strategy.scope():
-      self.model = detector_lib.ASLDetector(config.model, loss_config=config.loss,
-                                            eval_config=config.eval,
-                                            clip_grad_norm=config.train.clip_grad_norm)
+      self.model = detector_lib.ASLDetector(config.model, eval_config=config.eval)
       self.model.build_for_training()
+      self.task = task_lib.DetectionTask(config.model, config.loss, config.train.clip_grad_norm)
       self.optimizer = optimizer_lib.build_optimizer(self.model, config.train, config.model,
                                                      self.steps_per_epoch)
-      self.model.optimizer = self.optimizer
       self.optimizer.build(self.model.trainable_variables)
       state = ckpt_lib.counters()
     self.epoch_var = state["epoch"]
@@ -154,7 +154,8 @@ class Trainer:
     self._scratch_dir = None if self.chief else tempfile.mkdtemp(prefix="asl_tf_worker_")
     self.checkpointer = ckpt_lib.RunCheckpointer(
         self.output_dir, config.train.keep_checkpoints, model=self.model,
-        write_dir=self._scratch_dir, optimizer=self.optimizer, **state)
+        write_dir=self._scratch_dir, task_variables=self.task.state_variables,
+        optimizer=self.optimizer, **state)
     self._step_fn = None
 
   def _distributed_dataset(self, first_epoch: int, num_epochs: int):
@@ -164,7 +165,7 @@ class Trainer:
     return self.strategy.experimental_distribute_dataset(dataset)
 
   def _make_step_fn(self):
-    replica_step = self.model.train_step
+    replica_step = functools.partial(self.task.train_step, self.model, self.optimizer)
     if self.config.train.jit_compile:
       replica_step = tf.function(replica_step, jit_compile=True)
 

@@ -16,6 +16,7 @@ from asl_tf.training import checkpoints as ckpt_lib
 from asl_tf.training import loop
 from asl_tf.training import optimizer as optimizer_lib
 from asl_tf.training import schedules
+from asl_tf.training import task as task_lib
 import training_helpers as helpers
 
 
@@ -24,8 +25,7 @@ def _config(tiny_data, output_dir, **overrides):
 
 
 def _detector_and_optimizer(config, steps_per_epoch=8):
-  model = detector_lib.ASLDetector(config.model, loss_config=config.loss,
-                                   clip_grad_norm=config.train.clip_grad_norm)
+  model = detector_lib.ASLDetector(config.model)
   model.build_for_training()
   optimizer = optimizer_lib.build_optimizer(model, config.train, config.model, steps_per_epoch)
   optimizer.build(model.trainable_variables)
@@ -181,6 +181,36 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_data, tmp_path):
   assert checkpointer.restore_latest() == first
   for v, s in zip(model.variables, saved):
     np.testing.assert_array_equal(v.numpy(), s)
+
+
+def test_checkpoints_hold_the_tasks_normaliser_and_read_those_written_before_the_task(
+    tiny_data, tmp_path):
+  """The loss normaliser is the task's: saved as `task_variables`. A checkpoint written while the
+  detector held it (then the last of `model_variables`) still resumes with its value."""
+  config = _config(tiny_data, tmp_path)
+  model, optimizer = _detector_and_optimizer(config)
+  task = task_lib.DetectionTask(config.model, config.loss)
+  counters = ckpt_lib.counters()
+  task.loss_normalizer.normalizer.assign(42.0)
+  ckpt_lib.RunCheckpointer(str(tmp_path / "new"), 3, model=model, optimizer=optimizer,
+                           task_variables=task.state_variables, **counters).save(1)
+  old_layout = tf.train.Checkpoint(
+      model=model, model_variables=list(model.variables) + [tf.Variable(17.0)],
+      optimizer=optimizer, **counters)
+  tf.train.CheckpointManager(old_layout, str(tmp_path / "old" / "checkpoints"), 1,
+                             checkpoint_name="ckpt").save(checkpoint_number=1)
+  weights = [v.numpy() for v in model.variables]
+  for run, value in (("new", 42.0), ("old", 17.0)):
+    for v in model.variables:
+      v.assign(tf.zeros_like(v))
+    task.loss_normalizer.normalizer.assign(1.0)
+    checkpointer = ckpt_lib.RunCheckpointer(str(tmp_path / run), 3, model=model,
+                                            optimizer=optimizer,
+                                            task_variables=task.state_variables, **counters)
+    assert checkpointer.restore_latest().endswith("ckpt-1"), run
+    assert float(task.loss_normalizer.normalizer.numpy()) == value, run
+    for v, w in zip(model.variables, weights):
+      np.testing.assert_array_equal(v.numpy(), w)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Run by detector_train_test.py in a fresh process: one train step on 1 device vs 2 replicas.
+"""Run by task_test.py in a fresh process: one train step on 1 device vs 2 replicas.
 
 Prints JSON {"max_abs_diff": ..., "loss_1": ..., "loss_2": ...}. TensorFlow must not be
 initialized before the logical CPUs are configured, hence the subprocess.
@@ -18,6 +18,7 @@ from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
 from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
 from asl_tf.training import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+from asl_tf.training import task as task_lib  # pylint: disable=g-import-not-at-top
 
 
 def make_batch(seq_len, channels):
@@ -34,13 +35,14 @@ def make_batch(seq_len, channels):
 
 def build(strategy, model_config, train_config, weights=None):
   with strategy.scope():
-    model = detector_lib.ASLDetector(model_config, clip_grad_norm=train_config.clip_grad_norm)
+    model = detector_lib.ASLDetector(model_config)
     model.build_for_training()
     if weights is not None:
       model.set_weights(weights)
-    model.optimizer = optimizer_lib.build_optimizer(model, train_config, model_config, 10)
-    model.optimizer.build(model.trainable_variables)
-  return model
+    task = task_lib.DetectionTask(model_config, clip_grad_norm=train_config.clip_grad_norm)
+    optimizer = optimizer_lib.build_optimizer(model, train_config, model_config, 10)
+    optimizer.build(model.trainable_variables)
+  return model, task, optimizer
 
 
 def main():
@@ -54,21 +56,25 @@ def main():
                                         clip_grad_norm=clip, ema_decay=0.999)
   batch = make_batch(64, 16)
   keras.utils.set_random_seed(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
-  single = build(tf.distribute.get_strategy(), model_config, train_config)
+  single, single_task, single_optimizer = build(tf.distribute.get_strategy(), model_config,
+                                                train_config)
   initial = [v.numpy() for v in single.trainable_variables]
   mirrored_strategy = tf.distribute.MirroredStrategy(
       [d.name for d in tf.config.list_logical_devices("CPU")])
-  mirrored = build(mirrored_strategy, model_config, train_config, single.get_weights())
+  mirrored, mirrored_task, mirrored_optimizer = build(mirrored_strategy, model_config,
+                                                      train_config, single.get_weights())
 
   epoch = tf.constant(0, tf.int64)
-  logs_1 = tf.function(single.train_step)(batch, epoch)
+  logs_1 = tf.function(lambda b: single_task.train_step(single, single_optimizer, b, epoch))(
+      batch)
 
   dataset = tf.data.Dataset.from_tensors(batch).unbatch().batch(4)
   dist_batch = next(iter(mirrored_strategy.experimental_distribute_dataset(dataset)))
 
   @tf.function
   def step(b):
-    per_replica = mirrored_strategy.run(mirrored.train_step, args=(b, epoch))
+    per_replica = mirrored_strategy.run(
+        lambda x: mirrored_task.train_step(mirrored, mirrored_optimizer, x, epoch), args=(b,))
     return {k: mirrored_strategy.reduce("sum", v, axis=None) for k, v in per_replica.items()}
 
   logs_2 = step(dist_batch)
@@ -80,6 +86,8 @@ def main():
       "max_abs_diff": max(diffs),
       "weights_moved": moved,
       "replicas": mirrored_strategy.num_replicas_in_sync,
+      "normalizer_1": float(single_task.loss_normalizer.normalizer.numpy()),
+      "normalizer_2": float(mirrored_task.loss_normalizer.normalizer.numpy()),
       "logs_1": {k: float(v) for k, v in logs_1.items()},
       "logs_2": {k: float(v) for k, v in logs_2.items()},
   }))

@@ -1,4 +1,4 @@
-"""ASLDetector.train_step: exact under MirroredStrategy, and a tiny model overfits."""
+"""DetectionTask: its train step is exact under MirroredStrategy, and a tiny model overfits."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import tensorflow as tf
 from asl_tf import config as config_lib
 from asl_tf.modeling import detector as detector_lib
 from asl_tf.training import optimizer as optimizer_lib
+from asl_tf.training import task as task_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +37,9 @@ def test_two_replica_step_equals_one_device_step_with_every_asl_option():
               "num_pos"):
     np.testing.assert_allclose(result["logs_2"][key], result["logs_1"][key], rtol=1e-5)
   assert result["logs_1"]["contrastive_loss"] > 0
+  # The task's normaliser folded the global positive count in on both (not this replica's).
+  assert result["normalizer_2"] == pytest.approx(result["normalizer_1"], rel=1e-6)
+  assert result["normalizer_1"] == pytest.approx(0.9 * 100 + 0.1 * result["logs_1"]["num_pos"])
 
 
 def _tiny_config(**asl):
@@ -70,11 +74,12 @@ def test_tiny_model_overfits(variant):
   model_config = _tiny_config(**ASL_VARIANTS[variant])
   train_config = config_lib.TrainConfig(learning_rate=5e-3, warmup_epochs=0, epochs=1,
                                         weight_decay=0.0, ema_decay=0.0)
-  model = detector_lib.ASLDetector(model_config, clip_grad_norm=1.0)
+  model = detector_lib.ASLDetector(model_config)
   model.build_for_training()
-  model.optimizer = optimizer_lib.build_optimizer(model, train_config, model_config, 1000)
+  task = task_lib.DetectionTask(model_config, clip_grad_norm=1.0)
+  optimizer = optimizer_lib.build_optimizer(model, train_config, model_config, 1000)
   batch = _overfit_batch()
-  step = tf.function(model.train_step)
+  step = tf.function(lambda b, e: task.train_step(model, optimizer, b, e))
   epoch = tf.constant(0, tf.int64)
   first = step(batch, epoch)
   for _ in range(150):
@@ -87,16 +92,25 @@ def test_tiny_model_overfits(variant):
     assert model.sensitivity_parameters()["sigma"].shape == (2,)
 
 
-def test_config_round_trip():
+def test_detector_config_round_trips_and_reads_configs_of_the_detector_that_trained():
   model = detector_lib.ASLDetector(_tiny_config(class_sensitivity=True),
-                                   loss_config=config_lib.LossConfig(label_smoothing=0.1),
-                                   eval_config=config_lib.EvalConfig(max_seg_num=7),
-                                   clip_grad_norm=0.5)
+                                   eval_config=config_lib.EvalConfig(max_seg_num=7))
   again = detector_lib.ASLDetector.from_config(model.get_config())
   assert again.model_config == model.model_config
-  assert again.loss_config.label_smoothing == 0.1
   assert again.eval_config.max_seg_num == 7
-  assert again.clip_grad_norm == 0.5
+  old = dict(model.get_config(), loss_config={"label_smoothing": 0.1}, clip_grad_norm=0.5)
+  assert detector_lib.ASLDetector.from_config(old).model_config == model.model_config
+
+
+def test_the_detector_holds_no_training_state():
+  """Losses, normaliser and steps live in the task: the model's variables are its weights (and
+  dropout seed states) only."""
+  model = detector_lib.ASLDetector(_tiny_config(class_sensitivity=True, instance_sensitivity=True))
+  model.build_for_training()
+  assert not any("normalizer" in v.path for v in model.variables)
+  assert all(v.trainable or "seed_generator" in v.path for v in model.variables)
+  task = task_lib.DetectionTask(model.model_config)
+  assert [v.path for v in task.state_variables] == ["loss_normalizer/normalizer"]
 
 
 def test_asl_off_has_no_sensitivity_layer_and_matches_plain_losses():
@@ -104,7 +118,7 @@ def test_asl_off_has_no_sensitivity_layer_and_matches_plain_losses():
   model.build_for_training()
   assert model.sensitivity is None
   assert model.sensitivity_parameters() == {}
-  logs = model.test_step(_overfit_batch())
+  logs = task_lib.DetectionTask(model.model_config).validation_step(model, _overfit_batch())
   assert float(logs["evaluator_loss"]) == 0.0 and float(logs["contrastive_loss"]) == 0.0
   np.testing.assert_allclose(float(logs["total_loss"]),
                              float(logs["cls_loss"]) + float(logs["reg_loss"]), rtol=1e-6)
