@@ -1,6 +1,6 @@
 """ActionFormer's masked multi-head convolutional self-attention and transformer block.
 
-`LocalMaskedSelfAttention` reproduces ActionFormer's `LocalMaskedMHCA` (sliding-window attention,
+`MaskedSelfAttention` reproduces ActionFormer's `LocalMaskedMHCA` (sliding-window attention,
 each query attends to the keys within +-window_size // 2) and, for `window_size <= 1`, its
 `MaskedMHCA` (global attention). Local attention never builds a T x T tensor: queries are split
 into blocks of `2 * (window_size // 2)` frames, and each block attends to its keys plus a margin of
@@ -29,7 +29,7 @@ def _dense(units, name, dtype):
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
-class LocalMaskedSelfAttention(keras.layers.Layer):
+class MaskedSelfAttention(keras.layers.Layer):
   """Masked multi-head convolutional self-attention, local (sliding window) or global.
 
   q, k and v each go through a depthwise MaskedConv1D (kernel 3, or stride + 1 when strided; no
@@ -202,9 +202,9 @@ class TransformerBlock(keras.layers.Layer):
     dtype = self.dtype_policy
     self.ln1 = layers.ChannelLayerNorm(kernel_policy=kernel_policy, name="ln1", dtype=dtype)
     self.ln2 = layers.ChannelLayerNorm(kernel_policy=kernel_policy, name="ln2", dtype=dtype)
-    self.attn = LocalMaskedSelfAttention(embed_dim, num_heads, window_size, stride=stride,
-                                         dropout=dropout, kernel_policy=kernel_policy,
-                                         name="attn", dtype=dtype)
+    self.attn = MaskedSelfAttention(embed_dim, num_heads, window_size, stride=stride,
+                                    dropout=dropout, kernel_policy=kernel_policy, name="attn",
+                                    dtype=dtype)
     self.mlp_fc1 = _dense(4 * embed_dim, "mlp_fc1", dtype)
     self.mlp_fc2 = _dense(embed_dim, "mlp_fc2", dtype)
     self.mlp_dropout1 = keras.layers.Dropout(dropout, dtype=dtype)

@@ -45,7 +45,7 @@ def test_local_attention_equals_dense_band_reference(t, window, stride, valid):
   x = rng.normal(size=(2, t, 16)).astype(np.float32)
   mask = np.ones((2, t), bool)
   mask[1, valid:] = False
-  layer = attention.LocalMaskedSelfAttention(16, 4, window, stride=stride)
+  layer = attention.MaskedSelfAttention(16, 4, window, stride=stride)
   y, out_mask = layer(x, mask)
   expected = _dense_reference(layer, x, mask)
   assert y.shape == (2, -(-t // stride), 16)
@@ -55,7 +55,7 @@ def test_local_attention_equals_dense_band_reference(t, window, stride, valid):
 
 def test_local_attention_has_no_t_by_t_tensor():
   t, window = 96, 9
-  layer = attention.LocalMaskedSelfAttention(8, 2, window)
+  layer = attention.MaskedSelfAttention(8, 2, window)
   layer.build((1, t, 8))
   fn = tf.function(lambda x, m: layer(x, m)[0]).get_concrete_function(
       tf.TensorSpec([1, t, 8]), tf.TensorSpec([1, t], tf.bool))
@@ -127,10 +127,10 @@ def test_transformer_block_mlp_uses_exact_gelu():
 
 def test_attention_rejects_bad_geometry():
   with pytest.raises(ValueError, match="not divisible by num_heads"):
-    attention.LocalMaskedSelfAttention(10, 4, 9)
+    attention.MaskedSelfAttention(10, 4, 9)
   with pytest.raises(ValueError, match="stride must be 1 or even"):
-    attention.LocalMaskedSelfAttention(8, 2, 9, stride=3)
-  layer = attention.LocalMaskedSelfAttention(8, 2, 9)
+    attention.MaskedSelfAttention(8, 2, 9, stride=3)
+  layer = attention.MaskedSelfAttention(8, 2, 9)
   layer(np.zeros((1, 8, 8), np.float32), np.ones((1, 8), bool))
   with pytest.raises(ValueError, match="expects inputs with 8 channels"):
     layer(np.zeros((1, 8, 6), np.float32), np.ones((1, 8), bool))

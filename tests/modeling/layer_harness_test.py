@@ -17,7 +17,7 @@ LAYERS = [
     layers.Scale(init_value=0.5),
     layers.LayerScale(7, init_value=0.1),
     layers.DropPath(0.3),
-    attention.LocalMaskedSelfAttention(8, 2, 7, stride=2, dropout=0.1, kernel_policy="fast"),
+    attention.MaskedSelfAttention(8, 2, 7, stride=2, dropout=0.1, kernel_policy="fast"),
     attention.TransformerBlock(8, 2, -1, stride=2, dropout=0.1, droppath=0.2),
     backbone.ConvTransformerBackbone(6, 8, 2, max_seq_len=32, arch=(2, 1, 3),
                                      mha_win_size=(5, 5, 3, -1), use_abs_pe=True,
