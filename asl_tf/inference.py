@@ -99,8 +99,9 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
         "(training or asl_tf.tools.import_torch); re-create it with one of those")
   objects = {"model": model, "model_variables": list(model.variables)}
   optimizer = None
-  # Imported checkpoints (asl_tf.tools.import_torch) hold the model only: use its weights as-is.
-  if "optimizer" in saved:
+  if use_ema and "ema_variables" not in saved and "task_variables" not in saved and (
+      "optimizer" in saved):
+    # Written before the EMA was its own checkpoint object: it is in the optimizer's state.
     optimizer = optimizer_lib.build_optimizer(model, config.train, config.model,
                                               steps_per_epoch=1)
     optimizer.build(model.trainable_variables)
@@ -112,10 +113,16 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
     raise ckpt_lib.CheckpointError(
         f"{path} does not fit the model built from its configuration: {e}") from e
   status.expect_partial()
-  if use_ema and optimizer is not None and optimizer_lib.copy_ema_into_model(model, optimizer):
-    logging.info("loaded the EMA weights of %s", path)
-  else:
-    logging.info("loaded the raw weights of %s", path)
+  ema = False
+  if use_ema and "ema_variables" in saved:
+    # The EMA, in the order of the trainable variables, read straight into them.
+    tf.train.Checkpoint(ema_variables=list(model.trainable_variables)).restore(
+        path).assert_existing_objects_matched().expect_partial()
+    ema = True
+  elif optimizer is not None:
+    ema = optimizer_lib.copy_ema_into_model(model, optimizer)
+  # Imported checkpoints (asl_tf.tools.import_torch) and runs without EMA hold raw weights.
+  logging.info("loaded the %s weights of %s", "EMA" if ema else "raw", path)
   return model, config
 
 

@@ -18,6 +18,7 @@ from asl_tf import flags as asl_flags
 from asl_tf import inference
 from asl_tf.training import checkpoints as ckpt_lib
 from asl_tf.training import optimizer as optimizer_lib
+from asl_tf.training import task as task_lib
 
 C = 8
 CLASS_NAMES = ["walk", "run", "jump"]
@@ -37,7 +38,8 @@ def _write_annotations(path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A run folder as training leaves it: config.json and checkpoints/ckpt-1 after two AdamW
-  steps with EMA (so the EMA differs from the raw weights)."""
+  steps with EMA (so the EMA differs from the raw weights). `<run>_legacy` holds the same state
+  in the layout written before the EMA and the task's state were their own checkpoint objects."""
   run = str(tmp_path_factory.mktemp("run"))
   annotation_file = os.path.join(run, "annotations.json")
   _write_annotations(annotation_file)
@@ -59,9 +61,15 @@ def run_dir(tmp_path_factory):
   for _ in range(2):  # Keras' EMA equals the weights after the first step.
     optimizer.apply([tf.ones_like(v) for v in detector.trainable_variables],
                     detector.trainable_variables)
+  counters = ckpt_lib.counters()
+  task = task_lib.DetectionTask(config.model, config.loss)
   ckpt_lib.RunCheckpointer(run, 1, model=detector, optimizer=optimizer,
-                           **ckpt_lib.counters()).save(1)
+                           task_variables=task.state_variables,
+                           ema_variables=optimizer_lib.ema_variables(optimizer), **counters).save(1)
   config.save(os.path.join(run, ckpt_lib.CONFIG_FILE))
+  legacy = run + "_legacy"
+  ckpt_lib.RunCheckpointer(legacy, 1, model=detector, optimizer=optimizer, **counters).save(1)
+  config.save(os.path.join(legacy, ckpt_lib.CONFIG_FILE))
   return run
 
 
@@ -99,6 +107,24 @@ def test_export_writes_the_ema_weights_and_class_names(run_dir, tmp_path, parsed
   ema, raw = _raw_scores(ema_model, features, lengths), _raw_scores(raw_model, features, lengths)
   assert np.abs(ema - raw).max() > 1e-3  # the two weight sets give different scores
   np.testing.assert_allclose(served, ema, atol=1e-6)
+
+
+def test_the_ema_loads_without_an_optimizer_and_equals_the_one_read_from_older_checkpoints(
+    run_dir, monkeypatch):
+  legacy, _ = inference.load_model(run_dir + "_legacy", use_ema=True)  # via the optimizer
+  legacy_raw, _ = inference.load_model(run_dir + "_legacy", use_ema=False)
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("inference built an optimizer to reach the EMA")
+
+  monkeypatch.setattr(optimizer_lib, "build_optimizer", no_optimizer)
+  ema, _ = inference.load_model(run_dir, use_ema=True)
+  raw, _ = inference.load_model(run_dir, use_ema=False)
+  for a, b in zip(ema.get_weights(), legacy.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(raw.get_weights(), legacy_raw.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  assert max(np.abs(a - b).max() for a, b in zip(ema.get_weights(), raw.get_weights())) > 1e-3
 
 
 @pytest.mark.slow  # two more exports: ~50 s on 2 cores

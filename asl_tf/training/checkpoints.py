@@ -113,8 +113,10 @@ class RunCheckpointer:
 
   Besides `objects`, every checkpoint holds the model's variables by position
   (`model_variables`: weights and the dropout / drop-path SeedGenerator states, which Keras 3
-  does not expose to `tf.train.Checkpoint` through the model itself) and the training task's
-  state (`task_variables`: the loss normaliser).
+  does not expose to `tf.train.Checkpoint` through the model itself), the training task's
+  state (`task_variables`: the loss normaliser) and the EMA of the trainable variables in their
+  order (`ema_variables`, what evaluation, inference and export load; also part of the
+  optimizer's state).
 
   Args:
     run_dir: the run folder; checkpoints are restored from `run_dir/checkpoints`.
@@ -123,23 +125,21 @@ class RunCheckpointer:
     write_dir: where checkpoints are written (default `run_dir`; a scratch folder on
       non-chief workers, which must take part in every save).
     task_variables: the training task's state (`DetectionTask.state_variables`).
+    ema_variables: the EMA of `model.trainable_variables` (`optimizer.ema_variables`).
     **objects: other trackables to save (optimizer, epoch counter, ...).
   """
 
   def __init__(self, run_dir: str, keep: int, model, write_dir: Optional[str] = None,
-               task_variables: Sequence = (), **objects):
+               task_variables: Sequence = (), ema_variables: Sequence = (), **objects):
     self.run_dir = run_dir
     self._num_model_variables = len(model.variables)
     self._task_variables = list(task_variables)
     if self._task_variables:
       objects["task_variables"] = self._task_variables
-    self.checkpoint = tf.train.Checkpoint(model=model, model_variables=list(model.variables),
-                                          **objects)
-    # Checkpoints written while the detector held the loss normaliser: it followed the model's
-    # variables in `model_variables`.
-    self._before_task = tf.train.Checkpoint(
-        model=model, model_variables=list(model.variables),
-        **{k: v for k, v in objects.items() if k != "task_variables"})
+    if ema_variables:
+      objects["ema_variables"] = list(ema_variables)
+    self._objects = dict(model=model, model_variables=list(model.variables), **objects)
+    self.checkpoint = tf.train.Checkpoint(**self._objects)
     write_dir = write_dir or run_dir
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, os.path.join(write_dir, CHECKPOINT_DIR), max_to_keep=max(1, keep),
@@ -189,14 +189,22 @@ class RunCheckpointer:
 
   def _restore(self, path: str) -> None:
     saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-    if not self._task_variables or "task_variables" in saved:
+    # Checkpoints written before the task and the EMA were their own objects lack those keys:
+    # the EMA is then restored with the optimizer's state, and the loss normaliser followed the
+    # model's variables in `model_variables`.
+    objects = {k: v for k, v in self._objects.items()
+               if k in saved or k not in ("task_variables", "ema_variables")}
+    if objects.keys() == self._objects.keys():
       self.checkpoint.restore(path).assert_existing_objects_matched()
-      return
-    self._before_task.restore(path).assert_existing_objects_matched()
-    reader = tf.train.load_checkpoint(path)
-    for i, variable in enumerate(self._task_variables):
-      variable.assign(reader.get_tensor(
-          f"model_variables/{self._num_model_variables + i}/.ATTRIBUTES/VARIABLE_VALUE"))
+    else:
+      older = tf.train.Checkpoint(**objects)
+      older.restore(path).assert_existing_objects_matched()
+      self.checkpoint.save_counter.assign(older.save_counter)
+    if self._task_variables and "task_variables" not in saved:
+      reader = tf.train.load_checkpoint(path)
+      for i, variable in enumerate(self._task_variables):
+        variable.assign(reader.get_tensor(
+            f"model_variables/{self._num_model_variables + i}/.ATTRIBUTES/VARIABLE_VALUE"))
 
   def save(self, epoch: int, best: bool = False) -> str:
     """Writes the checkpoint of a finished epoch (and the best copy when `best`).

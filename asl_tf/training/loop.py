@@ -155,7 +155,8 @@ class Trainer:
     self.checkpointer = ckpt_lib.RunCheckpointer(
         self.output_dir, config.train.keep_checkpoints, model=self.model,
         write_dir=self._scratch_dir, task_variables=self.task.state_variables,
-        optimizer=self.optimizer, **state)
+        ema_variables=optimizer_lib.ema_variables(self.optimizer), optimizer=self.optimizer,
+        **state)
     self._step_fn = None
 
   def _distributed_dataset(self, first_epoch: int, num_epochs: int):

@@ -95,6 +95,12 @@ def ema_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer):
       v.assign(orig)
 
 
+def ema_variables(optimizer: keras.optimizers.Optimizer) -> List:
+  """The optimizer's EMA of the trainable variables, in their order ([] without EMA)."""
+  opt = base_optimizer(optimizer)
+  return list(getattr(opt, "_model_variables_moving_average", None) or []) if opt.use_ema else []
+
+
 def copy_ema_into_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> bool:
   """Overwrites the model's weights with their EMA (for export). Returns False without EMA."""
   opt = base_optimizer(optimizer)
