@@ -1,7 +1,7 @@
 """In-process A/B: training step and inference forward of several variants, alternating rounds.
 
-Every variant's detector is built in this one process (with `--compare=kernel_policy` all with
-the first variant's weights), its `train_step` and forward traced and warmed up; then each round
+Every variant's detector is built in this one process (with `--compare=kernel_policy` or `dtype`
+all with the first variant's weights), its `train_step` and forward traced and warmed up; then each round
 times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
 the machine (other load, frequency) hit all variants alike. Reports the median over
 `--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
@@ -10,6 +10,7 @@ the machine (other load, frequency) hit all variants alike. Reports the median o
   python benchmarks/ab_step.py --compare=kernel_policy            # reference vs fast vs portable
   python benchmarks/ab_step.py --compare=asl                      # ActionFormer vs ASL defaults
   python benchmarks/ab_step.py --compare=asl --config=thumos_i3d --repeats=5
+  python benchmarks/ab_step.py --compare=dtype                    # float32 vs bfloat16
 """
 
 import functools
@@ -29,6 +30,11 @@ COMPARISONS = {
     "asl": {"actionformer": _OFF,
             "asl_default": (),
             "asl_contrastive": ("--contrastive_weight=0.1",)},
+    # The compute dtype (Keras policy: bfloat16 layers, float32 variables, losses and logits).
+    "dtype": {"float32": ("--mixed_precision=float32", "--kernel_policy=fast"),
+              "bfloat16_fast": ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"),
+              "bfloat16_reference": ("--mixed_precision=mixed_bfloat16",
+                                     "--kernel_policy=reference")},
 }
 
 
@@ -60,10 +66,10 @@ def main():
     asl_flags.FLAGS.unparse_flags()
     cfg = train_step._config(args.config, args.quick, extra)  # pylint: disable=protected-access
     tf.keras.utils.set_random_seed(0)
-    model = detector_lib.ASLDetector(cfg.model)
+    model = detector_lib.ASLDetector(cfg.model, dtype=cfg.train.mixed_precision)
     model.build_for_training()
     task = task_lib.DetectionTask(cfg.model, cfg.loss, cfg.train.clip_grad_norm)
-    if args.compare == "kernel_policy":
+    if args.compare in ("kernel_policy", "dtype"):
       weights = weights or model.get_weights()
       model.set_weights(weights)
     optimizer = optimizer_lib.build_optimizer(model, cfg.train, cfg.model, 100)

@@ -396,12 +396,14 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
   train_step = _load("train_step")
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   compared = {"kernel_policy": {"kernel_policy"},
-              "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight"}}
+              "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight"},
+              "dtype": {"mixed_precision", "kernel_policy"}}
   for comparison, variants in ab_step.COMPARISONS.items():
     models = []
     for extra in variants.values():
       asl_flags.FLAGS.unparse_flags()
-      models.append(train_step._config("bench", False, extra).model.__dict__)
+      config = train_step._config("bench", False, extra)
+      models.append({**config.model.__dict__, **config.train.__dict__})
     differing = {k for m in models[1:] for k in m if m[k] != models[0][k]}
     assert differing == compared[comparison], comparison
   asl_flags.FLAGS.unparse_flags()
