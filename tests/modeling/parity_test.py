@@ -1,4 +1,4 @@
-"""Parity with the PyTorch ActionFormer (fixtures in ../shared/fixtures/actionformer_parity)."""
+"""Parity with the PyTorch ActionFormer (its numbers: tests/fixtures/actionformer_parity)."""
 
 import dataclasses
 
