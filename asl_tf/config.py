@@ -1,7 +1,8 @@
 """Frozen configuration objects for asl_tf: the one place where defaults are written.
 
-Each field is a command-line flag of the same name (`asl_tf/flags.py` generates them: type and
-default from the field, help from the `Attributes:` entry of the class docstring). Flags are read
+Each field is a command-line flag of the same name (`eval.batch_size` is `--eval_batch_size`;
+`asl_tf/flags.py` generates them: type and default from the field, help from the `Attributes:`
+entry of the class docstring). Flags are read
 once by the entry points and turned into these dataclasses with `from_flags`; library code only
 ever sees the dataclasses. `Config.to_json` /
 `Config.from_json` round-trip the resolved configuration, which is written beside every output.
@@ -62,7 +63,8 @@ class DataConfig:
 
   Attributes:
     annotation_file: annotation JSON (ActionFormer, flat dict or official ActivityNet layout).
-    annotation_format: one of ANNOTATION_FORMATS; `auto` detects it from the file.
+    annotation_format: `auto` (detected from the file), `actionformer`, `flat` or
+      `activitynet`.
     label_map_file: optional file pinning label ids (JSON `{name: id}` or one name per line).
     feature_dir: one folder per feature stream; streams are concatenated on channels.
     feature_ext: file extension, `.npy` or `.npz` (with or without the dot).
@@ -147,7 +149,8 @@ class ModelConfig:
     droppath: stochastic depth (LayerScale, init 1e-4, is present only when > 0).
     cls_prior_prob: classification bias prior (bias = -log((1 - p) / p)).
     head_empty_cls: class ids without training data (bias for p = 1e-6).
-    regression_range: per level (lo, hi) in base-grid units.
+    regression_range: per level (lo, hi) in base-grid units (on the command line flattened:
+      lo0,hi0,lo1,hi1,...).
     class_sensitivity: ASL class-level Gaussian weights.
     sensitivity_parametrization: `authors` (raw sigma, weight decay as in the released code) or
       `stable` (sigma = softplus(rho) + eps, no weight decay on mu / sigma).
@@ -180,7 +183,7 @@ class ModelConfig:
   head_kernel_size: int = 3
   head_with_ln: bool = True
   n_head: int = 4
-  mha_win_size: Tuple[int, ...] = (19,) * 6
+  mha_win_size: Tuple[int, ...] = (19,)
   use_abs_pe: bool = False
   dropout: float = 0.0
   droppath: float = 0.1
@@ -300,7 +303,7 @@ class TrainConfig:
     eval_every: evaluate on eval_subset every N epochs (0 = only at the end, < 0 = never).
     log_every: steps between TensorBoard scalar writes.
     profile_steps: (start, end) steps to trace, or None.
-    mixed_precision: one of MIXED_PRECISION_POLICIES.
+    mixed_precision: Keras dtype policy: `float32`, `mixed_float16` or `mixed_bfloat16`.
     jit_compile: XLA-compile the train step (single device only).
     num_cpu_devices: split the CPU into N logical devices (tests the distributed path).
   """
@@ -557,10 +560,10 @@ _RANGES = (
     ("model", "fpn_dim", _POSITIVE, "a positive integer"),
     ("model", "head_dim", _POSITIVE, "a positive integer"),
     ("model", "n_head", _POSITIVE, "a positive integer"),
-    ("model", "embd_kernel_size", _POSITIVE, "a positive integer"),
+    ("model", "embd_kernel_size", lambda v: v > 0 and v % 2, "a positive odd integer"),
     ("model", "head_num_layers", _POSITIVE, "a positive integer"),
-    ("model", "head_kernel_size", _POSITIVE, "a positive integer"),
-    ("model", "scale_factor", lambda v: v >= 2, "an integer >= 2"),
+    ("model", "head_kernel_size", lambda v: v > 0 and v % 2, "a positive odd integer"),
+    ("model", "scale_factor", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
     ("model", "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model", "droppath", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model", "cls_prior_prob", lambda v: 0 < v < 1, "a probability in (0, 1)"),

@@ -43,7 +43,6 @@ def _define_config_flags() -> None:
   """One flag per `Config` field, named by `config.flag_name`, typed, defaulted and documented
   by the dataclasses (their docstrings' `Attributes:`). A field name in two sections (input_dim,
   num_classes, max_seq_len) is one flag that sets both."""
-  defaults = config_lib.Config()
   for section in dataclasses.fields(config_lib.Config):
     section_cls = section.default_factory
     types = typing.get_type_hints(section_cls)
@@ -52,7 +51,8 @@ def _define_config_flags() -> None:
       name = config_lib.flag_name(section.name, field.name)
       if name in FLAGS:
         continue
-      default = _flag_default(getattr(getattr(defaults, section.name), field.name))
+      # The declared default, before __post_init__ (one window stands for every level).
+      default = _flag_default(field.default)
       help_text, kind = helps[field.name], types[field.name]
       if kind is bool:
         flags.DEFINE_boolean(name, default, help_text)

@@ -114,7 +114,7 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
         f"{path} does not fit the model built from its configuration: {e}") from e
   status.expect_partial()
   ema = False
-  if use_ema and "ema_variables" in saved:
+  if use_ema and "ema_variables" in saved and _ema_written(path, model):
     # The EMA, in the order of the trainable variables, read straight into them.
     tf.train.Checkpoint(ema_variables=list(model.trainable_variables)).restore(
         path).assert_existing_objects_matched().expect_partial()
@@ -124,6 +124,24 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
   # Imported checkpoints (asl_tf.tools.import_torch) and runs without EMA hold raw weights.
   logging.info("loaded the %s weights of %s", "EMA" if ema else "raw", path)
   return model, config
+
+
+def _ema_written(path: str, model) -> bool:
+  """Whether `path`'s `ema_variables` hold an EMA of this model's trainable variables: one per
+  variable, after at least one optimizer step (before it, Keras' EMA slots are still zeros).
+
+  Raises:
+    CheckpointError: the checkpoint's EMA has another number of variables than the model.
+  """
+  names = [n for n, _ in tf.train.list_variables(path)]
+  count = sum(n.startswith("ema_variables/") and n.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+              for n in names)
+  if count != len(model.trainable_variables):
+    raise ckpt_lib.CheckpointError(
+        f"{path} holds {count} EMA variables but the model built from its configuration has "
+        f"{len(model.trainable_variables)} trainable variables")
+  steps = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+  return steps not in names or int(tf.train.load_checkpoint(path).get_tensor(steps)) > 0
 
 
 def class_names(config: config_lib.Config) -> List[str]:

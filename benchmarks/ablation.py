@@ -152,10 +152,8 @@ def snapshot_code(dest: str) -> dict:
   if os.path.exists(info_path):
     with open(info_path) as f:
       return json.load(f)
-  if os.path.exists(dest):  # a copy interrupted before it was complete
-    shutil.rmtree(dest)
   # Built under a private name and renamed into place, so two grids started together never
-  # see (or delete) each other's half-made copy.
+  # see (or delete) each other's half-made copy: `dest` exists only complete.
   building = f"{dest}.building-{os.getpid()}"
   ignore = shutil.ignore_patterns("__pycache__")
   shutil.copytree(os.path.join(_REPO_ROOT, "asl_tf"), os.path.join(building, "asl_tf"),

@@ -133,6 +133,9 @@ def test_missing_flagfile_is_named():
     (["--tiou_thresholds=0.5,1.5"], r"--tiou_thresholds=0.5,1.5 needs one or more values"),
     (["--feature_dir=feats,"], r"--feature_dir=feats, has an empty entry"),
     (["--sensitivity_sigma_floor=0"], r"--sensitivity_sigma_floor=0.0: use a value in \(0, 1\)"),
+    (["--scale_factor=3"], r"--scale_factor=3 must be an even integer >= 2"),
+    (["--head_kernel_size=4"], r"--head_kernel_size=4 must be a positive odd integer"),
+    (["--embd_kernel_size=2"], r"--embd_kernel_size=2 must be a positive odd integer"),
 ])
 def test_bad_flag_values_are_named_up_front(argv, message):
   """Each used to train backwards, divide by zero or fail deep inside TensorFlow."""
@@ -199,14 +202,18 @@ def test_every_config_field_has_one_flag_with_its_default_type_and_help():
         assert getattr(flagged, name) == os.path.abspath(value), name
       else:
         assert getattr(flagged, name) == value, f"{section.name}.{name}"
-  cfg = _parse(["--scale_factor=3", "--backbone_arch=2,2,2", "--mha_win_size=-1",
+  cfg = _parse(["--scale_factor=4", "--backbone_arch=2,2,2", "--mha_win_size=-1",
                 "--regression_range=0,4,4,8,8,1e4", "--crop_ratio=0.5,1", "--eval_batch_size=3",
                 "--focal_gamma=1.5", "--head_with_ln=false", "--max_seq_len=2304"])
-  assert cfg.model.scale_factor == 3 and cfg.model.backbone_arch == (2, 2, 2)
+  assert cfg.model.scale_factor == 4 and cfg.model.backbone_arch == (2, 2, 2)
   assert cfg.model.mha_win_size == (-1, -1, -1)
   assert cfg.model.regression_range == ((0.0, 4.0), (4.0, 8.0), (8.0, 10000.0))
   assert cfg.data.crop_ratio == (0.5, 1.0) and cfg.eval.batch_size == 3
   assert cfg.loss.focal_gamma == 1.5 and cfg.model.head_with_ln is False
+  # The default window stands for every level, however many there are.
+  cfg = _parse(["--backbone_arch=2,2,2", "--regression_range=0,4,4,8,8,1e4"])
+  assert cfg.model.mha_win_size == (19, 19, 19)
+  assert asl_flags.FLAGS["mha_win_size"].default == ["19"]
 
 
 def test_field_help_reads_each_attribute_and_its_continuation_lines():

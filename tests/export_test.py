@@ -127,6 +127,25 @@ def test_the_ema_loads_without_an_optimizer_and_equals_the_one_read_from_older_c
   assert max(np.abs(a - b).max() for a, b in zip(ema.get_weights(), raw.get_weights())) > 1e-3
 
 
+def test_a_checkpoint_saved_before_any_step_loads_its_raw_weights_not_the_empty_ema(
+    run_dir, tmp_path):
+  """Keras' EMA slots are zeros until the first optimizer step."""
+  config = config_lib.Config.load(os.path.join(run_dir, ckpt_lib.CONFIG_FILE))
+  detector = inference.build_detector(config)
+  optimizer = optimizer_lib.build_optimizer(detector, config.train, config.model,
+                                            steps_per_epoch=1)
+  optimizer.build(detector.trainable_variables)
+  run = str(tmp_path / "unstepped")
+  ckpt_lib.RunCheckpointer(run, 1, model=detector, optimizer=optimizer,
+                           ema_variables=optimizer_lib.ema_variables(optimizer),
+                           **ckpt_lib.counters()).save(1)
+  config.save(os.path.join(run, ckpt_lib.CONFIG_FILE))
+  loaded, _ = inference.load_model(run, use_ema=True)
+  for a, b in zip(loaded.get_weights(), detector.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.abs(w).max() > 0 for w in loaded.get_weights())
+
+
 @pytest.mark.slow  # two more exports: ~50 s on 2 cores
 def test_exports_take_the_next_free_version(run_dir, tmp_path, parsed_flags):
   export_dir = str(tmp_path / "asl")

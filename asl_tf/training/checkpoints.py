@@ -198,7 +198,7 @@ class RunCheckpointer:
       self.checkpoint.restore(path).assert_existing_objects_matched()
     else:
       older = tf.train.Checkpoint(**objects)
-      older.restore(path).assert_existing_objects_matched()
+      older.restore(path).assert_existing_objects_matched().expect_partial()
       self.checkpoint.save_counter.assign(older.save_counter)
     if self._task_variables and "task_variables" not in saved:
       reader = tf.train.load_checkpoint(path)

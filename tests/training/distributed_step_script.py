@@ -1,6 +1,7 @@
 """Run by task_test.py in a fresh process: one train step on 1 device vs 2 replicas.
 
-Prints JSON {"max_abs_diff": ..., "loss_1": ..., "loss_2": ...}. TensorFlow must not be
+Prints JSON {"max_abs_diff", "weights_moved", "replicas", "normalizer_1", "normalizer_2",
+"logs_1", "logs_2"}. TensorFlow must not be
 initialized before the logical CPUs are configured, hence the subprocess.
 """
 
