@@ -25,7 +25,7 @@ TINY_FLAGS = [
     "--default_fps=30", "--max_seq_len=96", "--backbone_arch=1,1,1",
     "--regression_range=0,4,4,10000", "--mha_win_size=5", "--embd_dim=16", "--fpn_dim=16",
     "--head_dim=16", "--contrastive_proj_dim=8", "--max_seg_num=20", "--train_subset=training",
-    "--eval_subset=validation", "--tiou_thresholds=0.3,0.5,0.7",
+    "--eval_subset=validation", "--tiou_thresholds=0.3,0.5,0.7", "--class_sensitivity",
 ]
 
 

@@ -21,7 +21,7 @@ from parity_cases import load_parity_case, parity_file
 from torch_checkpoint_test import _reduce_payload, _Storage, _Tensor, _write_zip, _zip_with_pickle
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_ASL_ONLY = ["--noinstance_sensitivity", "--contrastive_weight=0"]
+_ASL_ONLY = ["--class_sensitivity", "--noinstance_sensitivity", "--contrastive_weight=0"]
 
 
 def _fixture(name):
@@ -135,7 +135,7 @@ def test_plain_checkpoint_into_asl_model_needs_allow_missing(tmp_path):
   case = load_parity_case("thumos_like")
   run_dir = tmp_path / "run"
   with pytest.raises(SystemExit) as e:
-    _run_cli(str(tmp_path), _case_flags(case) + ["--contrastive_weight=0.1"],
+    _run_cli(str(tmp_path), _case_flags(case) + ["--class_sensitivity", "--contrastive_weight=0.1"],
              f"--torch_checkpoint={_fixture(case.name)}", f"--output={run_dir}")
   message = str(e.value.code)
   assert message.startswith("asl_tf.tools.import_torch: incomplete mapping; nothing was written")
@@ -265,7 +265,8 @@ def test_bad_asl_parameters_are_refused(tmp_path, parametrization, name, value, 
 def test_stable_import_uses_the_configured_sigma_floor():
   """sigma = softplus(rho) + floor with the model's own floor (it once used the default 0.01:
   imported sigmas came out 0.09 too large at floor 0.1, and sigmas under the floor passed)."""
-  model_config = config_lib.ModelConfig(num_classes=2, sensitivity_parametrization="stable",
+  model_config = config_lib.ModelConfig(num_classes=2, class_sensitivity=True,
+                                        sensitivity_parametrization="stable",
                                         sensitivity_sigma_floor=0.1)
   state = {k: np.ones((2, 1), np.float32) for k in import_torch.SENSITIVITY_KEYS}
   state["sigma"] = np.array([[0.5], [2.0]], np.float32)
