@@ -288,7 +288,8 @@ class TrainConfig:
   """Optimization, checkpoints and logging.
 
   Attributes:
-    output_dir: run folder (config.json, checkpoints/, logs/, eval/).
+    output_dir: the run folder train writes (config.json, checkpoints/, logs/, eval/); evaluate
+      and infer write into the checkpoint's run folder unless it is given.
     epochs: cosine epochs, excluding warm-up (ActionFormer convention).
     warmup_epochs: linear warm-up epochs.
     batch_size: per-replica batch size.
