@@ -90,17 +90,15 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
         f"{path} is damaged ({problem}): its .index or .data file is truncated or corrupt; "
         "pass another checkpoint of the run (checkpoints/ckpt-N) or retrain")
   model = build_detector(config)
-  saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-  if "model_variables" not in saved:
-    # Keras 3 hides list-held layers from tf.train.Checkpoint(model=...): without the variables
-    # saved by position most weights would silently stay at their initialization.
+  saved = ckpt_lib.saved_objects(path)
+  if "model_weights" not in saved and "model_variables" not in saved:
     raise ckpt_lib.CheckpointError(
-        f"{path} holds no `model_variables`: it was not written by asl_tf's RunCheckpointer "
+        f"{path} holds no `model_weights`: it was not written by asl_tf's RunCheckpointer "
         "(training or asl_tf.tools.import_torch); re-create it with one of those")
-  objects = {"model": model, "model_variables": list(model.variables)}
+  objects = ckpt_lib.weight_objects(saved, model)
   optimizer = None
-  if use_ema and "ema_variables" not in saved and "task_variables" not in saved and (
-      "optimizer" in saved):
+  if use_ema and "ema_weights" not in saved and "ema_variables" not in saved and (
+      "task_variables" not in saved and "optimizer" in saved):
     # Written before the EMA was its own checkpoint object: it is in the optimizer's state.
     optimizer = optimizer_lib.build_optimizer(model, config.train, config.model,
                                               steps_per_epoch=1)
@@ -114,9 +112,10 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
         f"{path} does not fit the model built from its configuration: {e}") from e
   status.expect_partial()
   ema = False
-  if use_ema and "ema_variables" in saved and _ema_written(path, model):
-    # The EMA, in the order of the trainable variables, read straight into them.
-    tf.train.Checkpoint(ema_variables=list(model.trainable_variables)).restore(
+  if use_ema and _ema_written(path, saved, model):
+    # The EMA read straight into the trainable variables it averages.
+    objects = ckpt_lib.weight_objects(saved, model, ema_variables=model.trainable_variables)
+    tf.train.Checkpoint(**{k: v for k, v in objects.items() if k.startswith("ema_")}).restore(
         path).assert_existing_objects_matched().expect_partial()
     ema = True
   elif optimizer is not None:
@@ -126,15 +125,19 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
   return model, config
 
 
-def _ema_written(path: str, model) -> bool:
-  """Whether `path`'s `ema_variables` hold an EMA of this model's trainable variables: one per
-  variable, after at least one optimizer step (before it, Keras' EMA slots are still zeros).
+def _ema_written(path: str, saved: set, model) -> bool:
+  """Whether `path` holds an EMA of this model's trainable variables (`ema_weights`, or the
+  positional `ema_variables`): one per variable, after at least one optimizer step (before it,
+  Keras' EMA slots are still zeros).
 
   Raises:
     CheckpointError: the checkpoint's EMA has another number of variables than the model.
   """
+  name = "ema_weights" if "ema_weights" in saved else "ema_variables"
+  if name not in saved:
+    return False
   names = [n for n, _ in tf.train.list_variables(path)]
-  count = sum(n.startswith("ema_variables/") and n.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+  count = sum(n.startswith(name + "/") and n.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
               for n in names)
   if count != len(model.trainable_variables):
     raise ckpt_lib.CheckpointError(

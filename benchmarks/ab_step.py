@@ -57,34 +57,25 @@ def main():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
-  from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
-  from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from asl_tf.training import task as task_lib  # pylint: disable=g-import-not-at-top
 
   variants = COMPARISONS[args.compare]
   runs, weights = {}, None
   for name, extra in variants.items():
     asl_flags.FLAGS.unparse_flags()
-    cfg = train_step._config(args.config, args.quick, extra)  # pylint: disable=protected-access
     tf.keras.utils.set_random_seed(0)
-    model = detector_lib.ASLDetector(cfg.model, dtype=cfg.train.mixed_precision)
-    model.build_for_training()
-    task = task_lib.DetectionTask(cfg.model, cfg.loss, cfg.train.clip_grad_norm)
+    # epoch 5: every ASL part is on (the evaluator may start later than epoch 0).
+    setup = train_step.build_step(args.config, args.quick, False, extra, weights=weights,
+                                  epoch=5)
     if args.compare in ("kernel_policy", "dtype"):
-      weights = weights or model.get_weights()
-      model.set_weights(weights)
-    optimizer = optimizer_lib.build_optimizer(model, cfg.train, cfg.model, 100)
-    optimizer.build(model.trainable_variables)
-    batch = train_step._batch(cfg)  # pylint: disable=protected-access
-    step = tf.function(functools.partial(task.train_step, model, optimizer))
-    spec = [tf.TensorSpec([None, None, cfg.model.input_dim]), tf.TensorSpec([None, None])]
-    forward = tf.function(lambda x, m, model=model: model(x, m)["cls_logits"],
+      weights = weights or setup.model.get_weights()
+    spec = [tf.TensorSpec([None, None, setup.config.model.input_dim]),
+            tf.TensorSpec([None, None])]
+    forward = tf.function(lambda x, m, model=setup.model: model(x, m)["cls_logits"],
                           input_signature=spec)
-    epoch = tf.constant(5, tf.int64)
     for _ in range(3):
-      step(batch, epoch)
-      forward(batch["features"], batch["padding_mask"])
-    runs[name] = (step, forward, batch, epoch)
+      setup.run()
+      forward(setup.batch["features"], setup.batch["padding_mask"])
+    runs[name] = (setup.step, forward, setup.batch, setup.epoch)
 
   times = {name: {"train_step": [], "forward": []} for name in runs}
   # Round 0 is warm-up: a variant's first calls after other variants were built are slow.

@@ -99,8 +99,9 @@ def main():
   args = parser.parse_args()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  config, _, run = train_step.build_step(args.config, args.quick, False,
-                                         train_step.VARIANT_FLAGS[args.variant])
+  setup = train_step.build_step(args.config, args.quick, False,
+                                train_step.VARIANT_FLAGS[args.variant])
+  config, run = setup.config, setup.run
   timing = common.time_repeated(run, repeats=2 if args.quick else args.repeats, warmup=2)
   logdir = args.logdir or tempfile.mkdtemp(prefix="asl_profile_")
   tf.profiler.experimental.start(logdir)

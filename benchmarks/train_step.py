@@ -61,41 +61,55 @@ def _batch(config):
           "padding_mask": mask, "gt_segments": segments, "gt_labels": labels}
 
 
-def build_step(config_name, quick, jit_compile, extra_flags=()):
-  """Builds the detector, its optimizer and one synthetic batch.
+class StepSetup:
+  """One variant's detector, task and optimizer, its traced-on-first-call step and a batch."""
+
+  def __init__(self, config, model, step, batch, epoch):
+    self.config, self.model, self.step, self.batch, self.epoch = config, model, step, batch, epoch
+
+  def run(self):
+    """One training step, blocking on its loss."""
+    float(self.step(self.batch, self.epoch)["total_loss"])
+
+
+def build_step(config_name, quick, jit_compile, extra_flags=(), weights=None, epoch=0):
+  """Builds the detector (in the flags' `--mixed_precision` policy), its optimizer and one
+  synthetic batch.
+
+  Args:
+    weights: `model.get_weights()` of another variant to start from (same shapes).
+    epoch: the epoch the step is told it runs in (ASL parts may start after a few).
 
   Returns:
-    (config, model, run): `run()` executes one training step and blocks on its loss.
+    a `StepSetup`.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import detector as detector_lib  # pylint: disable=g-import-not-at-top
   from asl_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from asl_tf.training import task as task_lib  # pylint: disable=g-import-not-at-top
   config = _config(config_name, quick, extra_flags)
-  model = detector_lib.ASLDetector(config.model)
+  model = detector_lib.ASLDetector(config.model, dtype=config.train.mixed_precision)
   model.build_for_training()
+  if weights is not None:
+    model.set_weights(weights)
   task = task_lib.DetectionTask(config.model, config.loss, config.train.clip_grad_norm)
   optimizer = optimizer_lib.build_optimizer(model, config.train, config.model, 100)
   optimizer.build(model.trainable_variables)
   batch = {k: tf.constant(v) for k, v in _batch(config).items()}
-  epoch = tf.constant(0, tf.int64)
   step = tf.function(functools.partial(task.train_step, model, optimizer),
                      jit_compile=jit_compile)
-
-  def run():
-    float(step(batch, epoch)["total_loss"])
-
-  return config, model, run
+  return StepSetup(config, model, step, batch, tf.constant(epoch, tf.int64))
 
 
 def measure(config_name, quick, jit_compile, repeats, extra_flags=()):
   """Child process: times the train step of one configuration; returns a result row."""
   import time  # pylint: disable=g-import-not-at-top
-  config, model, run = build_step(config_name, quick, jit_compile, extra_flags)
+  setup = build_step(config_name, quick, jit_compile, extra_flags)
+  config, model = setup.config, setup.model
   start = time.perf_counter()
-  run()
+  setup.run()
   first_sec = time.perf_counter() - start
-  timing = common.time_repeated(run, repeats=repeats, warmup=1)
+  timing = common.time_repeated(setup.run, repeats=repeats, warmup=1)
   return {"config": config_name, "jit_compile": jit_compile, "extra_flags": list(extra_flags),
           "seq_len": config.model.max_seq_len, "input_dim": config.model.input_dim,
           "embd_dim": config.model.embd_dim, "mha_win_size": config.model.mha_win_size[0],

@@ -223,13 +223,13 @@ def test_visualize_unknown_video_is_named(run_dir, tmp_path):
                           "--video_ids=nope_video"])
 
 
-def test_a_checkpoint_without_model_variables_is_refused(run_dir, tmp_path):
+def test_a_checkpoint_without_model_weights_is_refused(run_dir, tmp_path):
   """tf.train.Checkpoint(model=...) alone misses Keras 3's list-held layers: refuse it."""
   bare = tmp_path / "bare"
   os.makedirs(bare / "checkpoints")
   run_dir["config"].save(str(bare / "config.json"))
   tf.train.Checkpoint(model=run_dir["model"]).save(str(bare / "checkpoints" / "ckpt"))
-  with pytest.raises(checkpoints.CheckpointError, match="holds no `model_variables`"):
+  with pytest.raises(checkpoints.CheckpointError, match="holds no `model_weights`"):
     inference.load_model(str(bare))
 
 

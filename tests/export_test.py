@@ -38,8 +38,8 @@ def _write_annotations(path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A run folder as training leaves it: config.json and checkpoints/ckpt-1 after two AdamW
-  steps with EMA (so the EMA differs from the raw weights). `<run>_legacy` holds the same state
-  in the layout written before the EMA and the task's state were their own checkpoint objects."""
+  steps with EMA (so the EMA differs from the raw weights). `<run>_positional` and `<run>_legacy`
+  hold the same state in the layouts written before the weights were keyed by path."""
   run = str(tmp_path_factory.mktemp("run"))
   annotation_file = os.path.join(run, "annotations.json")
   _write_annotations(annotation_file)
@@ -67,9 +67,17 @@ def run_dir(tmp_path_factory):
                            task_variables=task.state_variables,
                            ema_variables=optimizer_lib.ema_variables(optimizer), **counters).save(1)
   config.save(os.path.join(run, ckpt_lib.CONFIG_FILE))
-  legacy = run + "_legacy"
-  ckpt_lib.RunCheckpointer(legacy, 1, model=detector, optimizer=optimizer, **counters).save(1)
-  config.save(os.path.join(legacy, ckpt_lib.CONFIG_FILE))
+  # The two earlier layouts, by position: `_positional` with the EMA and the task's state as
+  # their own objects, `_legacy` with the EMA only in the optimizer's state.
+  for suffix, objects in (
+      ("_positional", dict(model_variables=list(detector.variables),
+                           ema_variables=optimizer_lib.ema_variables(optimizer),
+                           task_variables=task.state_variables)),
+      ("_legacy", dict(model=detector, model_variables=list(detector.variables)))):
+    old = tf.train.Checkpoint(optimizer=optimizer, **objects, **counters)
+    tf.train.CheckpointManager(old, os.path.join(run + suffix, ckpt_lib.CHECKPOINT_DIR), 1,
+                               checkpoint_name="ckpt").save(checkpoint_number=1)
+    config.save(os.path.join(run + suffix, ckpt_lib.CONFIG_FILE))
   return run
 
 
@@ -113,6 +121,9 @@ def test_the_ema_loads_without_an_optimizer_and_equals_the_one_read_from_older_c
     run_dir, monkeypatch):
   legacy, _ = inference.load_model(run_dir + "_legacy", use_ema=True)  # via the optimizer
   legacy_raw, _ = inference.load_model(run_dir + "_legacy", use_ema=False)
+  names = {n for n, _ in tf.train.list_variables(os.path.join(run_dir, "checkpoints", "ckpt-1"))}
+  assert "ema_weights/backbone.Sembd.S0.Skernel/.ATTRIBUTES/VARIABLE_VALUE" in names
+  assert not any(n.startswith(("model_variables/", "ema_variables/")) for n in names)
 
   def no_optimizer(*args, **kwargs):
     raise AssertionError("inference built an optimizer to reach the EMA")
@@ -120,10 +131,13 @@ def test_the_ema_loads_without_an_optimizer_and_equals_the_one_read_from_older_c
   monkeypatch.setattr(optimizer_lib, "build_optimizer", no_optimizer)
   ema, _ = inference.load_model(run_dir, use_ema=True)
   raw, _ = inference.load_model(run_dir, use_ema=False)
-  for a, b in zip(ema.get_weights(), legacy.get_weights()):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(raw.get_weights(), legacy_raw.get_weights()):
-    np.testing.assert_array_equal(a, b)
+  positional, _ = inference.load_model(run_dir + "_positional", use_ema=True)
+  positional_raw, _ = inference.load_model(run_dir + "_positional", use_ema=False)
+  for old, old_raw in ((legacy, legacy_raw), (positional, positional_raw)):
+    for a, b in zip(ema.get_weights(), old.get_weights()):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(raw.get_weights(), old_raw.get_weights()):
+      np.testing.assert_array_equal(a, b)
   assert max(np.abs(a - b).max() for a, b in zip(ema.get_weights(), raw.get_weights())) > 1e-3
 
 

@@ -21,6 +21,7 @@ import fcntl
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -108,15 +109,95 @@ def config_differences(saved: config_lib.Config, new: config_lib.Config) -> List
   return diffs
 
 
+def variable_paths(model: keras.Layer) -> Dict[str, tf.Variable]:
+  """Every variable of `model` keyed by where it lives: `backbone/embd/0/kernel`.
+
+  The key joins the public attribute names (and list indices) leading from `model` to the layer
+  that owns the variable, then the variable's name; a dropout's random state is
+  `.../seed_generator/state`. Unlike Keras' `Variable.path`, it does not depend on how many
+  models or seed generators the process built before (`asl_detector_1`, `seed_generator_7`), and
+  unlike a position it survives layers being created in another order.
+
+  Raises:
+    ValueError: a variable is reachable by no public attribute, or two share a key.
+  """
+  found: Dict[str, tf.Variable] = {}
+  visited = set()
+
+  def add(key, variable):
+    if key in found:
+      raise ValueError(f"two variables of {model.name} share the checkpoint key {key!r}")
+    found[key] = variable
+
+  def visit(obj, prefix):
+    if isinstance(obj, keras.random.SeedGenerator):
+      add(f"{prefix}/state", obj.state)
+    elif isinstance(obj, keras.Layer) and id(obj) not in visited:
+      visited.add(id(obj))
+      # The variables the layer itself created (not its sublayers'), in Keras' own lists.
+      for variable in obj._trainable_variables + obj._non_trainable_variables:  # pylint: disable=protected-access
+        add(f"{prefix}/{variable.name}" if prefix else variable.name, variable)
+      for name, value in sorted(vars(obj).items()):
+        if not name.startswith("_"):
+          visit(value, f"{prefix}/{name}" if prefix else name)
+    elif isinstance(obj, (list, tuple)):
+      for i, value in enumerate(obj):
+        visit(value, f"{prefix}/{i}")
+    elif isinstance(obj, dict):
+      for key in sorted(obj):
+        visit(obj[key], f"{prefix}/{key}")
+
+  visit(model, "")
+  keyed = {id(v) for v in found.values()}
+  unreached = [v.path for v in model.variables if id(v) not in keyed]
+  if unreached:
+    raise ValueError(f"variables of {model.name} reachable by no public attribute, so without "
+                     f"a checkpoint key: {unreached}")
+  return found
+
+
+def ema_paths(model: keras.Layer, ema_variables: Sequence) -> Dict[str, tf.Variable]:
+  """`ema_variables` (one per `model.trainable_variables`, in that order) keyed like
+  `variable_paths` keys the variables they average."""
+  if len(ema_variables) != len(model.trainable_variables):
+    raise ValueError(f"{len(ema_variables)} EMA variables for "
+                     f"{len(model.trainable_variables)} trainable variables")
+  key_of = {id(v): k for k, v in variable_paths(model).items()}
+  return {key_of[id(v)]: ema for v, ema in zip(model.trainable_variables, ema_variables)}
+
+
+def saved_objects(path: str) -> set:
+  """The names of the top-level objects a checkpoint holds (`model_weights`, `optimizer`...)."""
+  return {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+
+
+def weight_objects(saved: set, model: keras.Layer, ema_variables: Sequence = ()) -> Dict:
+  """The checkpoint objects that hold `model`'s weights (and their EMA) in a checkpoint whose
+  top-level objects are `saved`.
+
+  Checkpoints keep `model_weights` and `ema_weights` keyed by `variable_paths`; those written
+  before (`model_variables`, `ema_variables`) held them by position, which is read back in the
+  same order.
+  """
+  if "model_weights" in saved or "model_variables" not in saved:
+    objects = {"model_weights": variable_paths(model)}
+    if ema_variables:
+      objects["ema_weights"] = ema_paths(model, ema_variables)
+    return objects
+  objects = {"model_variables": list(model.variables)}
+  if ema_variables:
+    objects["ema_variables"] = list(ema_variables)
+  return objects
+
+
 class RunCheckpointer:
   """Per-epoch and best checkpoints of one training run.
 
-  Besides `objects`, every checkpoint holds the model's variables by position
-  (`model_variables`: weights and the dropout / drop-path SeedGenerator states, which Keras 3
-  does not expose to `tf.train.Checkpoint` through the model itself), the training task's
-  state (`task_variables`: the loss normaliser) and the EMA of the trainable variables in their
-  order (`ema_variables`, what evaluation, inference and export load; also part of the
-  optimizer's state).
+  Besides `objects`, every checkpoint holds the model's variables (`model_weights`: weights and
+  the dropout / drop-path random states) and the EMA of its trainable variables (`ema_weights`,
+  what evaluation, inference and export load; also part of the optimizer's state), both keyed by
+  `variable_paths`, and the training task's state (`task_variables`: the loss normaliser).
+  Checkpoints of the earlier positional layout are restored too.
 
   Args:
     run_dir: the run folder; checkpoints are restored from `run_dir/checkpoints`.
@@ -132,14 +213,15 @@ class RunCheckpointer:
   def __init__(self, run_dir: str, keep: int, model, write_dir: Optional[str] = None,
                task_variables: Sequence = (), ema_variables: Sequence = (), **objects):
     self.run_dir = run_dir
+    self._model = model
+    self._ema_variables = list(ema_variables)
     self._num_model_variables = len(model.variables)
     self._task_variables = list(task_variables)
     if self._task_variables:
       objects["task_variables"] = self._task_variables
-    if ema_variables:
-      objects["ema_variables"] = list(ema_variables)
-    self._objects = dict(model=model, model_variables=list(model.variables), **objects)
-    self.checkpoint = tf.train.Checkpoint(**self._objects)
+    self._objects = objects
+    self.checkpoint = tf.train.Checkpoint(
+        **weight_objects({"model_weights"}, model, self._ema_variables), **objects)
     write_dir = write_dir or run_dir
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, os.path.join(write_dir, CHECKPOINT_DIR), max_to_keep=max(1, keep),
@@ -188,18 +270,19 @@ class RunCheckpointer:
                           "start a new --output_dir")
 
   def _restore(self, path: str) -> None:
-    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-    # Checkpoints written before the task and the EMA were their own objects lack those keys:
-    # the EMA is then restored with the optimizer's state, and the loss normaliser followed the
-    # model's variables in `model_variables`.
-    objects = {k: v for k, v in self._objects.items()
-               if k in saved or k not in ("task_variables", "ema_variables")}
-    if objects.keys() == self._objects.keys():
+    saved = saved_objects(path)
+    if "model_weights" in saved:
       self.checkpoint.restore(path).assert_existing_objects_matched()
-    else:
-      older = tf.train.Checkpoint(**objects)
-      older.restore(path).assert_existing_objects_matched().expect_partial()
-      self.checkpoint.save_counter.assign(older.save_counter)
+      return
+    # The positional layout. Checkpoints older still lack `task_variables` and
+    # `ema_variables`: the EMA is then restored with the optimizer's state, and the loss
+    # normaliser followed the model's variables in `model_variables`.
+    ema = self._ema_variables if "ema_variables" in saved else ()
+    objects = {k: v for k, v in self._objects.items()
+               if k in saved or k != "task_variables"}
+    older = tf.train.Checkpoint(**weight_objects(saved, self._model, ema), **objects)
+    older.restore(path).assert_existing_objects_matched().expect_partial()
+    self.checkpoint.save_counter.assign(older.save_counter)
     if self._task_variables and "task_variables" not in saved:
       reader = tf.train.load_checkpoint(path)
       for i, variable in enumerate(self._task_variables):

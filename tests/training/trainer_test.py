@@ -213,6 +213,43 @@ def test_checkpoints_hold_the_tasks_normaliser_and_read_those_written_before_the
       np.testing.assert_array_equal(v.numpy(), w)
 
 
+def test_weights_and_ema_are_keyed_by_path_so_a_second_build_restores_them(tiny_data, tmp_path):
+  """Keras' own paths depend on what the process built before (`asl_detector_1`,
+  `seed_generator_12`); checkpoint keys do not, and a positional checkpoint still resumes."""
+  config = _config(tiny_data, tmp_path)
+  model, optimizer = _detector_and_optimizer(config)
+  for _ in range(2):
+    optimizer.apply([tf.ones_like(v) for v in model.trainable_variables],
+                    model.trainable_variables)
+  keys = ckpt_lib.variable_paths(model)
+  assert len(keys) == len(model.variables)
+  assert keys["backbone/embd/0/kernel"] is model.backbone.embd[0].kernel
+  assert any(k.endswith("/seed_generator/state") for k in keys)  # dropout / drop-path RNGs
+  ema = optimizer_lib.ema_variables(optimizer)
+  ckpt_lib.RunCheckpointer(str(tmp_path / "paths"), 1, model=model, optimizer=optimizer,
+                           ema_variables=ema, **ckpt_lib.counters()).save(1)
+  positional = tf.train.Checkpoint(model_variables=list(model.variables), ema_variables=ema,
+                                   optimizer=optimizer, **ckpt_lib.counters())
+  tf.train.CheckpointManager(positional, str(tmp_path / "positional" / "checkpoints"), 1,
+                             checkpoint_name="ckpt").save(checkpoint_number=1)
+
+  for run in ("paths", "positional"):
+    again, again_optimizer = _detector_and_optimizer(config)
+    assert again.variables[0].path != model.variables[0].path
+    assert list(ckpt_lib.variable_paths(again)) == list(keys)
+    again_ema = optimizer_lib.ema_variables(again_optimizer)
+    checkpointer = ckpt_lib.RunCheckpointer(str(tmp_path / run), 1, model=again,
+                                            optimizer=again_optimizer, ema_variables=again_ema,
+                                            **ckpt_lib.counters())
+    assert checkpointer.restore_latest().endswith("ckpt-1"), run
+    for key, variable in ckpt_lib.variable_paths(again).items():
+      np.testing.assert_array_equal(variable.numpy(), keys[key].numpy(), err_msg=key)
+    for a, b in zip(again_ema, ema):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert max(np.abs(a.numpy() - b.numpy()).max()
+               for a, b in zip(ema, model.trainable_variables)) > 0  # the EMA is not the weights
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_names_step_terms_and_checkpoint(tiny_data, tmp_path):
   config = _config(tiny_data, tmp_path / "run")
