@@ -41,6 +41,7 @@ FIELD_CHOICES = {
     "sensitivity_normalization": SENSITIVITY_NORMALIZATIONS,
     "evaluator_target": EVALUATOR_TARGETS, "evaluator_loss": EVALUATOR_LOSSES,
     "kernel_policy": KERNEL_POLICIES, "mixed_precision": MIXED_PRECISION_POLICIES,
+    "inference_precision": MIXED_PRECISION_POLICIES,
     "nms_method": NMS_METHODS,
 }
 # Fields whose flag has another name than the field; every other field's flag is its name (a
@@ -349,6 +350,9 @@ class EvalConfig:
     ext_score_file: external video-level classifier scores for ANet fusion ('' = none).
     fusion_topk: classes per video used in score fusion.
     batch_size: videos per evaluation batch.
+    inference_precision: Keras dtype policy of evaluation, inference and export: `float32`, or
+      `mixed_bfloat16` (bfloat16 layers with float32 weights, logits and post-processing; the
+      fast mode of CPUs with AMX or AVX512-BF16) or `mixed_float16` (GPUs).
   """
   tiou_thresholds: Tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
   pre_nms_thresh: float = 0.001
@@ -364,6 +368,7 @@ class EvalConfig:
   ext_score_file: str = ""
   fusion_topk: int = 2
   batch_size: int = 1
+  inference_precision: str = "float32"
 
   def __post_init__(self):
     object.__setattr__(self, "tiou_thresholds", tuple(float(t) for t in self.tiou_thresholds))

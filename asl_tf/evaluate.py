@@ -17,7 +17,7 @@ from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
 HELP_GROUPS = {"what": ("checkpoint", "output_dir"), "data": asl_flags.DATA_FLAGS,
-               "evaluation": asl_flags.EVALUATION_FLAGS + ("kernel_policy",)}
+               "evaluation": asl_flags.EVALUATION_FLAGS + ("kernel_policy", "inference_precision")}
 
 
 def main(argv):

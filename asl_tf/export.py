@@ -21,7 +21,8 @@ from absl import app
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
 
-HELP_GROUPS = {"export": ("checkpoint", "export_dir", "version", "max_frames"),
+HELP_GROUPS = {"export": ("checkpoint", "export_dir", "version", "max_frames",
+                          "inference_precision"),
                "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
                               "multiclass_nms", "nms_sigma")}
 

@@ -37,7 +37,7 @@ HELP_GROUPS = {"what": ("checkpoint", "saved_model", "features_path", "results_f
                "data": ("input_dim", "npz_key", "file_prefix", "feat_stride", "num_frames",
                         "default_fps", "fps_override", "resize_length"),
                "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
-                              "multiclass_nms", "nms_sigma", "kernel_policy")}
+                              "multiclass_nms", "nms_sigma", "kernel_policy", "inference_precision")}
 
 FEATURE_EXTS = (".npy", ".npz")
 

@@ -29,8 +29,9 @@ from asl_tf.training import checkpoints as ckpt_lib
 from asl_tf.training import optimizer as optimizer_lib
 
 def build_detector(config: config_lib.Config) -> detector_lib.ASLDetector:
-  """A built (weights created) detector for `config`."""
-  model = detector_lib.ASLDetector(config.model, eval_config=config.eval)
+  """A built (weights created) detector for `config`, computing in `eval.inference_precision`."""
+  model = detector_lib.ASLDetector(config.model, eval_config=config.eval,
+                                   dtype=config.eval.inference_precision)
   model.build_for_training()
   return model
 

@@ -16,6 +16,8 @@ from asl_tf import config as config_lib
 from asl_tf import export as export_main
 from asl_tf import flags as asl_flags
 from asl_tf import inference
+from asl_tf.data import timebase as timebase_lib
+from asl_tf.serving import module
 from asl_tf.training import checkpoints as ckpt_lib
 from asl_tf.training import optimizer as optimizer_lib
 from asl_tf.training import task as task_lib
@@ -115,6 +117,56 @@ def test_export_writes_the_ema_weights_and_class_names(run_dir, tmp_path, parsed
   ema, raw = _raw_scores(ema_model, features, lengths), _raw_scores(raw_model, features, lengths)
   assert np.abs(ema - raw).max() > 1e-3  # the two weight sets give different scores
   np.testing.assert_allclose(served, ema, atol=1e-6)
+
+
+def test_a_bfloat16_export_detects_what_float32_does_within_bfloat16_rounding(
+    run_dir, tmp_path, parsed_flags):
+  """`--inference_precision=mixed_bfloat16`: the SavedModel computes its layers in bfloat16 (8
+  significant bits) and keeps float32 inputs, scores and post-processing. Stated tolerance:
+  class scores within 0.02 of float32's; float32's top detections are among bfloat16's with the
+  same labels, scores within 0.02 and boundaries within 0.1 s (under 1 feature step here)."""
+  # The fixture's model scores every frame near the prior (0.01) and regresses near-empty
+  # segments: no detection survives. Its output biases at 0 (classes) and 2 (offsets) give
+  # scores between 0.1 and 0.5 and segments that follow the features.
+  float32_model, config = inference.load_model(run_dir, use_ema=True)
+  weights = ckpt_lib.variable_paths(float32_model)
+  weights["cls_head/output_conv/bias"].assign(tf.zeros([3]))
+  weights["reg_head/output_conv/bias"].assign(tf.fill([2], 2.0))
+  run = str(tmp_path / "run")
+  ckpt_lib.RunCheckpointer(run, 1, model=float32_model).save(1)
+  config.save(os.path.join(run, ckpt_lib.CONFIG_FILE))
+  export_dir = str(tmp_path / "asl")
+  parsed_flags(f"--checkpoint={run}", f"--export_dir={export_dir}",
+               "--inference_precision=mixed_bfloat16")
+  export_main.main([])
+  loaded = tf.saved_model.load(os.path.join(export_dir, "1"))
+  assert float32_model.compute_dtype == "float32"
+  features = np.random.default_rng(1).normal(size=(2, 32, C)).astype(np.float32)
+  lengths = np.array([32, 27], np.int32)
+  inputs = dict(features=tf.constant(features), lengths=tf.constant(lengths))
+  served = loaded.signatures["raw_scores"](**inputs)["cls_scores"].numpy()
+  want = _raw_scores(float32_model, features, lengths)
+  assert served.dtype == np.float32 and want.min() < 0.2
+  difference = np.abs(served - want).max()
+  assert 0 < difference < 0.02  # bfloat16 did run, and rounded little
+
+  got = loaded.signatures["serving_default"](**inputs)
+  timebase = module.read_timebase(os.path.join(export_dir, "1"))
+  fps, stride, frames = (np.full([2], timebase[k], np.float32)
+                         for k in ("fps", "feat_stride", "num_frames"))
+  duration = timebase_lib.duration_sec(lengths.astype(np.float32), fps, stride, frames)
+  want = float32_model.detect(features, np.arange(32)[None] < lengths[:, None], fps, duration,
+                              stride, frames)
+  # Near-tied scores may swap ranks between the precisions: each of float32's top 8 detections
+  # must be among bfloat16's top 16, same label, within the tolerance.
+  for v in range(2):
+    assert int(got["num_detections"][v]) > 8
+    candidates = list(zip(got["labels"][v, :16].numpy(), got["segments_sec"][v, :16].numpy(),
+                          got["scores"][v, :16].numpy()))
+    for label, segment, score in zip(want["labels"][v, :8], want["segments_sec"][v, :8],
+                                     want["scores"][v, :8]):
+      assert any(l == label and np.abs(seg - segment).max() < 0.1 and abs(sc - score) < 0.02
+                 for l, seg, sc in candidates), (v, label, segment, score)
 
 
 def test_the_ema_loads_without_an_optimizer_and_equals_the_one_read_from_older_checkpoints(
