@@ -551,6 +551,7 @@ def validate(config: Config) -> Config:
 
 # (section, field, test, what its flag needs): single-value ranges checked first.
 _POSITIVE = lambda v: v > 0  # pylint: disable=unnecessary-lambda-assignment
+_POSITIVE_ODD = lambda v: v > 0 and v % 2  # pylint: disable=unnecessary-lambda-assignment
 _NON_NEGATIVE = lambda v: v >= 0  # pylint: disable=unnecessary-lambda-assignment
 _RANGES = (
     ("data", "input_dim", _POSITIVE, "a positive integer"),
@@ -567,9 +568,9 @@ _RANGES = (
     ("model", "fpn_dim", _POSITIVE, "a positive integer"),
     ("model", "head_dim", _POSITIVE, "a positive integer"),
     ("model", "n_head", _POSITIVE, "a positive integer"),
-    ("model", "embd_kernel_size", lambda v: v > 0 and v % 2, "a positive odd integer"),
+    ("model", "embd_kernel_size", _POSITIVE_ODD, "a positive odd integer"),
     ("model", "head_num_layers", _POSITIVE, "a positive integer"),
-    ("model", "head_kernel_size", lambda v: v > 0 and v % 2, "a positive odd integer"),
+    ("model", "head_kernel_size", _POSITIVE_ODD, "a positive odd integer"),
     ("model", "scale_factor", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
     ("model", "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model", "droppath", lambda v: 0 <= v < 1, "a probability in [0, 1)"),

@@ -91,7 +91,8 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
         f"{path} is damaged ({problem}): its .index or .data file is truncated or corrupt; "
         "pass another checkpoint of the run (checkpoints/ckpt-N) or retrain")
   model = build_detector(config)
-  saved = ckpt_lib.saved_objects(path)
+  names = [name for name, _ in tf.train.list_variables(path)]
+  saved = ckpt_lib.saved_objects(names)
   if "model_weights" not in saved and "model_variables" not in saved:
     raise ckpt_lib.CheckpointError(
         f"{path} holds no `model_weights`: it was not written by asl_tf's RunCheckpointer "
@@ -113,7 +114,7 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
         f"{path} does not fit the model built from its configuration: {e}") from e
   status.expect_partial()
   ema = False
-  if use_ema and _ema_written(path, saved, model):
+  if use_ema and _ema_written(path, names, model):
     # The EMA read straight into the trainable variables it averages.
     objects = ckpt_lib.weight_objects(saved, model, ema_variables=model.trainable_variables)
     tf.train.Checkpoint(**{k: v for k, v in objects.items() if k.startswith("ema_")}).restore(
@@ -126,19 +127,19 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
   return model, config
 
 
-def _ema_written(path: str, saved: set, model) -> bool:
-  """Whether `path` holds an EMA of this model's trainable variables (`ema_weights`, or the
-  positional `ema_variables`): one per variable, after at least one optimizer step (before it,
-  Keras' EMA slots are still zeros).
+def _ema_written(path: str, names: Sequence[str], model) -> bool:
+  """Whether `path` (whose tensors are `names`) holds an EMA of this model's trainable variables
+  (`ema_weights`, or the positional `ema_variables`): one per variable, after at least one
+  optimizer step (before it, Keras' EMA slots are still zeros).
 
   Raises:
     CheckpointError: the checkpoint's EMA has another number of variables than the model.
   """
-  name = "ema_weights" if "ema_weights" in saved else "ema_variables"
-  if name not in saved:
+  saved = ckpt_lib.saved_objects(names)
+  key = "ema_weights" if "ema_weights" in saved else "ema_variables"
+  if key not in saved:
     return False
-  names = [n for n, _ in tf.train.list_variables(path)]
-  count = sum(n.startswith(name + "/") and n.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+  count = sum(n.startswith(key + "/") and n.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
               for n in names)
   if count != len(model.trainable_variables):
     raise ckpt_lib.CheckpointError(

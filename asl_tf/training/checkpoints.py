@@ -166,9 +166,10 @@ def ema_paths(model: keras.Layer, ema_variables: Sequence) -> Dict[str, tf.Varia
   return {key_of[id(v)]: ema for v, ema in zip(model.trainable_variables, ema_variables)}
 
 
-def saved_objects(path: str) -> set:
-  """The names of the top-level objects a checkpoint holds (`model_weights`, `optimizer`...)."""
-  return {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+def saved_objects(names: Sequence[str]) -> set:
+  """The top-level objects (`model_weights`, `optimizer`...) of a checkpoint holding the tensors
+  `names` (`name for name, _ in tf.train.list_variables(path)`)."""
+  return {name.split("/")[0] for name in names}
 
 
 def weight_objects(saved: set, model: keras.Layer, ema_variables: Sequence = ()) -> Dict:
@@ -270,7 +271,7 @@ class RunCheckpointer:
                           "start a new --output_dir")
 
   def _restore(self, path: str) -> None:
-    saved = saved_objects(path)
+    saved = saved_objects([name for name, _ in tf.train.list_variables(path)])
     if "model_weights" in saved:
       self.checkpoint.restore(path).assert_existing_objects_matched()
       return
