@@ -2,6 +2,7 @@
 
   python benchmarks/profile_step.py                                  # THUMOS config, ActionFormer
   python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, all of ASL
+  python benchmarks/profile_step.py --mixed_precision=mixed_bfloat16  # the bfloat16 step
   python benchmarks/profile_step.py --quick                          # tiny model (seconds)
 
 The step is built exactly as in `benchmarks/train_step.py` (same synthetic batch), warmed up,
@@ -93,14 +94,18 @@ def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=5)
   parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
   parser.add_argument("--variant", default="actionformer", choices=sorted(train_step.VARIANT_FLAGS))
+  parser.add_argument("--mixed_precision", default="float32",
+                      choices=("float32", "mixed_bfloat16", "mixed_float16"),
+                      help="the Keras dtype policy of the profiled step")
   parser.add_argument("--steps", type=int, default=3, help="profiled steps")
   parser.add_argument("--logdir", default="", help="profile folder (default: a temporary one)")
   parser.add_argument("--top", type=int, default=25, help="op types / parts kept in the JSON")
   args = parser.parse_args()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  setup = train_step.build_step(args.config, args.quick, False,
-                                train_step.VARIANT_FLAGS[args.variant])
+  setup = train_step.build_step(
+      args.config, args.quick, False,
+      train_step.VARIANT_FLAGS[args.variant] + (f"--mixed_precision={args.mixed_precision}",))
   config, run = setup.config, setup.run
   timing = common.time_repeated(run, repeats=2 if args.quick else args.repeats, warmup=2)
   logdir = args.logdir or tempfile.mkdtemp(prefix="asl_profile_")
@@ -119,6 +124,7 @@ def main():
   summary["by_type"] = summary["by_type"][:args.top]
   summary["by_part"] = summary["by_part"][:args.top]
   common.emit({"benchmark": "profile_step", "config": args.config, "variant": args.variant,
+               "mixed_precision": args.mixed_precision,
                "seq_len": config.model.max_seq_len, "step": timing, "profile": summary,
                "trace": path, "machine": common.machine_info()}, args.output)
 
