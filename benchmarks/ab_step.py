@@ -29,7 +29,7 @@ COMPARISONS = {
                       "portable": ("--kernel_policy=portable",)},
     "asl": {"actionformer": _OFF,
             "asl_default": (),
-            "asl_class_instance": ("--class_sensitivity",),
+            "asl_instance_only": ("--noclass_sensitivity",),
             "asl_contrastive": ("--contrastive_weight=0.1",)},
     # The compute dtype (Keras policy: bfloat16 layers, float32 variables, losses and logits).
     "dtype": {"float32": ("--mixed_precision=float32", "--kernel_policy=fast"),

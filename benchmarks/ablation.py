@@ -82,6 +82,9 @@ VARIANTS: Dict[str, tuple] = {
                                         evaluator_loss="bce"),
     "+instance_norm_bce": _variant(**_INST, **_NORM, instance_combination="product",
                                    evaluator_loss="bce"),
+    # The defaults chosen by the search above, plus the contrastive loss.
+    "asl_all_norm_bce": _variant(**_CLS, **_INST, **_NORM, **_CONTRA,
+                                 instance_combination="product", evaluator_loss="bce"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.

@@ -91,6 +91,18 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
     ablation._variant(class_sensitivty="true")
 
 
+def test_the_shipped_defaults_are_the_ablations_default_variant():
+  """The README's "the default" column (`class_instance_norm_bce`) is what the dataclasses
+  ship: each of its switches equals the default of its config field."""
+  from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+  defaults = {**config_lib.ModelConfig().__dict__, **config_lib.LossConfig().__dict__}
+  for flag in ablation.VARIANTS["class_instance_norm_bce"]:
+    name, value = flag[2:].split("=")
+    default = defaults[name]
+    parsed = value == "true" if isinstance(default, bool) else type(default)(value)
+    assert parsed == default, (name, value, default)
+
+
 def test_ablation_collects_every_finished_run_under_the_folder(tmp_path):
   """Two grids writing into one folder each see both: the table is built from the folder."""
   for variant, seed in (("actionformer", 2), ("actionformer", 1), ("+class", 1)):
