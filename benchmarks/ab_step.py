@@ -39,12 +39,6 @@ COMPARISONS = {
 }
 
 
-def cpu_flags():
-  """The CPU flags that decide the fast paths (AVX-512, its bf16 extension, AMX)."""
-  flags = set((common._read_key("/proc/cpuinfo", "flags") or "").split())  # pylint: disable=protected-access
-  return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
-
-
 def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=8)
   parser.add_argument("--compare", default="kernel_policy", choices=sorted(COMPARISONS))
@@ -104,7 +98,7 @@ def main():
                              "rounds_sec": [round(v, 5) for v in values]}
   common.emit({"benchmark": "ab_step", "command": " ".join(["python"] + sys.argv),
                "compare": args.compare, "config": args.config, "variants": variants,
-               "machine": {**common.machine_info(), "cpu_flags": cpu_flags()},
+               "machine": common.machine_info(),
                "results": results}, args.output)
 
 

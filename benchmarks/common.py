@@ -106,8 +106,9 @@ def machine_info() -> Dict[str, Any]:
 
   Returns:
     `cpu_count`, `cpu_affinity` (cores this process may use), `cgroup_cpu_limit`, `cpu_model`,
-    `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions and
-    `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
+    `cpu_flags` (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension,
+    AMX), `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
+    and `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
   """
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   mem_kb = _read_key("/proc/meminfo", "MemTotal")
@@ -116,6 +117,8 @@ def machine_info() -> Dict[str, Any]:
       "cpu_affinity": affinity,
       "cgroup_cpu_limit": _cgroup_cpu_limit(),
       "cpu_model": _read_key("/proc/cpuinfo", "model name") or platform.processor() or None,
+      "cpu_flags": sorted(f for f in (_read_key("/proc/cpuinfo", "flags") or "").split()
+                          if f.startswith(("avx512", "amx", "avx2", "fma"))),
       "memory_total_mb": int(mem_kb.split()[0]) / 1024 if mem_kb else None,
       "platform": platform.platform(),
       "python": platform.python_version(),

@@ -14,7 +14,8 @@ Policies (`ModelConfig.kernel_policy`):
   and XLA (TPU) run fastest.
 * `fast`: forms tuned for TensorFlow's oneDNN CPU kernels (measured in benchmarks/README.md):
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
-  Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps;
+  Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
+  wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
   the inference LayerNorm (graphs with a dynamic batch or length) as the FusedBatchNorm pattern
   that oneDNN's remapper turns into one kernel; the MLP on the valid frames only, as rows; the
   head levels joined into one sequence.
@@ -106,6 +107,8 @@ def conv1d(x, kernel, strides=1, groups=1, policy="reference"):
       return winograd.conv1d_k3(x, kernel)
     if out_channels < WINOGRAD_MIN_CHANNELS:
       return conv1d_as_tap_gemm(x, kernel)
+    if x.dtype == tf.bfloat16:
+      return conv1d_with_gemm_filter_grad(x, kernel)
   pad = taps // 2
   x = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
   if groups == 1:
@@ -147,6 +150,43 @@ def conv1d_as_tap_gemm(x, kernel):
                 for j in range(taps)])
   y.set_shape(x.shape[:-1].concatenate([out_channels]))  # the slices lose the static shape
   return tf.cast(y, x.dtype)
+
+
+def _same_conv1d(x, kernel):
+  """Stride-1 convolution with `k // 2` zero frames of padding on each side."""
+  pad = kernel.shape[0] // 2
+  return tf.nn.conv1d(tf.pad(x, [[0, 0], [pad, pad], [0, 0]]), kernel, stride=1, padding="VALID")
+
+
+@tf.custom_gradient
+def conv1d_with_gemm_filter_grad(x, kernel):
+  """`_same_conv1d` whose kernel gradient is one GEMM over the taps.
+
+  The forward pass and the input gradient (a convolution of the output gradient with the
+  tap-reversed, transposed kernel) are TensorFlow's convolutions; the kernel gradient is
+  `[x shifted by each tap]^T dy` ([k * Cin, B * T] x [B * T, Cout]). In bfloat16 oneDNN's
+  backward-filter convolution is 1.2-1.5x slower than that GEMM (benchmarks/README.md).
+
+  Args:
+    x: [B, T, Cin] (static Cin).
+    kernel: [k, Cin, Cout], k odd, in the dtype of `x`.
+
+  Returns:
+    [B, T, Cout].
+  """
+  taps, in_channels, out_channels = kernel.shape
+  y = _same_conv1d(x, kernel)
+
+  def grad(dy):
+    dx = _same_conv1d(dy, tf.transpose(tf.reverse(kernel, [0]), [0, 2, 1]))
+    pad, length = taps // 2, tf.shape(x)[1]
+    padded = tf.pad(x, [[0, 0], [pad, pad], [0, 0]])
+    shifted = tf.concat([padded[:, j:j + length] for j in range(taps)], axis=-1)  # [B, T, k Cin]
+    dkernel = tf.matmul(tf.reshape(shifted, [-1, taps * in_channels]),
+                        tf.reshape(dy, [-1, out_channels]), transpose_a=True)
+    return dx, tf.reshape(dkernel, [taps, in_channels, out_channels])
+
+  return y, grad
 
 
 # -- LayerNorm -------------------------------------------------------------------------------

@@ -89,6 +89,46 @@ def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides,
     np.testing.assert_allclose(outputs[policy], outputs["reference"], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_bfloat16_conv_takes_its_kernel_gradient_as_one_gemm(kernel_size, jit_compile):
+  """Wide bfloat16 convolutions under `fast` / `portable`: the forward pass and the input
+  gradient are TensorFlow's convolutions (the same values as `reference`), the kernel gradient
+  one GEMM over the taps (equal to `reference`'s to bfloat16 rounding, and as close to the
+  float32 gradient)."""
+  rng = np.random.default_rng(kernel_size)
+  x32 = rng.normal(size=(2, 9, 64)).astype(np.float32)
+  kernel32 = (rng.normal(size=(kernel_size, 64, 72)) / 8).astype(np.float32)
+  weight = tf.constant(rng.normal(size=(72,)).astype(np.float32))  # a distinct weight per channel
+
+  def value_and_grads(policy, dtype):
+    x, kernel = tf.constant(x32, dtype), tf.constant(kernel32, dtype)
+
+    def fn(x, kernel):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = kernels.conv1d(x, kernel, policy=policy)
+        loss = tf.reduce_sum(tf.square(tf.cast(y, tf.float32)) * weight)
+      return [tf.cast(t, tf.float32) for t in (y, *tape.gradient(loss, [x, kernel]))]
+    traced = tf.function(fn, jit_compile=jit_compile)
+    ops = {op.type for op in traced.get_concrete_function(x, kernel).graph.get_operations()}
+    return [t.numpy() for t in traced(x, kernel)], ops
+
+  (want_y, want_dx, want_dk), reference_ops = value_and_grads("reference", tf.bfloat16)
+  (y32, dx32, dk32), _ = value_and_grads("reference", tf.float32)
+  assert "Conv2DBackpropFilter" in reference_ops and "MatMul" not in reference_ops
+  for policy in ("fast", "portable"):
+    (y, dx, dk), ops = value_and_grads(policy, tf.bfloat16)
+    assert "Conv2DBackpropFilter" not in ops and "MatMul" in ops, policy
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(dx, want_dx)
+    scale = np.abs(dk32).max()
+    assert np.abs(dk - want_dk).max() < 0.02 * scale, policy
+    assert np.abs(dk - dk32).max() < 0.02 * scale
+    assert np.abs(want_dk - dk32).max() < 0.02 * scale
+    assert np.abs(dx - dx32).max() < 0.02 * np.abs(dx32).max() and np.abs(y - y32).max() < 0.1
+
+
 def test_layer_norm_inference_form_only_under_fast():
   """`fast` writes the inference LayerNorm (graph, dynamic shape) as a FusedBatchNorm over rows:
   same values, incl. all-zero (padded) rows -> beta and rows with a large mean; not in
