@@ -349,7 +349,8 @@ class EvalConfig:
     ext_score_file: external video-level classifier scores for ANet fusion ('' = none).
     fusion_topk: classes per video used in score fusion.
     batch_size: videos per evaluation batch.
-    inference_precision: Keras dtype policy of evaluation, inference and export: `float32`, or
+    inference_precision: Keras dtype policy of the evaluate, infer, visualize and export tools
+      (evaluation during training runs in `mixed_precision`): `float32`, or
       `mixed_bfloat16` (bfloat16 layers with float32 weights, logits and post-processing; the
       fast mode of CPUs with AMX or AVX512-BF16) or `mixed_float16` (GPUs).
   """
@@ -462,7 +463,7 @@ def _section_from_dict(section_cls, d: dict):
 
 # What a saved config.json written before a field existed meant, where that differs from the
 # field's default today: such a run keeps its behaviour (evaluating or resuming it).
-_BEFORE_THE_FIELD = {"LossConfig": {"sensitivity_normalization": "none"}}
+_BEFORE_THE_FIELD = {"LossConfig": {"sensitivity_normalization": "none", "evaluator_loss": "mse"}}
 
 
 def _tuplify(value: Any) -> Any:

@@ -37,7 +37,8 @@ HELP_GROUPS = {"what": ("checkpoint", "saved_model", "features_path", "results_f
                "data": ("input_dim", "npz_key", "file_prefix", "feat_stride", "num_frames",
                         "default_fps", "fps_override", "resize_length"),
                "evaluation": ("pre_nms_thresh", "max_seg_num", "min_score", "nms_method",
-                              "multiclass_nms", "nms_sigma", "kernel_policy", "inference_precision")}
+                              "multiclass_nms", "nms_sigma", "kernel_policy",
+                              "inference_precision")}
 
 FEATURE_EXTS = (".npy", ".npz")
 
@@ -201,6 +202,12 @@ def main(argv):
     if not f.saved_model and not config.export.checkpoint:
       raise InferError("pass --checkpoint (a checkpoint or training output_dir) or "
                        "--saved_model")
+    baked = sorted(set(HELP_GROUPS["evaluation"]) & asl_flags.COMMAND_LINE_FLAGS)
+    if f.saved_model and baked:
+      raise InferError(
+          f"{', '.join('--' + name for name in baked)} cannot change --saved_model: an export "
+          "computes and post-processes as it was exported (its assets/model_info.json says "
+          "how); re-export with the flag, or run the checkpoint (--checkpoint)")
     out_path = results_path(config, f.results_file, f.saved_model, f.overwrite)
     videos = list_feature_files(f.features_path, config.data.file_prefix)
     if f.saved_model:

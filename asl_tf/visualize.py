@@ -21,7 +21,8 @@ flags.DEFINE_integer("num_videos", 3, "how many videos to draw without --video_i
 flags.DEFINE_string("plot_dir", "", "output folder (default <output_dir>/plots).")
 HELP_GROUPS = {"what": ("checkpoint", "video_ids", "num_videos", "plot_dir"),
                "data": asl_flags.DATA_FLAGS,
-               "evaluation": asl_flags.EVALUATION_FLAGS[:-1] + ("kernel_policy", "inference_precision")}
+               "evaluation": asl_flags.EVALUATION_FLAGS[:-1] + ("kernel_policy",
+                                                                 "inference_precision")}
 
 
 def max_over_levels(probs, points, length):

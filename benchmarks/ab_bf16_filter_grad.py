@@ -28,20 +28,23 @@ def main():
 
   gemm = kernels.conv1d_with_gemm_filter_grad
   runs, weights = {}, None
-  for name in ("tf_backward_filter", "gemm_filter_grad"):
-    # The traced step calls whatever the name holds when it is traced.
-    kernels.conv1d_with_gemm_filter_grad = (
-        kernels._same_conv1d if name == "tf_backward_filter" else gemm)  # pylint: disable=protected-access
-    asl_flags.FLAGS.unparse_flags()
-    tf.keras.utils.set_random_seed(0)
-    setup = train_step.build_step(
-        args.config, args.quick, False,
-        ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"), weights=weights, epoch=5)
-    weights = weights or setup.model.get_weights()
-    for _ in range(2):
-      setup.run()
-    runs[name] = setup
-  kernels.conv1d_with_gemm_filter_grad = gemm
+  try:
+    for name in ("tf_backward_filter", "gemm_filter_grad"):
+      # The step is traced by its first call, with whatever the name holds then.
+      kernels.conv1d_with_gemm_filter_grad = (
+          kernels._same_conv1d if name == "tf_backward_filter" else gemm)  # pylint: disable=protected-access
+      asl_flags.FLAGS.unparse_flags()
+      tf.keras.utils.set_random_seed(0)
+      setup = train_step.build_step(
+          args.config, args.quick, False,
+          ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"), weights=weights,
+          epoch=5)
+      weights = weights or setup.model.get_weights()
+      for _ in range(2):
+        setup.run()
+      runs[name] = setup
+  finally:
+    kernels.conv1d_with_gemm_filter_grad = gemm
   times = {name: [] for name in runs}
   for round_index in range((2 if args.quick else args.repeats) + 1):  # round 0: warm-up
     for name, setup in runs.items():
@@ -53,7 +56,8 @@ def main():
   common.emit({"benchmark": "ab_bf16_filter_grad", "command": " ".join(["python"] + sys.argv),
                "config": args.config, "machine": common.machine_info(),
                "results": {name: {"train_step_median_sec": round(float(np.median(v)), 4),
-                                  "ratio_to_tf_backward_filter": round(float(np.median(v)) / first, 3),
+                                  "ratio_to_tf_backward_filter": round(
+                                      float(np.median(v)) / first, 3),
                                   "rounds_sec": [round(t, 4) for t in v]}
                            for name, v in times.items()}}, args.output)
 

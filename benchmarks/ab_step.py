@@ -13,7 +13,6 @@ the machine (other load, frequency) hit all variants alike. Reports the median o
   python benchmarks/ab_step.py --compare=dtype                    # float32 vs bfloat16
 """
 
-import functools
 import os
 import sys
 import time

@@ -1,7 +1,7 @@
 """Where a training step's time goes: a TensorBoard profile of a few steps, summed; prints JSON.
 
   python benchmarks/profile_step.py                                  # THUMOS config, ActionFormer
-  python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, all of ASL
+  python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, ASL (the flagfile)
   python benchmarks/profile_step.py --mixed_precision=mixed_bfloat16  # the bfloat16 step
   python benchmarks/profile_step.py --quick                          # tiny model (seconds)
 

@@ -151,6 +151,16 @@ def test_infer_with_a_missing_checkpoint_is_one_line(tmp_path):
     _run(infer.main, [f"--checkpoint={missing}", f"--features_path={tmp_path}"])
 
 
+def test_infer_refuses_flags_a_saved_model_cannot_honour(tmp_path):
+  """An export's precision, kernels and post-processing are baked in: asking --saved_model for
+  others is one line naming them, not detections computed otherwise than asked (checked before
+  the SavedModel is read)."""
+  with pytest.raises(SystemExit, match=r"^asl_tf.infer: --inference_precision, --max_seg_num "
+                     r"cannot change --saved_model: .* re-export with the flag"):
+    _run(infer.main, [f"--saved_model={tmp_path}", f"--features_path={tmp_path}",
+                      "--inference_precision=mixed_bfloat16", "--max_seg_num=5"])
+
+
 def test_infer_writes_beside_the_run_and_never_replaces_a_foreign_file(run_dir, tmp_path):
   copy = _copy_run(run_dir, tmp_path)
   video = sorted(os.listdir(os.path.join(run_dir["data"], "features")))[0]

@@ -233,10 +233,14 @@ def test_a_config_saved_with_a_removed_field_loads():
 
 
 def test_a_config_saved_before_normalisation_existed_keeps_its_behaviour():
-  """Runs saved without `sensitivity_normalization` trained without it: loading (to evaluate or
-  resume) must not switch today's default on; a section saved with it keeps its value."""
+  """Runs saved without `sensitivity_normalization` (or `evaluator_loss`) trained without it
+  (with MSE): loading (to evaluate or resume) must not switch today's default on; a section
+  saved with it keeps its value."""
   old = config_lib.Config().to_dict()
   del old["loss"]["sensitivity_normalization"]
+  del old["loss"]["evaluator_loss"]
   assert config_lib.Config.from_dict(old).loss.sensitivity_normalization == "none"
+  assert config_lib.Config.from_dict(old).loss.evaluator_loss == "mse"
+  assert config_lib.Config().loss.evaluator_loss == "bce"
   assert config_lib.Config.from_dict(config_lib.Config().to_dict()) == config_lib.Config()
   assert config_lib.Config.from_dict({}).loss.sensitivity_normalization == "instance"

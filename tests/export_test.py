@@ -140,7 +140,8 @@ def test_a_bfloat16_export_detects_what_float32_does_within_bfloat16_rounding(
                "--inference_precision=mixed_bfloat16")
   export_main.main([])
   loaded = tf.saved_model.load(os.path.join(export_dir, "1"))
-  assert float32_model.compute_dtype == "float32"
+  with open(os.path.join(export_dir, "1", "assets", "model_info.json")) as f:
+    assert json.load(f)["config"]["eval"]["inference_precision"] == "mixed_bfloat16"
   features = np.random.default_rng(1).normal(size=(2, 32, C)).astype(np.float32)
   lengths = np.array([32, 27], np.int32)
   inputs = dict(features=tf.constant(features), lengths=tf.constant(lengths))

@@ -167,27 +167,36 @@ NEG = 0.1875 * LN2  # focal of logit 0, target 0
 POS = 0.0625 * LN2  # focal of logit 0, target 1
 
 
+# The evaluator's q = (0.6, 0.2) against its detached targets Q = (sigmoid(0), IoU) = (0.5, 0.6).
+EVALUATOR_GOLDEN = {
+    "mse": 0.1 ** 2 + 0.4 ** 2,
+    "bce": -(0.5 * math.log(0.6) + 0.5 * math.log(0.4)) - (0.6 * math.log(0.2)
+                                                           + 0.4 * math.log(0.8)),
+}
+
+
+@pytest.mark.parametrize("evaluator_loss", ["mse", "bce"])
 @pytest.mark.parametrize("combination,use_instance,w_cls,w_loc", [
     (None, True, 0.8, 0.5),            # class-level only: p_cls 0.8, p_loc 0.5
     ("product", True, 0.8 * 0.6, 0.5 * 0.2),
     ("sum", True, 0.8 + 0.6, 0.5 + 0.2),
     ("product", False, 0.8, 0.5),      # before instance_start_epoch
 ])
-def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc):
-  """cls = 2 NEG + w_cls POS, reg = w_loc 0.44; evaluator q = (0.6, 0.2) against detached
-  Q = (sigmoid(0), IoU) = (0.5, 0.6): (0.1)^2 + (0.4)^2 = 0.17."""
+def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc, evaluator_loss):
+  """cls = 2 NEG + w_cls POS, reg = w_loc 0.44; the evaluator's loss summed over its two
+  outputs (`EVALUATOR_GOLDEN`)."""
   outputs, targets = _small_case()
   sens = {"p_cls": np.array([[1.0, 0.8, 1.0, 1.0]], np.float32),
           "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32)}
   if combination:
     sens["q"] = np.array([[[0.3, 0.3], [0.6, 0.2], [0.9, 0.9], [0.1, 0.1]]], np.float32)
   cfg = config_lib.LossConfig(instance_combination=combination or "product",
-                              sensitivity_normalization="none")
+                              sensitivity_normalization="none", evaluator_loss=evaluator_loss)
   sums = losses.asl_loss_sums(outputs, targets, sens, None, None, cfg, use_instance)
   np.testing.assert_allclose(float(sums["cls_loss_sum"]), 2 * NEG + w_cls * POS, rtol=1e-6)
   np.testing.assert_allclose(float(sums["reg_loss_sum"]), w_loc * 0.44, rtol=1e-5)
-  np.testing.assert_allclose(float(sums["evaluator_loss_sum"]), 0.17 if combination else 0.0,
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(sums["evaluator_loss_sum"]),
+                             EVALUATOR_GOLDEN[evaluator_loss] if combination else 0.0, rtol=1e-5)
   assert float(sums["num_pos"]) == 1.0
 
 

@@ -164,8 +164,8 @@ def conv1d_with_gemm_filter_grad(x, kernel):
 
   The forward pass and the input gradient (a convolution of the output gradient with the
   tap-reversed, transposed kernel) are TensorFlow's convolutions; the kernel gradient is
-  `[x shifted by each tap]^T dy` ([k * Cin, B * T] x [B * T, Cout]). In bfloat16 oneDNN's
-  backward-filter convolution is 1.2-1.5x slower than that GEMM (benchmarks/README.md).
+  `[x shifted by each tap]^T dy` ([k * Cin, B * T] x [B * T, Cout]). In bfloat16 that GEMM is
+  faster than oneDNN's backward-filter convolution (benchmarks/README.md).
 
   Args:
     x: [B, T, Cin] (static Cin).

@@ -135,7 +135,8 @@ def variable_paths(model: keras.Layer) -> Dict[str, tf.Variable]:
     elif isinstance(obj, keras.Layer) and id(obj) not in visited:
       visited.add(id(obj))
       # The variables the layer itself created (not its sublayers'), in Keras' own lists.
-      for variable in obj._trainable_variables + obj._non_trainable_variables:  # pylint: disable=protected-access
+      own = obj._trainable_variables + obj._non_trainable_variables  # pylint: disable=protected-access
+      for variable in own:
         add(f"{prefix}/{variable.name}" if prefix else variable.name, variable)
       for name, value in sorted(vars(obj).items()):
         if not name.startswith("_"):
@@ -149,6 +150,9 @@ def variable_paths(model: keras.Layer) -> Dict[str, tf.Variable]:
 
   visit(model, "")
   keyed = {id(v) for v in found.values()}
+  if len(keyed) != len(found):
+    twice = sorted(k for k, v in found.items() if sum(u is v for u in found.values()) > 1)
+    raise ValueError(f"variables of {model.name} reachable under two keys: {twice}")
   unreached = [v.path for v in model.variables if id(v) not in keyed]
   if unreached:
     raise ValueError(f"variables of {model.name} reachable by no public attribute, so without "
@@ -197,8 +201,10 @@ class RunCheckpointer:
   Besides `objects`, every checkpoint holds the model's variables (`model_weights`: weights and
   the dropout / drop-path random states) and the EMA of its trainable variables (`ema_weights`,
   what evaluation, inference and export load; also part of the optimizer's state), both keyed by
-  `variable_paths`, and the training task's state (`task_variables`: the loss normaliser).
-  Checkpoints of the earlier positional layout are restored too.
+  `variable_paths`, and the training task's state (`task_variables`: the loss normaliser). The
+  optimizer keeps its moments in the order of the trainable variables: that order is saved
+  (`trainable_order`, their keys) and a checkpoint of another order is refused on restore.
+  Checkpoints of the earlier positional layouts are restored too.
 
   Args:
     run_dir: the run folder; checkpoints are restored from `run_dir/checkpoints`.
@@ -220,6 +226,12 @@ class RunCheckpointer:
     self._task_variables = list(task_variables)
     if self._task_variables:
       objects["task_variables"] = self._task_variables
+    # The optimizer's moments are held in the order of the trainable variables: saved with it,
+    # so that a checkpoint of another order is refused instead of resumed with mixed moments.
+    key_of = {id(v): k for k, v in variable_paths(model).items()}
+    self._trainable_order = [key_of[id(v)] for v in model.trainable_variables]
+    objects["trainable_order"] = tf.Variable(self._trainable_order, dtype=tf.string,
+                                             trainable=False)
     self._objects = objects
     self.checkpoint = tf.train.Checkpoint(
         **weight_objects({"model_weights"}, model, self._ema_variables), **objects)
@@ -273,6 +285,15 @@ class RunCheckpointer:
   def _restore(self, path: str) -> None:
     saved = saved_objects([name for name, _ in tf.train.list_variables(path)])
     if "model_weights" in saved:
+      order = self._trainable_order
+      if "trainable_order" in saved:
+        order = [key.decode() for key in tf.train.load_checkpoint(path).get_tensor(
+            "trainable_order/.ATTRIBUTES/VARIABLE_VALUE")]
+      if order != self._trainable_order:
+        first = next((a, b) for a, b in zip(order + [None], self._trainable_order + [None])
+                     if a != b)
+        raise ValueError(f"its optimizer state follows the trainable variables in another "
+                         f"order (first difference: {first[0]} saved, {first[1]} now)")
       self.checkpoint.restore(path).assert_existing_objects_matched()
       return
     # The positional layout. Checkpoints older still lack `task_variables` and
@@ -280,7 +301,7 @@ class RunCheckpointer:
     # normaliser followed the model's variables in `model_variables`.
     ema = self._ema_variables if "ema_variables" in saved else ()
     objects = {k: v for k, v in self._objects.items()
-               if k in saved or k != "task_variables"}
+               if k in saved or k not in ("task_variables", "trainable_order")}
     older = tf.train.Checkpoint(**weight_objects(saved, self._model, ema), **objects)
     older.restore(path).assert_existing_objects_matched().expect_partial()
     self.checkpoint.save_counter.assign(older.save_counter)

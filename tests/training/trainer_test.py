@@ -249,6 +249,17 @@ def test_weights_and_ema_are_keyed_by_path_so_a_second_build_restores_them(tiny_
     assert max(np.abs(a.numpy() - b.numpy()).max()
                for a, b in zip(ema, model.trainable_variables)) > 0  # the EMA is not the weights
 
+  # A checkpoint whose optimizer moments follow another variable order is refused, not resumed.
+  checkpointer = ckpt_lib.RunCheckpointer(str(tmp_path / "reordered"), 1, model=model,
+                                          optimizer=optimizer, ema_variables=ema)
+  order = checkpointer.checkpoint.trainable_order
+  order.assign(tf.reverse(order, [0]))
+  checkpointer.save(1)
+  with pytest.raises(ckpt_lib.CheckpointError, match="another order .first difference: "
+                     "sensitivity/"):
+    ckpt_lib.RunCheckpointer(str(tmp_path / "reordered"), 1, model=model, optimizer=optimizer,
+                             ema_variables=ema).restore_latest()
+
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_names_step_terms_and_checkpoint(tiny_data, tmp_path):
