@@ -119,7 +119,8 @@ def variable_paths(model: keras.Layer) -> Dict[str, tf.Variable]:
   unlike a position it survives layers being created in another order.
 
   Raises:
-    ValueError: a variable is reachable by no public attribute, or two share a key.
+    ValueError: a variable is reachable by no public attribute or under two keys, or two
+      variables share a key.
   """
   found: Dict[str, tf.Variable] = {}
   visited = set()
