@@ -92,7 +92,9 @@ def _read_flagfile(path: str, base_dir: str, depth: int) -> List[str]:
   candidates = [path] if os.path.isabs(path) else [os.path.join(base_dir, path), path]
   found = next((p for p in candidates if os.path.isfile(p)), None)
   if found is None:
-    raise config_lib.ConfigError(f"flagfile {path!r} not found (looked in {candidates})")
+    hint = ("; base.flags held the defaults, which now live in asl_tf/config.py: drop the line "
+            "that includes it" if os.path.basename(path) == "base.flags" else "")
+    raise config_lib.ConfigError(f"flagfile {path!r} not found (looked in {candidates}){hint}")
   args = []
   with open(found) as f:
     for line in f:

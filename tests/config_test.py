@@ -114,9 +114,16 @@ def test_unknown_field_in_saved_config_is_named():
     config_lib.Config.from_dict(d)
 
 
-def test_missing_flagfile_is_named():
-  with pytest.raises(config_lib.ConfigError, match="nope.flags"):
+def test_missing_flagfile_is_named(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="nope.flags") as e:
     asl_flags.expand_flagfiles(["--flagfile=nope.flags"])
+  assert "base.flags" not in str(e.value)
+  # A user's flagfile that still includes the removed configs/base.flags says what to do.
+  old = tmp_path / "mine.flags"
+  old.write_text("--flagfile=configs/base.flags\n--epochs=3\n")
+  with pytest.raises(config_lib.ConfigError, match=r"'configs/base.flags' not found .*defaults, "
+                     r"which now live in asl_tf/config.py: drop the line that includes it"):
+    asl_flags.expand_flagfiles([f"--flagfile={old}"])
 
 
 @pytest.mark.parametrize("argv,message", [
