@@ -85,6 +85,8 @@ VARIANTS: Dict[str, tuple] = {
     # The defaults chosen by the search above, plus the contrastive loss.
     "asl_all_norm_bce": _variant(**_CLS, **_INST, **_NORM, **_CONTRA,
                                  instance_combination="product", evaluator_loss="bce"),
+    "asl_all_norm_bce_c001": _variant(**_CLS, **_INST, **_NORM, contrastive_weight="0.01",
+                                      instance_combination="product", evaluator_loss="bce"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.
