@@ -116,8 +116,7 @@ def load_model(checkpoint: str, config: Optional[config_lib.Config] = None,
   ema = False
   if use_ema and _ema_written(path, names, model):
     # The EMA read straight into the trainable variables it averages.
-    objects = ckpt_lib.weight_objects(saved, model, ema_variables=model.trainable_variables)
-    tf.train.Checkpoint(**{k: v for k, v in objects.items() if k.startswith("ema_")}).restore(
+    tf.train.Checkpoint(**ckpt_lib.ema_objects(saved, model, model.trainable_variables)).restore(
         path).assert_existing_objects_matched().expect_partial()
     ema = True
   elif optimizer is not None:

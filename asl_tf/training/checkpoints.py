@@ -161,14 +161,23 @@ def variable_paths(model: keras.Layer) -> Dict[str, tf.Variable]:
   return found
 
 
-def ema_paths(model: keras.Layer, ema_variables: Sequence) -> Dict[str, tf.Variable]:
-  """`ema_variables` (one per `model.trainable_variables`, in that order) keyed like
-  `variable_paths` keys the variables they average."""
+def trainable_paths(model: keras.Layer) -> List[str]:
+  """The `variable_paths` keys of `model.trainable_variables`, in that order."""
+  key_of = {id(v): k for k, v in variable_paths(model).items()}
+  return [key_of[id(v)] for v in model.trainable_variables]
+
+
+def ema_objects(saved: set, model: keras.Layer, ema_variables: Sequence) -> Dict:
+  """The checkpoint object holding `ema_variables` (one per `model.trainable_variables`, in
+  that order) in a checkpoint whose top-level objects are `saved`: `ema_weights` keyed like
+  `variable_paths` keys the variables they average, or, in the positional layout written
+  before, `ema_variables`."""
   if len(ema_variables) != len(model.trainable_variables):
     raise ValueError(f"{len(ema_variables)} EMA variables for "
                      f"{len(model.trainable_variables)} trainable variables")
-  key_of = {id(v): k for k, v in variable_paths(model).items()}
-  return {key_of[id(v)]: ema for v, ema in zip(model.trainable_variables, ema_variables)}
+  if "model_weights" in saved or "model_variables" not in saved:
+    return {"ema_weights": dict(zip(trainable_paths(model), ema_variables))}
+  return {"ema_variables": list(ema_variables)}
 
 
 def saved_objects(names: Sequence[str]) -> set:
@@ -187,12 +196,10 @@ def weight_objects(saved: set, model: keras.Layer, ema_variables: Sequence = ())
   """
   if "model_weights" in saved or "model_variables" not in saved:
     objects = {"model_weights": variable_paths(model)}
-    if ema_variables:
-      objects["ema_weights"] = ema_paths(model, ema_variables)
-    return objects
-  objects = {"model_variables": list(model.variables)}
+  else:
+    objects = {"model_variables": list(model.variables)}
   if ema_variables:
-    objects["ema_variables"] = list(ema_variables)
+    objects.update(ema_objects(saved, model, ema_variables))
   return objects
 
 
@@ -229,8 +236,7 @@ class RunCheckpointer:
       objects["task_variables"] = self._task_variables
     # The optimizer's moments are held in the order of the trainable variables: saved with it,
     # so that a checkpoint of another order is refused instead of resumed with mixed moments.
-    key_of = {id(v): k for k, v in variable_paths(model).items()}
-    self._trainable_order = [key_of[id(v)] for v in model.trainable_variables]
+    self._trainable_order = trainable_paths(model)
     objects["trainable_order"] = tf.Variable(self._trainable_order, dtype=tf.string,
                                              trainable=False)
     self._objects = objects
