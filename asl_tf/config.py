@@ -27,6 +27,7 @@ INSTANCE_COMBINATIONS = ("product", "sum")
 SENSITIVITY_NORMALIZATIONS = ("none", "instance")
 EVALUATOR_TARGETS = ("separate", "fused")
 EVALUATOR_LOSSES = ("mse", "bce")
+CONTRASTIVE_SAMPLINGS = ("sensitivity_topk", "windows")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 # How layers compute (asl_tf/modeling/kernels.py); the values are the same under each.
 KERNEL_POLICIES = ("auto", "reference", "fast", "portable")
@@ -40,6 +41,7 @@ FIELD_CHOICES = {
     "instance_combination": INSTANCE_COMBINATIONS,
     "sensitivity_normalization": SENSITIVITY_NORMALIZATIONS,
     "evaluator_target": EVALUATOR_TARGETS, "evaluator_loss": EVALUATOR_LOSSES,
+    "contrastive_sampling": CONTRASTIVE_SAMPLINGS,
     "kernel_policy": KERNEL_POLICIES, "mixed_precision": MIXED_PRECISION_POLICIES,
     "inference_precision": MIXED_PRECISION_POLICIES,
     "nms_method": NMS_METHODS,
@@ -262,8 +264,14 @@ class LossConfig:
       (both outputs -> sigmoid(logit)^0.2 * tIoU^0.8, the authors' commented-out target).
     evaluator_loss: `mse` or `bce` (binary cross-entropy of q against the soft targets).
     contrastive_temperature: InfoNCE temperature tau.
-    contrastive_topk: sensitive points averaged per instance and sub-task.
-    contrastive_num_background: background points sampled per video.
+    contrastive_sampling: which features the contrastive loss compares: `sensitivity_topk` (per
+      GT the top-k points by class- and by localization-sensitivity, plus background points
+      outside every GT) or `windows` (the authors' centre, boundary and outside windows).
+    contrastive_topk: `sensitivity_topk`: sensitive points averaged per instance and sub-task.
+    contrastive_num_background: `sensitivity_topk`: background points sampled per video.
+    contrastive_window_ratio: `windows`: half-width of a window as a fraction of the GT's length
+      (at least one grid step).
+    contrastive_window_gap_grid: `windows`: distance of the outside windows from the GT.
   """
   center_sample_radius: float = 1.5
   focal_alpha: float = 0.25
@@ -279,8 +287,11 @@ class LossConfig:
   evaluator_target: str = "separate"
   evaluator_loss: str = "bce"
   contrastive_temperature: float = 0.07
+  contrastive_sampling: str = "sensitivity_topk"
   contrastive_topk: int = 3
   contrastive_num_background: int = 8
+  contrastive_window_ratio: float = 0.2
+  contrastive_window_gap_grid: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,6 +602,8 @@ _RANGES = (
     ("loss", "contrastive_topk", _POSITIVE, "a positive integer"),
     ("loss", "contrastive_num_background", _POSITIVE,
      "a positive integer"),
+    ("loss", "contrastive_window_ratio", _POSITIVE, "positive"),
+    ("loss", "contrastive_window_gap_grid", _NON_NEGATIVE, ">= 0"),
     ("train", "epochs", _POSITIVE, "at least 1 (cosine epochs after the warm-up)"),
     ("train", "warmup_epochs", _NON_NEGATIVE, ">= 0"),
     ("train", "batch_size", _POSITIVE, "a positive number of videos"),

@@ -317,6 +317,67 @@ def sample_contrastive_features(embeddings, padding_mask, t, gt_segments, gt_lab
   return features, all_labels, valid
 
 
+def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, window_ratio,
+                           gap_grid):
+  """Centre, boundary and outside-window features per GT (the authors' sampling, docs/method.md 4).
+
+  Per GT n = [a, b] (grid units of level 0), with half-width w = max(window_ratio (b - a), 1):
+    centre   = mean of the valid level-0 points in [c - w, c + w], c = (a + b) / 2;
+    boundary = mean of the means over [a, a + w] and over [b - w, b];
+    outside  = mean of the means over [a - gap - w, a - gap] and over [b + gap, b + gap + w].
+  Windows are inclusive; an empty window (outside the video or in its padding) is left out of its
+  pair's mean, and a feature whose windows are all empty is invalid. Each feature is
+  re-normalised to unit length. Centre and boundary features carry the GT's class; outside
+  features are background (label -1: negatives only, never anchors or positives).
+
+  Args:
+    embeddings: float32 [B, T, D] unit-norm level-0 features.
+    padding_mask: bool [B, T].
+    t: float32 [T] level-0 point locations.
+    gt_segments: float32 [B, M, 2]; gt_labels: int [B, M] (-1 = padding).
+    window_ratio: w / (b - a) (the authors' `length_theta`, 0.2).
+    gap_grid: distance of the outside windows from the GT (the authors' `gap`, 1.0).
+
+  Returns:
+    (features [3BM, D], labels int32 [3BM], valid bool [3BM]): the centre features of every GT,
+    then the boundary features, then the outside ones.
+  """
+  embeddings = tf.cast(embeddings, tf.float32)
+  gt_labels = tf.cast(gt_labels, tf.int32)
+  dim = embeddings.shape[-1]
+  valid_gt = gt_labels >= 0  # [B, M]
+  start, end = gt_segments[..., 0], gt_segments[..., 1]  # [B, M]
+  half = tf.maximum(window_ratio * (end - start), 1.0)
+  centre = 0.5 * (start + end)
+  usable = tf.logical_and(padding_mask[:, None, :], valid_gt[..., None])  # [B, M, T]
+
+  def window_mean(low, high):  # [B, M] each -> ([B, M, D], bool [B, M])
+    inside = tf.logical_and(t[None, None, :] >= low[..., None], t[None, None, :] <= high[..., None])
+    weight = tf.cast(tf.logical_and(inside, usable), tf.float32)  # [B, M, T]
+    count = tf.reduce_sum(weight, axis=-1)  # [B, M]
+    total = tf.einsum("bmt,btd->bmd", weight, embeddings)
+    return total / tf.maximum(count, 1.0)[..., None], count > 0
+
+  def pair_mean(first, second):
+    (mean1, ok1), (mean2, ok2) = first, second
+    n1, n2 = tf.cast(ok1, tf.float32)[..., None], tf.cast(ok2, tf.float32)[..., None]
+    mean = (mean1 * n1 + mean2 * n2) / tf.maximum(n1 + n2, 1.0)
+    return mean, tf.logical_or(ok1, ok2)
+
+  parts = [
+      window_mean(centre - half, centre + half),
+      pair_mean(window_mean(start, start + half), window_mean(end - half, end)),
+      pair_mean(window_mean(start - gap_grid - half, start - gap_grid),
+                window_mean(end + gap_grid, end + gap_grid + half)),
+  ]
+  features = tf.concat([tf.reshape(tf.math.l2_normalize(mean, axis=-1, epsilon=1e-12), [-1, dim])
+                        for mean, _ in parts], axis=0)  # [3 B M, D]
+  valid = tf.concat([tf.reshape(ok, [-1]) for _, ok in parts], axis=0)
+  labels = tf.reshape(gt_labels, [-1])
+  all_labels = tf.concat([labels, labels, -tf.ones_like(labels)], axis=0)
+  return features, all_labels, valid
+
+
 def multi_positive_info_nce(features, labels, valid, temperature, anchor_rows=None):
   """Multi-positive InfoNCE (supervised contrastive) with cosine similarity.
 
@@ -429,16 +490,23 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
       w_cls = normalize_per_instance(w_cls, positive, targets["matched_gt"], num_gt)
       w_loc = normalize_per_instance(w_loc, positive, targets["matched_gt"], num_gt)
     if "embeddings" in sensitivity:
-      rank_cls, rank_loc = sensitivity["rank_cls"], sensitivity["rank_loc"]
-      if "q" in sensitivity:
-        num_level0 = tf.shape(sensitivity["embeddings"])[1]
-        q0 = tf.stop_gradient(tf.cast(sensitivity["q"][:, :num_level0], tf.float32))  # [B, T0, 2]
-        rank_cls = combine_point_weights(rank_cls, q0[..., 0:1], loss_config.instance_combination)
-        rank_loc = combine_point_weights(rank_loc, q0[..., 1:2], loss_config.instance_combination)
-      feats, labels, feat_valid = sample_contrastive_features(
-          sensitivity["embeddings"], sensitivity["level0_mask"], sensitivity["level0_t"],
-          gt_segments, gt_labels, rank_cls, rank_loc, loss_config.contrastive_topk,
-          loss_config.contrastive_num_background)
+      if loss_config.contrastive_sampling == "windows":
+        feats, labels, feat_valid = sample_window_features(
+            sensitivity["embeddings"], sensitivity["level0_mask"], sensitivity["level0_t"],
+            gt_segments, gt_labels, loss_config.contrastive_window_ratio,
+            loss_config.contrastive_window_gap_grid)
+      else:
+        rank_cls, rank_loc = sensitivity["rank_cls"], sensitivity["rank_loc"]
+        if "q" in sensitivity:
+          num_level0 = tf.shape(sensitivity["embeddings"])[1]
+          q0 = tf.stop_gradient(tf.cast(sensitivity["q"][:, :num_level0], tf.float32))  # [B, T0, 2]
+          combination = loss_config.instance_combination
+          rank_cls = combine_point_weights(rank_cls, q0[..., 0:1], combination)
+          rank_loc = combine_point_weights(rank_loc, q0[..., 1:2], combination)
+        feats, labels, feat_valid = sample_contrastive_features(
+            sensitivity["embeddings"], sensitivity["level0_mask"], sensitivity["level0_t"],
+            gt_segments, gt_labels, rank_cls, rank_loc, loss_config.contrastive_topk,
+            loss_config.contrastive_num_background)
       own_rows = None
       if gather_fn is not None:
         feats, labels, feat_valid, own_rows = gather_fn(feats, labels, feat_valid)

@@ -46,7 +46,7 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "instance_combination": "sum", "sensitivity_normalization": "none",
         "evaluator_target": "separate", "evaluator_loss": "mse",
         "sensitivity_parametrization": "authors", "sensitivity_lr_scale": "1",
-        "sensitivity_sigma_floor": "0.01"}
+        "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk"}
 
 
 def _variant(**switches) -> tuple:
@@ -87,6 +87,16 @@ VARIANTS: Dict[str, tuple] = {
                                  instance_combination="product", evaluator_loss="bce"),
     "asl_all_norm_bce_c001": _variant(**_CLS, **_INST, **_NORM, contrastive_weight="0.01",
                                       instance_combination="product", evaluator_loss="bce"),
+    # The contrastive loss on the authors' centre / boundary / outside windows instead of the
+    # top-k sensitive points.
+    "asl_all_norm_bce_windows": _variant(**_CLS, **_INST, **_NORM, **_CONTRA,
+                                         instance_combination="product", evaluator_loss="bce",
+                                         contrastive_sampling="windows"),
+    "asl_all_norm_bce_windows_c001": _variant(**_CLS, **_INST, **_NORM,
+                                              contrastive_weight="0.01",
+                                              instance_combination="product",
+                                              evaluator_loss="bce",
+                                              contrastive_sampling="windows"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.

@@ -237,6 +237,41 @@ def test_sample_contrastive_features_golden():
   assert valid.numpy()[-1]
 
 
+def test_sample_window_features_golden():
+  """T = 12 points with one-hot embeddings e_t; point 11 is padding; ratio 0.2, gap 1.
+
+  GT0 [3, 7] (label 0): half-width max(0.8, 1) = 1, centre window [4, 6]; boundary windows
+  [3, 4] and [6, 7]; outside windows [1, 2] and [8, 9]. GT1 [0, 10] (label 1): half-width 2,
+  centre [3, 7], boundary [0, 2] and [8, 10] (three points each, so all six weigh the same);
+  outside [-3, -1] and [11, 13] hold no valid point -> invalid. GT2 [8.5, 10.5] (label 0):
+  centre [8.5, 10.5] -> 9, 10; boundary [8.5, 9.5] -> 9 and [9.5, 10.5] -> 10; outside
+  [6.5, 7.5] -> 7 and [11.5, 12.5] -> nothing, so the outside feature is e7 alone. GT3 padding.
+  """
+  t = np.arange(12, dtype=np.float32)
+  emb = tf.constant(np.eye(12, dtype=np.float32)[None])
+  mask = tf.constant((np.arange(12) < 11)[None])
+  segments = tf.constant([[[3, 7], [0, 10], [8.5, 10.5], [0, 0]]], tf.float32)
+  labels = tf.constant([[0, 1, 0, -1]])
+  feats, labels_out, valid = losses.sample_window_features(
+      emb, mask, t, segments, labels, window_ratio=0.2, gap_grid=1.0)
+
+  def unit(*points):
+    v = np.zeros(12, np.float32)
+    v[list(points)] = 1.0
+    return v / np.linalg.norm(v)
+
+  expected = {0: unit(4, 5, 6), 1: unit(3, 4, 5, 6, 7), 2: unit(9, 10),
+              4: unit(3, 4, 6, 7), 5: unit(0, 1, 2, 8, 9, 10), 6: unit(9, 10),
+              8: unit(1, 2, 8, 9), 10: unit(7)}
+  for row, vector in expected.items():
+    np.testing.assert_allclose(feats.numpy()[row], vector, atol=1e-6, err_msg=str(row))
+  np.testing.assert_array_equal(labels_out.numpy(), [0, 1, 0, -1] * 2 + [-1] * 4)
+  np.testing.assert_array_equal(valid.numpy(), [1, 1, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0])
+  feats, _, _ = losses.sample_window_features(emb, mask, t, segments, labels, window_ratio=0.2,
+                                              gap_grid=0.0)
+  np.testing.assert_allclose(feats.numpy()[8], unit(2, 3, 7, 8), atol=1e-6)
+
+
 def _pyramid_inputs(labels, segments, seed=0):
   """Two levels (T 16 and 8, strides 1 and 2), batch 2, C 8."""
   rng = np.random.default_rng(seed)
@@ -252,15 +287,17 @@ def _pyramid_inputs(labels, segments, seed=0):
   return points, feats, masks, outputs, np.array(segments, np.float32), np.array(labels)
 
 
+@pytest.mark.parametrize("sampling", config_lib.CONTRASTIVE_SAMPLINGS)
 @pytest.mark.parametrize("labels,num_anchors", [
     ([[-1, -1], [-1, -1]], 0),   # no instance in the batch
-    ([[2, -1], [-1, -1]], 2),    # one instance: its cls and loc features are each other's pair
+    # One instance: its two features (cls and loc, or centre and boundary) are each other's pair.
+    ([[2, -1], [-1, -1]], 2),
 ])
-def test_full_asl_loss_is_finite_with_zero_or_one_instance(labels, num_anchors):
+def test_full_asl_loss_is_finite_with_zero_or_one_instance(labels, num_anchors, sampling):
   points, feats, masks, outputs, segments, labels = _pyramid_inputs(
       labels, [[[3, 9], [0, 0]], [[0, 0], [0, 0]]])
   evaluator = sensitivity.ActionSensitivityEvaluator(3, 8, contrastive_proj_dim=4)
-  cfg = config_lib.LossConfig()
+  cfg = config_lib.LossConfig(contrastive_sampling=sampling)
   targets = targets_lib.assign_targets(points, segments, labels, 3, 1.5, outputs["padding_mask"])
   with tf.GradientTape() as tape:
     tape.watch(feats)
