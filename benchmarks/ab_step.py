@@ -1,7 +1,7 @@
 """In-process A/B: training step and inference forward of several variants, alternating rounds.
 
-Every variant's detector is built in this one process (with `--compare=kernel_policy` or `dtype`
-all with the first variant's weights), its `train_step` and forward traced and warmed up; then each round
+Every variant's detector is built in this one process (with `--compare=kernel_policy`, `dtype`
+or `optimizer` all with the first variant's weights), its `train_step` and forward traced and warmed up; then each round
 times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
 the machine (other load, frequency) hit all variants alike. Reports the median over
 `--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
@@ -11,6 +11,7 @@ the machine (other load, frequency) hit all variants alike. Reports the median o
   python benchmarks/ab_step.py --compare=asl                      # ActionFormer vs ASL defaults
   python benchmarks/ab_step.py --compare=asl --config=thumos_i3d --repeats=5
   python benchmarks/ab_step.py --compare=dtype                    # float32 vs bfloat16
+  python benchmarks/ab_step.py --compare=optimizer                # Keras AdamW vs FusedAdamW
 """
 
 import os
@@ -35,7 +36,11 @@ COMPARISONS = {
               "bfloat16_fast": ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"),
               "bfloat16_reference": ("--mixed_precision=mixed_bfloat16",
                                      "--kernel_policy=reference")},
+    # The optimizer's form (`reference`: Keras' AdamW; else FusedAdamW), the model under `fast`.
+    "optimizer": {"keras_adamw": ("--kernel_policy=fast",),
+                  "fused_adamw": ("--kernel_policy=fast",)},
 }
+OPTIMIZER_KERNEL_POLICY = {"keras_adamw": "reference", "fused_adamw": "fast"}
 
 
 def main():
@@ -58,8 +63,9 @@ def main():
     tf.keras.utils.set_random_seed(0)
     # epoch 5: every ASL part is on (the evaluator may start later than epoch 0).
     setup = train_step.build_step(args.config, args.quick, False, extra, weights=weights,
-                                  epoch=5)
-    if args.compare in ("kernel_policy", "dtype"):
+                                  epoch=5,
+                                  optimizer_kernel_policy=OPTIMIZER_KERNEL_POLICY.get(name))
+    if args.compare in ("kernel_policy", "dtype", "optimizer"):
       weights = weights or setup.model.get_weights()
     spec = [tf.TensorSpec([None, None, setup.config.model.input_dim]),
             tf.TensorSpec([None, None])]

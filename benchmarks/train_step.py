@@ -14,6 +14,7 @@ Usage:
   python benchmarks/train_step.py --quick           # tiny sizes (seconds)
 """
 
+import dataclasses
 import functools
 import os
 import sys
@@ -72,13 +73,16 @@ class StepSetup:
     float(self.step(self.batch, self.epoch)["total_loss"])
 
 
-def build_step(config_name, quick, jit_compile, extra_flags=(), weights=None, epoch=0):
+def build_step(config_name, quick, jit_compile, extra_flags=(), weights=None, epoch=0,
+               optimizer_kernel_policy=None):
   """Builds the detector (in the flags' `--mixed_precision` policy), its optimizer and one
   synthetic batch.
 
   Args:
     weights: `model.get_weights()` of another variant to start from (same shapes).
     epoch: the epoch the step is told it runs in (ASL parts may start after a few).
+    optimizer_kernel_policy: the kernel policy the optimizer's form follows (default: the
+      model's), to compare optimizer forms under one model policy.
 
   Returns:
     a `StepSetup`.
@@ -93,7 +97,11 @@ def build_step(config_name, quick, jit_compile, extra_flags=(), weights=None, ep
   if weights is not None:
     model.set_weights(weights)
   task = task_lib.DetectionTask(config.model, config.loss, config.train.clip_grad_norm)
-  optimizer = optimizer_lib.build_optimizer(model, config.train, config.model, 100)
+  optimizer_model_config = config.model
+  if optimizer_kernel_policy is not None:
+    optimizer_model_config = dataclasses.replace(config.model,
+                                                 kernel_policy=optimizer_kernel_policy)
+  optimizer = optimizer_lib.build_optimizer(model, config.train, optimizer_model_config, 100)
   optimizer.build(model.trainable_variables)
   batch = {k: tf.constant(v) for k, v in _batch(config).items()}
   step = tf.function(functools.partial(task.train_step, model, optimizer),

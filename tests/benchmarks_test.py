@@ -409,7 +409,9 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   compared = {"kernel_policy": {"kernel_policy"},
               "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight"},
-              "dtype": {"mixed_precision", "kernel_policy"}}
+              "dtype": {"mixed_precision", "kernel_policy"},
+              # The same config; only the optimizer's form differs (below).
+              "optimizer": set()}
   for comparison, variants in ab_step.COMPARISONS.items():
     models = []
     for extra in variants.values():
@@ -419,3 +421,6 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
     differing = {k for m in models[1:] for k in m if m[k] != models[0][k]}
     assert differing == compared[comparison], comparison
   asl_flags.FLAGS.unparse_flags()
+  optimizer_policies = ab_step.OPTIMIZER_KERNEL_POLICY
+  assert set(optimizer_policies) == set(ab_step.COMPARISONS["optimizer"])
+  assert sorted(optimizer_policies.values()) == ["fast", "reference"]

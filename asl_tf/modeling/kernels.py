@@ -1,5 +1,6 @@
 """The one place where computations are chosen for speed: convolution, LayerNorm, per-frame MLP
-and level-shared heads, each under an explicit kernel policy.
+and level-shared heads, each under an explicit kernel policy (which also picks the optimizer's
+form: Keras' AdamW under `reference`, else `training.optimizer.FusedAdamW`, the same updates).
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
 tests run under each). Dropout inside `per_frame` draws its random masks over rows or over the

@@ -6,8 +6,10 @@ import contextlib
 from typing import List, Sequence
 
 import keras
+import tensorflow as tf
 
 from asl_tf import config as config_lib
+from asl_tf.modeling import kernels
 from asl_tf.training import schedules
 
 # Variable names (Keras `Variable.name`, the last path component) that receive weight decay:
@@ -35,10 +37,72 @@ def decayed_variables(model: keras.Model, train_config: config_lib.TrainConfig,
           if (decay_sensitivity if id(v) in sensitivity_ids else v.name in DECAYED_VARIABLE_NAMES)]
 
 
+class FusedAdamW(keras.optimizers.AdamW):
+  """`keras.optimizers.AdamW` with one fused kernel per variable (the `fast` / `portable` form).
+
+  The same updates up to float32 rounding (the kernel's 1 - beta_2 is 1 - float32(0.999), 1.3e-5
+  below Keras' float32(0.001)), in the same order per variable: the decoupled decay
+  `var -= var * wd * lr`, then Adam's moments and step in one `ResourceApplyAdam`
+  (`alpha = lr sqrt(1 - beta_2^t) / (1 - beta_1^t)`, `var -= alpha m / (sqrt(v) + eps)`), then
+  the EMA. The step's scalars (learning rate, beta powers, EMA momentum) are computed once per
+  step rather than once per variable. Keras' form spends ~64 graph ops per variable, half of the
+  bench config's training-step graph; this one ~10 (benchmarks/README.md, memory).
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    if self.amsgrad:
+      raise ValueError("FusedAdamW has no amsgrad form; use keras.optimizers.AdamW")
+    self._step_scalars = {}
+
+  def apply(self, grads, trainable_variables=None):
+    self._step_scalars = {}
+    return super().apply(grads, trainable_variables)
+
+  def _apply_weight_decay(self, variables):
+    """Nothing: `update_step` decays each variable right before its Adam update."""
+
+  def _scalars(self, learning_rate, dtype):
+    """(lr, beta_1^t, beta_2^t, beta_1, beta_2, epsilon, weight decay) of this step, in `dtype`;
+    built once per step and device (the learning rate tensor is per replica)."""
+    key = (id(learning_rate), dtype)
+    if key not in self._step_scalars:
+      step = tf.cast(self.iterations + 1, dtype)
+      beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+      self._step_scalars[key] = (
+          tf.cast(learning_rate, dtype), tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1,
+          beta_2, tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay, dtype))
+    return self._step_scalars[key]
+
+  def update_step(self, gradient, variable, learning_rate):
+    lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, decay = self._scalars(
+        learning_rate, variable.dtype)
+    if self._use_weight_decay(variable):
+      variable.assign_sub(variable * decay * lr)
+    index = self._get_variable_index(variable)
+    tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=self._momentums[index].value.handle,
+        v=self._velocities[index].value.handle, beta1_power=beta_1_power,
+        beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+        grad=tf.cast(gradient, variable.dtype))
+
+  def _update_model_variables_moving_average(self, trainable_variables):
+    if not self.use_ema:
+      return
+    momentum = tf.cast(tf.not_equal(self.iterations, 0), tf.float32) * self.ema_momentum
+    keep, take = momentum, 1.0 - momentum
+    for variable, average in zip(trainable_variables, self._model_variables_moving_average):
+      if average is not None:
+        average.assign(tf.cast(keep, variable.dtype) * average
+                       + tf.cast(take, variable.dtype) * variable)
+
+
 def build_optimizer(model: keras.Model, train_config: config_lib.TrainConfig,
                     model_config: config_lib.ModelConfig,
                     steps_per_epoch: int) -> keras.optimizers.Optimizer:
   """AdamW (betas 0.9 / 0.999) with the warm-up cosine schedule and optional EMA.
+
+  Under the `reference` kernel policy Keras' AdamW, else `FusedAdamW` (the same updates).
 
   Gradient clipping is not configured here: the train step clips the all-reduced gradient
   itself so that clipping sees the global gradient under a distribution strategy.
@@ -46,7 +110,7 @@ def build_optimizer(model: keras.Model, train_config: config_lib.TrainConfig,
   Args:
     model: a built model (its trainable variables decide the decay groups).
     train_config: learning rate, epochs, weight decay, EMA.
-    model_config: sensitivity parametrization.
+    model_config: sensitivity parametrization and kernel policy.
     steps_per_epoch: optimizer steps per epoch.
   """
   schedule = schedules.WarmupCosineDecay(
@@ -54,7 +118,9 @@ def build_optimizer(model: keras.Model, train_config: config_lib.TrainConfig,
       warmup_steps=train_config.warmup_epochs * steps_per_epoch,
       total_steps=(train_config.epochs + train_config.warmup_epochs) * steps_per_epoch)
   use_ema = train_config.ema_decay > 0
-  optimizer = keras.optimizers.AdamW(
+  adamw = (keras.optimizers.AdamW if kernels.resolve(model_config.kernel_policy) == "reference"
+           else FusedAdamW)
+  optimizer = adamw(
       learning_rate=schedule, weight_decay=train_config.weight_decay, beta_1=0.9,
       beta_2=0.999, epsilon=1e-8, use_ema=use_ema,
       ema_momentum=train_config.ema_decay if use_ema else 0.99)
