@@ -97,6 +97,12 @@ VARIANTS: Dict[str, tuple] = {
                                               instance_combination="product",
                                               evaluator_loss="bce",
                                               contrastive_sampling="windows"),
+    # The default trained in bfloat16 (Keras mixed_bfloat16: layers in bfloat16, variables,
+    # losses and logits float32), to compare with its float32 runs.
+    "class_instance_norm_bce_bf16": _variant(**_CLS, **_INST, **_NORM,
+                                             instance_combination="product",
+                                             evaluator_loss="bce")
+                                    + ("--mixed_precision=mixed_bfloat16",),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.

@@ -1,0 +1,105 @@
+"""Resident memory of training, phase by phase, and the size of the traced step; prints JSON.
+
+Each row runs in a fresh subprocess and reads /proc/self/status after each phase: TensorFlow
+imported, detector + optimizer built, the training step traced (`get_concrete_function`), the
+first step run (the runtime instantiates the graph: placement, Grappler, kernels), and after
+`--steps` more. `peak_mb` is VmHWM; `anon_mb` / `file_mb` split the resident set into heap and
+mapped files (mostly TensorFlow's shared libraries). The traced step's graph ops are counted by
+top-level name scope (forward, gradient, optimizer, clipping): on CPU the runtime's memory grows
+with the op count, so this says what holds it.
+
+  python benchmarks/train_memory.py                       # bench config, both optimizer forms
+  python benchmarks/train_memory.py --config=thumos_i3d
+  python benchmarks/train_memory.py --quick
+"""
+
+import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Peak resident memory of the public PyTorch ActionFormer training at the bench config on this
+# machine kind (issue 19), and the target ratio to it.
+PEER_PEAK_MB = {"bench": 650.0}
+TARGET_RATIO = 1.5
+_OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
+VARIANTS = {"actionformer": _OFF, "asl": ()}
+# The optimizer's form follows the kernel policy (asl_tf/training/optimizer.py); the model runs
+# under `fast` in both rows.
+OPTIMIZER_FORMS = {"keras_adamw": "reference", "fused_adamw": "fast"}
+
+
+def _status_mb():
+  keys = {"VmHWM": "peak_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
+  out = {}
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      key = line.split(":")[0]
+      if key in keys:
+        out[keys[key]] = round(int(line.split()[1]) / 1024.0, 1)
+  return out
+
+
+def _scope(op_name):
+  parts = op_name.split("/")
+  if parts[0] == "gradient_tape":
+    return "gradient"
+  return parts[0].rstrip("_0123456789")
+
+
+def measure(config_name, quick, variant, optimizer_form, steps):
+  """Child process: memory after each phase of one configuration."""
+  phases = {"start": _status_mb()}
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
+  phases["tensorflow_imported"] = _status_mb()
+  import train_step  # pylint: disable=g-import-not-at-top
+  setup = train_step.build_step(config_name, quick, False, ("--kernel_policy=fast",)
+                                + VARIANTS[variant],
+                                optimizer_kernel_policy=OPTIMIZER_FORMS[optimizer_form])
+  phases["built"] = _status_mb()
+  graph = setup.step.get_concrete_function(setup.batch, setup.epoch).graph
+  ops = graph.get_operations()
+  by_scope = collections.Counter(_scope(op.name) for op in ops)
+  phases["traced"] = _status_mb()
+  setup.run()
+  phases["first_step"] = _status_mb()
+  for _ in range(steps):
+    setup.run()
+  phases[f"after_{steps + 1}_steps"] = _status_mb()
+  return {"config": config_name, "variant": variant, "optimizer": optimizer_form,
+          "graph_ops": len(ops), "graph_ops_by_scope": dict(by_scope.most_common(6)),
+          "phases": phases}
+
+
+def main():
+  parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=1)
+  parser.add_argument("--config", default="bench", help="flagfile name in configs/")
+  parser.add_argument("--variants", default="actionformer,asl")
+  parser.add_argument("--optimizers", default="keras_adamw,fused_adamw")
+  parser.add_argument("--steps", type=int, default=3, help="steps after the first one")
+  args = parser.parse_args()
+  rows = []
+  for variant in args.variants.split(","):
+    for form in args.optimizers.split(","):
+      if variant not in VARIANTS or form not in OPTIMIZER_FORMS:
+        parser.error(f"unknown variant {variant!r} or optimizer {form!r}")
+      child = common.run_in_subprocess(
+          "train_memory:measure", {"config_name": args.config, "quick": args.quick,
+                                   "variant": variant, "optimizer_form": form,
+                                   "steps": args.steps})
+      row = child["result"]
+      row["peak_mb"] = child["peak_rss_mb"]
+      peer = PEER_PEAK_MB.get(args.config)
+      if peer and not args.quick:
+        row["ratio_to_pytorch_peak"] = round(row["peak_mb"] / peer, 2)
+      rows.append(row)
+  common.emit({"benchmark": "train_memory", "command": " ".join(["python"] + sys.argv),
+               "machine": common.machine_info(), "peer_peak_mb": PEER_PEAK_MB.get(args.config),
+               "target_ratio": TARGET_RATIO, "rows": rows}, args.output)
+
+
+if __name__ == "__main__":
+  main()
