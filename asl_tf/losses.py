@@ -319,7 +319,7 @@ def sample_contrastive_features(embeddings, padding_mask, t, gt_segments, gt_lab
 
 def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, window_ratio,
                            gap_grid):
-  """Centre, boundary and outside-window features per GT (the authors' sampling, docs/method.md 4).
+  """Centre, boundary and outside-window features per GT (the authors' windows, docs/method.md 4).
 
   Per GT n = [a, b] (grid units of level 0), with half-width w = max(window_ratio (b - a), 1):
     centre   = mean of the valid level-0 points in [c - w, c + w], c = (a + b) / 2;

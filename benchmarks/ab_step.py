@@ -1,8 +1,8 @@
 """In-process A/B: training step and inference forward of several variants, alternating rounds.
 
 Every variant's detector is built in this one process (with `--compare=kernel_policy`, `dtype`
-or `optimizer` all with the first variant's weights), its `train_step` and forward traced and warmed up; then each round
-times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
+or `optimizer` all with the first variant's weights), its `train_step` and forward traced and
+warmed up; then each round times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
 the machine (other load, frequency) hit all variants alike. Reports the median over
 `--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
 (`avx512*`, `amx*`). Never run it beside other work.

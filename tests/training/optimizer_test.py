@@ -34,8 +34,9 @@ def _gradients(steps, seed=1):
 
 
 def _state(optimizer, variables):
-  return ([v.numpy() for v in variables] + [m.numpy() for m in optimizer._momentums]  # pylint: disable=protected-access
-          + [v.numpy() for v in optimizer._velocities]  # pylint: disable=protected-access
+  """Weights, first moments, second moments and EMA, in that order."""
+  slots = optimizer._momentums + optimizer._velocities  # pylint: disable=protected-access
+  return ([v.numpy() for v in variables] + [s.numpy() for s in slots]
           + [a.numpy() for a in optimizer_lib.ema_variables(optimizer)])
 
 
