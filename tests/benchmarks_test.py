@@ -424,3 +424,13 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
   optimizer_policies = ab_step.OPTIMIZER_KERNEL_POLICY
   assert set(optimizer_policies) == set(ab_step.COMPARISONS["optimizer"])
   assert sorted(optimizer_policies.values()) == ["fast", "reference"]
+
+
+def test_train_memory_counts_ops_by_top_level_scope():
+  train_memory = _load("train_memory")
+  scope = train_memory._scope  # pylint: disable=protected-access
+  assert scope("gradient_tape/asl_detector_1/backbone_1/Mul") == "gradient"
+  assert scope("fused_adam_w_3/ResourceApplyAdam") == "fused_adam_w"
+  assert scope("adam_w/Pow") == "adam_w"
+  assert scope("asl_detector_1/neck_1/norm_0_1/Mean") == "asl_detector"
+  assert set(train_memory.OPTIMIZER_FORMS.values()) == {"reference", "fast"}

@@ -287,11 +287,11 @@ def _pyramid_inputs(labels, segments, seed=0):
   return points, feats, masks, outputs, np.array(segments, np.float32), np.array(labels)
 
 
-@pytest.mark.parametrize("sampling", config_lib.CONTRASTIVE_SAMPLINGS)
-@pytest.mark.parametrize("labels,num_anchors", [
-    ([[-1, -1], [-1, -1]], 0),   # no instance in the batch
+@pytest.mark.parametrize("labels,num_anchors,sampling", [
+    ([[-1, -1], [-1, -1]], 0, "sensitivity_topk"),   # no instance in the batch
     # One instance: its two features (cls and loc, or centre and boundary) are each other's pair.
-    ([[2, -1], [-1, -1]], 2),
+    ([[2, -1], [-1, -1]], 2, "sensitivity_topk"),
+    ([[2, -1], [-1, -1]], 2, "windows"),
 ])
 def test_full_asl_loss_is_finite_with_zero_or_one_instance(labels, num_anchors, sampling):
   points, feats, masks, outputs, segments, labels = _pyramid_inputs(
