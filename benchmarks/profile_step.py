@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 GEMM_OPS = frozenset({"MatMul", "BatchMatMulV2", "Conv2D", "Conv2DBackpropFilter",
                       "Conv2DBackpropInput", "_MklMatMul", "_MklNativeConv2D",
                       "_MklNativeConv2DBackpropFilter", "_MklNativeConv2DBackpropInput",
@@ -95,7 +97,7 @@ def main():
   parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
   parser.add_argument("--variant", default="actionformer", choices=sorted(train_step.VARIANT_FLAGS))
   parser.add_argument("--mixed_precision", default="float32",
-                      choices=("float32", "mixed_bfloat16", "mixed_float16"),
+                      choices=config_lib.MIXED_PRECISION_POLICIES,
                       help="the Keras dtype policy of the profiled step")
   parser.add_argument("--steps", type=int, default=3, help="profiled steps")
   parser.add_argument("--logdir", default="", help="profile folder (default: a temporary one)")
