@@ -328,7 +328,9 @@ def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, 
   Windows are inclusive; an empty window (outside the video or in its padding) is left out of its
   pair's mean, and a feature whose windows are all empty is invalid. Each feature is
   re-normalised to unit length. Centre and boundary features carry the GT's class; outside
-  features are background (label -1: negatives only, never anchors or positives).
+  features are background (label -1: negatives only, never anchors or positives), also where an
+  outside window falls inside another GT (as in the authors' code; on densely labelled data it
+  often does).
 
   Args:
     embeddings: float32 [B, T, D] unit-norm level-0 features.

@@ -5,7 +5,9 @@ or `optimizer` all with the first variant's weights), its `train_step` and forwa
 warmed up; then each round times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
 the machine (other load, frequency) hit all variants alike. Reports the median over
 `--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
-(`avx512*`, `amx*`). Never run it beside other work.
+(`avx512*`, `amx*`). Never run it beside other work. The optimizer's form follows the kernel
+policy (Keras' AdamW under `reference`, else FusedAdamW), so `--compare=kernel_policy` and the
+`bfloat16_reference` variant time it too; `--compare=optimizer` isolates it.
 
   python benchmarks/ab_step.py --compare=kernel_policy            # reference vs fast vs portable
   python benchmarks/ab_step.py --compare=asl                      # ActionFormer vs ASL defaults

@@ -70,7 +70,7 @@ def measure(config_name, quick, variant, optimizer_form, steps):
     setup.run()
   phases[f"after_{steps + 1}_steps"] = _status_mb()
   return {"config": config_name, "variant": variant, "optimizer": optimizer_form,
-          "graph_ops": len(ops), "graph_ops_by_scope": dict(by_scope.most_common(6)),
+          "graph_ops": len(ops), "graph_ops_by_scope": dict(by_scope.most_common()),
           "phases": phases}
 
 

@@ -37,6 +37,7 @@ def decayed_variables(model: keras.Model, train_config: config_lib.TrainConfig,
           if (decay_sensitivity if id(v) in sensitivity_ids else v.name in DECAYED_VARIABLE_NAMES)]
 
 
+@keras.saving.register_keras_serializable(package="asl_tf")
 class FusedAdamW(keras.optimizers.AdamW):
   """`keras.optimizers.AdamW` with one fused kernel per variable (the `fast` / `portable` form).
 
@@ -45,34 +46,39 @@ class FusedAdamW(keras.optimizers.AdamW):
   `var -= var * wd * lr`, then Adam's moments and step in one `ResourceApplyAdam`
   (`alpha = lr sqrt(1 - beta_2^t) / (1 - beta_1^t)`, `var -= alpha m / (sqrt(v) + eps)`), then
   the EMA. The step's scalars (learning rate, beta powers, EMA momentum) are computed once per
-  step rather than once per variable. Keras' form spends ~64 graph ops per variable, half of the
-  bench config's training-step graph; this one ~10 (benchmarks/README.md, memory).
+  `apply` rather than once per variable. Keras' form spends ~64 graph ops per variable, half of
+  the bench config's training-step graph; this one ~12 (README, Benchmarks: memory). Its state
+  is Keras AdamW's, so checkpoints of either load into the other.
   """
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     if self.amsgrad:
       raise ValueError("FusedAdamW has no amsgrad form; use keras.optimizers.AdamW")
-    self._step_scalars = {}
+    self._step_scalars = []
 
   def apply(self, grads, trainable_variables=None):
-    self._step_scalars = {}
-    return super().apply(grads, trainable_variables)
+    self._step_scalars = []
+    try:
+      return super().apply(grads, trainable_variables)
+    finally:
+      self._step_scalars = []
 
   def _apply_weight_decay(self, variables):
     """Nothing: `update_step` decays each variable right before its Adam update."""
 
   def _scalars(self, learning_rate, dtype):
-    """(lr, beta_1^t, beta_2^t, beta_1, beta_2, epsilon, weight decay) of this step, in `dtype`;
-    built once per step and device (the learning rate tensor is per replica)."""
-    key = (id(learning_rate), dtype)
-    if key not in self._step_scalars:
-      step = tf.cast(self.iterations + 1, dtype)
-      beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-      self._step_scalars[key] = (
-          tf.cast(learning_rate, dtype), tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1,
-          beta_2, tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay, dtype))
-    return self._step_scalars[key]
+    """(lr, beta_1^t, beta_2^t, beta_1, beta_2, epsilon, weight decay) of this `apply`, in
+    `dtype`; built once per learning-rate tensor (one per replica under tf.distribute)."""
+    for rate, rate_dtype, scalars in self._step_scalars:
+      if rate is learning_rate and rate_dtype == dtype:
+        return scalars
+    step = tf.cast(self.iterations + 1, dtype)
+    beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+    scalars = (tf.cast(learning_rate, dtype), tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1,
+               beta_2, tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay, dtype))
+    self._step_scalars.append((learning_rate, dtype, scalars))
+    return scalars
 
   def update_step(self, gradient, variable, learning_rate):
     lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, decay = self._scalars(

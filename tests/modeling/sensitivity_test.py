@@ -242,34 +242,41 @@ def test_sample_window_features_golden():
 
   GT0 [3, 7] (label 0): half-width max(0.8, 1) = 1, centre window [4, 6]; boundary windows
   [3, 4] and [6, 7]; outside windows [1, 2] and [8, 9]. GT1 [0, 10] (label 1): half-width 2,
-  centre [3, 7], boundary [0, 2] and [8, 10] (three points each, so all six weigh the same);
-  outside [-3, -1] and [11, 13] hold no valid point -> invalid. GT2 [8.5, 10.5] (label 0):
-  centre [8.5, 10.5] -> 9, 10; boundary [8.5, 9.5] -> 9 and [9.5, 10.5] -> 10; outside
-  [6.5, 7.5] -> 7 and [11.5, 12.5] -> nothing, so the outside feature is e7 alone. GT3 padding.
+  centre [3, 7], boundary [0, 2] and [8, 10] (three points each); outside [-3, -1] and [11, 13]
+  hold no valid point -> invalid. GT2 [8.5, 10.5] (label 0): centre [8.5, 10.5] -> 9, 10;
+  boundary [8.5, 9.5] -> 9 and [9.5, 10.5] -> 10; outside [6.5, 7.5] -> 7 and [11.5, 12.5] ->
+  nothing, so the outside feature is e7 alone. GT3 [8, 10.8] (label 1): boundary windows [8, 9]
+  (two points) and [9.8, 10.8] (one): the mean of the two means, (e8 + e9) / 4 + e10 / 2, not
+  the pooled (e8 + e9 + e10) / 3; outside [6, 7] and nothing. GT4 is padding.
   """
   t = np.arange(12, dtype=np.float32)
   emb = tf.constant(np.eye(12, dtype=np.float32)[None])
   mask = tf.constant((np.arange(12) < 11)[None])
-  segments = tf.constant([[[3, 7], [0, 10], [8.5, 10.5], [0, 0]]], tf.float32)
-  labels = tf.constant([[0, 1, 0, -1]])
+  segments = tf.constant([[[3, 7], [0, 10], [8.5, 10.5], [8, 10.8], [0, 0]]], tf.float32)
+  labels = tf.constant([[0, 1, 0, 1, -1]])
   feats, labels_out, valid = losses.sample_window_features(
       emb, mask, t, segments, labels, window_ratio=0.2, gap_grid=1.0)
 
-  def unit(*points):
+  def unit(*weights):
     v = np.zeros(12, np.float32)
-    v[list(points)] = 1.0
+    for point, weight in weights:
+      v[point] += weight
     return v / np.linalg.norm(v)
 
-  expected = {0: unit(4, 5, 6), 1: unit(3, 4, 5, 6, 7), 2: unit(9, 10),
-              4: unit(3, 4, 6, 7), 5: unit(0, 1, 2, 8, 9, 10), 6: unit(9, 10),
-              8: unit(1, 2, 8, 9), 10: unit(7)}
+  def even(*points):
+    return unit(*((p, 1.0) for p in points))
+
+  expected = {0: even(4, 5, 6), 1: even(3, 4, 5, 6, 7), 2: even(9, 10), 3: even(9, 10),
+              5: even(3, 4, 6, 7), 6: even(0, 1, 2, 8, 9, 10), 7: even(9, 10),
+              8: unit((8, 0.25), (9, 0.25), (10, 0.5)),
+              10: even(1, 2, 8, 9), 12: even(7), 13: even(6, 7)}
   for row, vector in expected.items():
     np.testing.assert_allclose(feats.numpy()[row], vector, atol=1e-6, err_msg=str(row))
-  np.testing.assert_array_equal(labels_out.numpy(), [0, 1, 0, -1] * 2 + [-1] * 4)
-  np.testing.assert_array_equal(valid.numpy(), [1, 1, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0])
+  np.testing.assert_array_equal(labels_out.numpy(), [0, 1, 0, 1, -1] * 2 + [-1] * 5)
+  np.testing.assert_array_equal(valid.numpy(), [1, 1, 1, 1, 0] * 2 + [1, 0, 1, 1, 0])
   feats, _, _ = losses.sample_window_features(emb, mask, t, segments, labels, window_ratio=0.2,
                                               gap_grid=0.0)
-  np.testing.assert_allclose(feats.numpy()[8], unit(2, 3, 7, 8), atol=1e-6)
+  np.testing.assert_allclose(feats.numpy()[10], even(2, 3, 7, 8), atol=1e-6)
 
 
 def _pyramid_inputs(labels, segments, seed=0):

@@ -72,6 +72,24 @@ def test_fused_adamw_equals_keras_adamw_with_decay_groups_schedule_and_ema(graph
   np.testing.assert_allclose(variables[1].numpy(), results[1][1], rtol=1e-6)
 
 
+def test_under_a_loss_scale_optimizer_fused_equals_keras_and_skips_the_same_step():
+  """mixed_float16 wraps the AdamW: scaled gradients, one non-finite step skipped by both."""
+  results = []
+  for cls in (keras.optimizers.AdamW, optimizer_lib.FusedAdamW):
+    variables = _variables()
+    inner = _optimizer(cls, variables)
+    optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=8.0)
+    optimizer.build(variables)
+    grads = _gradients(4)
+    grads[2][1] = tf.constant([np.inf, 0, 0, 0], tf.float32)
+    for step_grads in grads:
+      optimizer.apply([g * 8.0 for g in step_grads], variables)
+    assert int(inner.iterations.numpy()) == 3
+    results.append(_state(inner, variables))
+  for keras_value, fused_value in zip(*results):
+    np.testing.assert_allclose(fused_value, keras_value, rtol=2e-5, atol=1e-7)
+
+
 def test_fused_adamw_traces_one_adam_kernel_per_variable_and_the_step_scalars_once():
   variables = _variables()
   optimizer = _optimizer(optimizer_lib.FusedAdamW, variables)
@@ -82,15 +100,18 @@ def test_fused_adamw_traces_one_adam_kernel_per_variable_and_the_step_scalars_on
   assert types.count("Cos") == 1  # the schedule, once
 
 
-def test_fused_and_keras_adamw_read_each_others_checkpoints(tmp_path):
+@pytest.mark.parametrize("saved_cls,loaded_cls", [
+    (keras.optimizers.AdamW, optimizer_lib.FusedAdamW),
+    (optimizer_lib.FusedAdamW, keras.optimizers.AdamW)])
+def test_fused_and_keras_adamw_read_each_others_checkpoints(tmp_path, saved_cls, loaded_cls):
   """A run may resume under another kernel policy: the optimizer state is the same objects."""
   variables = _variables()
-  optimizer = _optimizer(keras.optimizers.AdamW, variables)
+  optimizer = _optimizer(saved_cls, variables)
   for grads in _gradients(3):
     optimizer.apply(grads, variables)
   path = tf.train.Checkpoint(optimizer=optimizer).save(str(tmp_path / "ckpt"))
   restored_vars = _variables(seed=5)
-  restored = _optimizer(optimizer_lib.FusedAdamW, restored_vars)
+  restored = _optimizer(loaded_cls, restored_vars)
   tf.train.Checkpoint(optimizer=restored).restore(path).assert_existing_objects_matched()
   assert int(restored.iterations.numpy()) == 3
   for saved, loaded in zip(_state(optimizer, variables)[3:], _state(restored, restored_vars)[3:]):
