@@ -32,7 +32,9 @@ COMPARISONS = {
     "asl": {"actionformer": _OFF,
             "asl_default": (),
             "asl_instance_only": ("--noclass_sensitivity",),
-            "asl_contrastive": ("--contrastive_weight=0.1",)},
+            "asl_contrastive": ("--contrastive_weight=0.1",),
+            "asl_contrastive_windows": ("--contrastive_weight=0.01",
+                                        "--contrastive_sampling=windows")},
     # The compute dtype (Keras policy: bfloat16 layers, float32 variables, losses and logits).
     "dtype": {"float32": ("--mixed_precision=float32", "--kernel_policy=fast"),
               "bfloat16_fast": ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"),

@@ -408,7 +408,8 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
   train_step = _load("train_step")
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   compared = {"kernel_policy": {"kernel_policy"},
-              "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight"},
+              "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight",
+                      "contrastive_sampling"},
               "dtype": {"mixed_precision", "kernel_policy"},
               # The same config; only the optimizer's form differs (below).
               "optimizer": set()}
@@ -417,7 +418,7 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
     for extra in variants.values():
       asl_flags.FLAGS.unparse_flags()
       config = train_step._config("bench", False, extra)
-      models.append({**config.model.__dict__, **config.train.__dict__})
+      models.append({**config.model.__dict__, **config.train.__dict__, **config.loss.__dict__})
     differing = {k for m in models[1:] for k in m if m[k] != models[0][k]}
     assert differing == compared[comparison], comparison
   asl_flags.FLAGS.unparse_flags()
