@@ -27,7 +27,7 @@ INSTANCE_COMBINATIONS = ("product", "sum")
 SENSITIVITY_NORMALIZATIONS = ("none", "instance")
 EVALUATOR_TARGETS = ("separate", "fused")
 EVALUATOR_LOSSES = ("mse", "bce")
-CONTRASTIVE_SAMPLINGS = ("sensitivity_topk", "windows")
+CONTRASTIVE_SAMPLINGS = ("sensitivity_topk", "windows", "windows_clear_background")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 # How layers compute (asl_tf/modeling/kernels.py); the values are the same under each.
 KERNEL_POLICIES = ("auto", "reference", "fast", "portable")
@@ -266,7 +266,8 @@ class LossConfig:
     contrastive_temperature: InfoNCE temperature tau.
     contrastive_sampling: which features the contrastive loss compares: `sensitivity_topk` (per
       GT the top-k points by class- and by localization-sensitivity, plus background points
-      outside every GT) or `windows` (the authors' centre, boundary and outside windows).
+      outside every GT), `windows` (the authors' centre, boundary and outside windows) or
+      `windows_clear_background` (the same, the outside windows without frames inside any GT).
     contrastive_topk: `sensitivity_topk`: sensitive points averaged per instance and sub-task.
     contrastive_num_background: `sensitivity_topk`: background points sampled per video.
     contrastive_window_ratio: `windows`: half-width of a window as a fraction of the GT's length

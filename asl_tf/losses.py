@@ -318,7 +318,7 @@ def sample_contrastive_features(embeddings, padding_mask, t, gt_segments, gt_lab
 
 
 def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, window_ratio,
-                           gap_grid):
+                           gap_grid, clear_background=False):
   """Centre, boundary and outside-window features per GT (the authors' windows, docs/method.md 4).
 
   Per GT n = [a, b] (grid units of level 0), with half-width w = max(window_ratio (b - a), 1):
@@ -328,9 +328,10 @@ def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, 
   Windows are inclusive; an empty window (outside the video or in its padding) is left out of its
   pair's mean, and a feature whose windows are all empty is invalid. Each feature is
   re-normalised to unit length. Centre and boundary features carry the GT's class; outside
-  features are background (label -1: negatives only, never anchors or positives), also where an
-  outside window falls inside another GT (as in the authors' code; on densely labelled data it
-  often does).
+  features are background (label -1: negatives only, never anchors or positives). An outside
+  window may fall inside another GT (on densely labelled data it often does): the authors' code
+  keeps such frames (`clear_background=False`); `clear_background=True` leaves out of the outside
+  windows every frame inside a GT.
 
   Args:
     embeddings: float32 [B, T, D] unit-norm level-0 features.
@@ -339,6 +340,7 @@ def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, 
     gt_segments: float32 [B, M, 2]; gt_labels: int [B, M] (-1 = padding).
     window_ratio: w / (b - a) (the authors' `length_theta`, 0.2).
     gap_grid: distance of the outside windows from the GT (the authors' `gap`, 1.0).
+    clear_background: outside windows take only frames outside every GT.
 
   Returns:
     (features [3BM, D], labels int32 [3BM], valid bool [3BM]): the centre features of every GT,
@@ -352,10 +354,15 @@ def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, 
   half = tf.maximum(window_ratio * (end - start), 1.0)
   centre = 0.5 * (start + end)
   usable = tf.logical_and(padding_mask[:, None, :], valid_gt[..., None])  # [B, M, T]
+  background = usable
+  if clear_background:
+    in_gt = tf.logical_and(t[None, None, :] >= start[..., None], t[None, None, :] <= end[..., None])
+    in_any_gt = tf.reduce_any(tf.logical_and(in_gt, valid_gt[..., None]), axis=1)  # [B, T]
+    background = tf.logical_and(usable, tf.logical_not(in_any_gt)[:, None, :])
 
-  def window_mean(low, high):  # [B, M] each -> ([B, M, D], bool [B, M])
+  def window_mean(low, high, frames=usable):  # [B, M] each -> ([B, M, D], bool [B, M])
     inside = tf.logical_and(t[None, None, :] >= low[..., None], t[None, None, :] <= high[..., None])
-    weight = tf.cast(tf.logical_and(inside, usable), tf.float32)  # [B, M, T]
+    weight = tf.cast(tf.logical_and(inside, frames), tf.float32)  # [B, M, T]
     count = tf.reduce_sum(weight, axis=-1)  # [B, M]
     total = tf.einsum("bmt,btd->bmd", weight, embeddings)
     return total / tf.maximum(count, 1.0)[..., None], count > 0
@@ -369,8 +376,8 @@ def sample_window_features(embeddings, padding_mask, t, gt_segments, gt_labels, 
   parts = [
       window_mean(centre - half, centre + half),
       pair_mean(window_mean(start, start + half), window_mean(end - half, end)),
-      pair_mean(window_mean(start - gap_grid - half, start - gap_grid),
-                window_mean(end + gap_grid, end + gap_grid + half)),
+      pair_mean(window_mean(start - gap_grid - half, start - gap_grid, background),
+                window_mean(end + gap_grid, end + gap_grid + half, background)),
   ]
   features = tf.concat([tf.reshape(tf.math.l2_normalize(mean, axis=-1, epsilon=1e-12), [-1, dim])
                         for mean, _ in parts], axis=0)  # [3 B M, D]
@@ -492,11 +499,12 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
       w_cls = normalize_per_instance(w_cls, positive, targets["matched_gt"], num_gt)
       w_loc = normalize_per_instance(w_loc, positive, targets["matched_gt"], num_gt)
     if "embeddings" in sensitivity:
-      if loss_config.contrastive_sampling == "windows":
+      if loss_config.contrastive_sampling.startswith("windows"):
         feats, labels, feat_valid = sample_window_features(
             sensitivity["embeddings"], sensitivity["level0_mask"], sensitivity["level0_t"],
             gt_segments, gt_labels, loss_config.contrastive_window_ratio,
-            loss_config.contrastive_window_gap_grid)
+            loss_config.contrastive_window_gap_grid,
+            clear_background=loss_config.contrastive_sampling == "windows_clear_background")
       else:
         rank_cls, rank_loc = sensitivity["rank_cls"], sensitivity["rank_loc"]
         if "q" in sensitivity:

@@ -103,6 +103,10 @@ VARIANTS: Dict[str, tuple] = {
                                              instance_combination="product",
                                              evaluator_loss="bce")
                                     + ("--mixed_precision=mixed_bfloat16",),
+    # The same with the outside windows cleared of frames inside other GTs (dense data).
+    "asl_all_norm_bce_windows_clear_c001": _variant(
+        **_CLS, **_INST, **_NORM, contrastive_weight="0.01", instance_combination="product",
+        evaluator_loss="bce", contrastive_sampling="windows_clear_background"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.

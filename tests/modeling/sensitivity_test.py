@@ -277,6 +277,16 @@ def test_sample_window_features_golden():
   feats, _, _ = losses.sample_window_features(emb, mask, t, segments, labels, window_ratio=0.2,
                                               gap_grid=0.0)
   np.testing.assert_allclose(feats.numpy()[10], even(2, 3, 7, 8), atol=1e-6)
+  # Clear background: every outside window above lies inside GT1 [0, 10] -> all invalid. GT
+  # [3, 5] beside GT [7, 9]: its outside windows [1, 2] and [6, 7] lose frame 7.
+  _, _, valid = losses.sample_window_features(emb, mask, t, segments, labels, window_ratio=0.2,
+                                              gap_grid=1.0, clear_background=True)
+  np.testing.assert_array_equal(valid.numpy()[10:], [0, 0, 0, 0, 0])
+  feats, _, valid = losses.sample_window_features(
+      emb, mask, t, tf.constant([[[3, 5], [7, 9]]], tf.float32), tf.constant([[0, 1]]),
+      window_ratio=0.2, gap_grid=1.0, clear_background=True)
+  np.testing.assert_allclose(feats.numpy()[4], unit((1, 0.25), (2, 0.25), (6, 0.5)), atol=1e-6)
+  assert valid.numpy()[4]
 
 
 def _pyramid_inputs(labels, segments, seed=0):
