@@ -270,9 +270,9 @@ class LossConfig:
       `windows_clear_background` (the same, the outside windows without frames inside any GT).
     contrastive_topk: `sensitivity_topk`: sensitive points averaged per instance and sub-task.
     contrastive_num_background: `sensitivity_topk`: background points sampled per video.
-    contrastive_window_ratio: `windows`: half-width of a window as a fraction of the GT's length
-      (at least one grid step).
-    contrastive_window_gap_grid: `windows`: distance of the outside windows from the GT.
+    contrastive_window_ratio: `windows*`: half-width of a window as a fraction of the GT's
+      length (at least one grid step).
+    contrastive_window_gap_grid: `windows*`: distance of the outside windows from the GT.
   """
   center_sample_radius: float = 1.5
   focal_alpha: float = 0.25
