@@ -44,7 +44,6 @@ COMPARISONS = {
     "optimizer": {"keras_adamw": ("--kernel_policy=fast",),
                   "fused_adamw": ("--kernel_policy=fast",)},
 }
-OPTIMIZER_KERNEL_POLICY = {"keras_adamw": "reference", "fused_adamw": "fast"}
 
 
 def main():
@@ -68,7 +67,9 @@ def main():
     # epoch 5: every ASL part is on (the evaluator may start later than epoch 0).
     setup = train_step.build_step(args.config, args.quick, False, extra, weights=weights,
                                   epoch=5,
-                                  optimizer_kernel_policy=OPTIMIZER_KERNEL_POLICY.get(name))
+                                  optimizer_kernel_policy=(
+                                      train_step.OPTIMIZER_FORMS.get(name)
+                                      if args.compare == "optimizer" else None))
     if args.compare in ("kernel_policy", "dtype", "optimizer"):
       weights = weights or setup.model.get_weights()
     spec = [tf.TensorSpec([None, None, setup.config.model.input_dim]),

@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Peak resident memory of the public PyTorch ActionFormer training at the bench config on this
 # machine kind (issue 19), and the target ratio to it.
@@ -27,9 +28,6 @@ PEER_PEAK_MB = {"bench": 650.0}
 TARGET_RATIO = 1.5
 _OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
 VARIANTS = {"actionformer": _OFF, "asl": ()}
-# The optimizer's form follows the kernel policy (asl_tf/training/optimizer.py); the model runs
-# under `fast` in both rows.
-OPTIMIZER_FORMS = {"keras_adamw": "reference", "fused_adamw": "fast"}
 
 
 def _status_mb():
@@ -55,10 +53,10 @@ def measure(config_name, quick, variant, optimizer_form, steps):
   phases = {"start": _status_mb()}
   import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
   phases["tensorflow_imported"] = _status_mb()
-  import train_step  # pylint: disable=g-import-not-at-top
   setup = train_step.build_step(config_name, quick, False, ("--kernel_policy=fast",)
                                 + VARIANTS[variant],
-                                optimizer_kernel_policy=OPTIMIZER_FORMS[optimizer_form])
+                                optimizer_kernel_policy=train_step.OPTIMIZER_FORMS[
+                                    optimizer_form])
   phases["built"] = _status_mb()
   graph = setup.step.get_concrete_function(setup.batch, setup.epoch).graph
   ops = graph.get_operations()
@@ -84,7 +82,7 @@ def main():
   rows = []
   for variant in args.variants.split(","):
     for form in args.optimizers.split(","):
-      if variant not in VARIANTS or form not in OPTIMIZER_FORMS:
+      if variant not in VARIANTS or form not in train_step.OPTIMIZER_FORMS:
         parser.error(f"unknown variant {variant!r} or optimizer {form!r}")
       child = common.run_in_subprocess(
           "train_memory:measure", {"config_name": args.config, "quick": args.quick,

@@ -32,6 +32,9 @@ VARIANT_FLAGS = {
     "actionformer": ("--class_sensitivity=false", "--instance_sensitivity=false",
                      "--contrastive_weight=0"),
 }
+# The optimizer's two forms and the kernel policy that picks each (Keras' AdamW under
+# `reference`, FusedAdamW otherwise), for comparisons under one model policy.
+OPTIMIZER_FORMS = {"keras_adamw": "reference", "fused_adamw": "fast"}
 QUICK_FLAGS = ["--input_dim=16", "--embd_dim=16", "--fpn_dim=16", "--head_dim=16",
                "--max_seq_len=64", "--mha_win_size=5", "--backbone_arch=2,1,2",
                "--regression_range=0,4,4,8,8,10000", "--contrastive_proj_dim=8"]
