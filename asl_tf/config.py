@@ -27,6 +27,7 @@ INSTANCE_COMBINATIONS = ("product", "sum")
 SENSITIVITY_NORMALIZATIONS = ("none", "instance")
 EVALUATOR_TARGETS = ("separate", "fused")
 EVALUATOR_LOSSES = ("mse", "bce")
+EVALUATOR_POINTS = ("positives", "inside_gt")
 CONTRASTIVE_SAMPLINGS = ("sensitivity_topk", "windows", "windows_clear_background")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 # How layers compute (asl_tf/modeling/kernels.py); the values are the same under each.
@@ -41,6 +42,7 @@ FIELD_CHOICES = {
     "instance_combination": INSTANCE_COMBINATIONS,
     "sensitivity_normalization": SENSITIVITY_NORMALIZATIONS,
     "evaluator_target": EVALUATOR_TARGETS, "evaluator_loss": EVALUATOR_LOSSES,
+    "evaluator_points": EVALUATOR_POINTS,
     "contrastive_sampling": CONTRASTIVE_SAMPLINGS,
     "kernel_policy": KERNEL_POLICIES, "mixed_precision": MIXED_PRECISION_POLICIES,
     "inference_precision": MIXED_PRECISION_POLICIES,
@@ -263,6 +265,11 @@ class LossConfig:
     evaluator_target: `separate` (q_cls -> sigmoid(GT-class logit), q_loc -> tIoU) or `fused`
       (both outputs -> sigmoid(logit)^0.2 * tIoU^0.8, the authors' commented-out target).
     evaluator_loss: `mse` or `bce` (binary cross-entropy of q against the soft targets).
+    evaluator_points: the points the evaluator learns from: `positives` (the centre-sampled
+      positives its weights act on) or `inside_gt` (every point inside a ground truth at that
+      GT's pyramid level, targets from the whole-segment assignment; the sum is still divided by
+      the positive-count normaliser, so it weighs more). Its weights act on the positives either
+      way.
     contrastive_temperature: InfoNCE temperature tau.
     contrastive_sampling: which features the contrastive loss compares: `sensitivity_topk` (per
       GT the top-k points by class- and by localization-sensitivity, plus background points
@@ -287,6 +294,7 @@ class LossConfig:
   sensitivity_normalization: str = "instance"
   evaluator_target: str = "separate"
   evaluator_loss: str = "bce"
+  evaluator_points: str = "positives"
   contrastive_temperature: float = 0.07
   contrastive_sampling: str = "sensitivity_topk"
   contrastive_topk: int = 3

@@ -432,14 +432,15 @@ def multi_positive_info_nce(features, labels, valid, temperature, anchor_rows=No
 
 
 def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_config,
-                  use_instance_weights=True, gather_fn=None):
+                  use_instance_weights=True, gather_fn=None, evaluator_targets=None):
   """Per-replica loss sums of ActionFormer + ASL (docs/method.md 1-5).
 
   * `cls_loss_sum` = sum over valid points of w_cls(t) * sum_k focal(t, k); w_cls = 1 on
     negatives (and everywhere without ASL).
   * `reg_loss_sum` = sum over positives of w_loc(t) * DIoU(t).
-  * `evaluator_loss_sum` = sum over positives of `evaluator_loss(q, Q)` (MSE or BCE) with
-    detached targets Q (`instance_targets`; 0 without the instance evaluator).
+  * `evaluator_loss_sum` = sum over the evaluator's points (the positives, or those of
+    `evaluator_targets`) of `evaluator_loss(q, Q)` (MSE or BCE) with detached targets Q
+    (`instance_targets`; 0 without the instance evaluator).
   * `contrastive_loss_sum`, `contrastive_num_anchors`: action-sensitive contrastive loss summed
     over anchors, and the anchor count (0 without ASCL). Unlike the other terms it is a mean over
     anchors, not normalised by the positive count.
@@ -461,6 +462,8 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
     gather_fn: optional `(feats [F, D], labels [F], valid [F]) -> (feats [G, D], labels [G],
       valid [G], own_rows [G])` gathering the contrastive features of every replica (see
       `multi_positive_info_nce`'s `anchor_rows`); None = this replica's batch only.
+    evaluator_targets: optional assignment (`targets.assign_targets`) whose positives and
+      targets the evaluator learns from (LossConfig.evaluator_points); None = `targets`.
 
   Returns:
     dict of float32 scalars (see above).
@@ -477,6 +480,10 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   safe_targets = tf.where(positive[..., None], targets["reg_targets"], 1.0)
   diou = ctr_diou_loss_1d(safe_offsets, safe_targets)  # [B, N]
 
+  if evaluator_targets is None:
+    evaluator_targets, evaluator_mask = targets, positive
+  else:
+    evaluator_mask = tf.logical_and(evaluator_targets["positive_mask"], valid)
   w_cls = tf.ones_like(focal)
   w_loc = tf.ones_like(focal)
   zero = tf.constant(0.0, tf.float32)
@@ -485,11 +492,11 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
     w_cls, w_loc = sensitivity["p_cls"], sensitivity["p_loc"]
     if "q" in sensitivity:
       q = tf.cast(sensitivity["q"], tf.float32)  # [B, N, 2]
-      q_target = instance_targets(cls_logits, offsets, targets,
+      q_target = instance_targets(cls_logits, offsets, evaluator_targets,
                                   loss_config.evaluator_target)  # [B, N, 2]
       per_point = evaluator_loss(q, q_target, loss_config.evaluator_loss,
                                  logits=sensitivity.get("q_logits"))
-      evaluator_sum = tf.reduce_sum(tf.where(positive, per_point, 0.0))
+      evaluator_sum = tf.reduce_sum(tf.where(evaluator_mask, per_point, 0.0))
       use = tf.logical_and(positive, tf.cast(use_instance_weights, tf.bool))
       combination = loss_config.instance_combination
       w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination), w_cls)

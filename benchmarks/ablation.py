@@ -46,7 +46,8 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "instance_combination": "sum", "sensitivity_normalization": "none",
         "evaluator_target": "separate", "evaluator_loss": "mse",
         "sensitivity_parametrization": "authors", "sensitivity_lr_scale": "1",
-        "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk"}
+        "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk",
+        "evaluator_loss_weight": "1", "evaluator_points": "positives"}
 
 
 def _variant(**switches) -> tuple:
@@ -107,6 +108,20 @@ VARIANTS: Dict[str, tuple] = {
     "asl_all_norm_bce_windows_clear_c001": _variant(
         **_CLS, **_INST, **_NORM, contrastive_weight="0.01", instance_combination="product",
         evaluator_loss="bce", contrastive_sampling="windows_clear_background"),
+    # The default with the evaluator's loss weighted 4x (it learns only from its own loss, so
+    # the weight sets how fast q follows its targets) and with q and p summed instead of
+    # multiplied (a softer reweighting inside each instance).
+    "class_instance_norm_bce_elw4": _variant(**_CLS, **_INST, **_NORM,
+                                             instance_combination="product",
+                                             evaluator_loss="bce", evaluator_loss_weight="4"),
+    "class_instance_norm_bce_sum": _variant(**_CLS, **_INST, **_NORM, instance_combination="sum",
+                                            evaluator_loss="bce"),
+    # The default with the evaluator learning from every point inside a GT (at the GT's level;
+    # the paper's "ground-truth location sampling" read as the evaluator's input), its weights
+    # still on the centre-sampled positives.
+    "class_instance_norm_bce_inside": _variant(**_CLS, **_INST, **_NORM,
+                                               instance_combination="product",
+                                               evaluator_loss="bce", evaluator_points="inside_gt"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
     # +-0.02, sigma 0.97-1.0 after 1,800 steps): mu / sigma with a 100x learning rate.

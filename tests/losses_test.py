@@ -200,6 +200,28 @@ def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc, 
   assert float(sums["num_pos"]) == 1.0
 
 
+def test_evaluator_learns_from_its_own_points_while_weights_stay_on_the_positives():
+  """`evaluator_targets` (LossConfig.evaluator_points=inside_gt) adds point 0 (whole-segment
+  positive, reg target (5, 5) = its prediction, IoU 1) to the evaluator's loss only: with
+  q = (0.3, 0.3) against Q = (0.5, 1) it adds 0.2^2 + 0.7^2 = 0.53 to point 1's 0.17 (MSE);
+  the focal and DIoU sums keep point 1's weights."""
+  outputs, targets = _small_case()
+  sens = {"p_cls": np.array([[1.0, 0.8, 1.0, 1.0]], np.float32),
+          "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32),
+          "q": np.array([[[0.3, 0.3], [0.6, 0.2], [0.9, 0.9], [0.1, 0.1]]], np.float32)}
+  whole = {"cls_targets": np.array([[[1.0], [1.0], [0.0], [1.0]]], np.float32),
+           "reg_targets": np.array([[[5, 5], [2, 2], [0, 0], [1, 1]]], np.float32),
+           "positive_mask": np.array([[True, True, False, True]]),  # point 3: padding
+           "matched_label": np.array([[0, 0, -1, 0]], np.int32)}
+  cfg = config_lib.LossConfig(sensitivity_normalization="none", evaluator_loss="mse")
+  sums = losses.asl_loss_sums(outputs, targets, sens, None, None, cfg, True,
+                              evaluator_targets=whole)
+  np.testing.assert_allclose(float(sums["evaluator_loss_sum"]), 0.53 + 0.17, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["cls_loss_sum"]), 2 * NEG + 0.48 * POS, rtol=1e-6)
+  np.testing.assert_allclose(float(sums["reg_loss_sum"]), 0.1 * 0.44, rtol=1e-5)
+  assert float(sums["num_pos"]) == 1.0
+
+
 def test_combine_losses_formula():
   sums = {"cls_loss_sum": 4.0, "reg_loss_sum": 2.0, "evaluator_loss_sum": 1.0,
           "contrastive_loss_sum": 3.0}

@@ -66,6 +66,10 @@ class DetectionTask:
     out = model(batch["features"], batch["padding_mask"], training=training)
     targets = targets_lib.assign_targets(out["points"], gt_segments, gt_labels, mc.num_classes,
                                          lc.center_sample_radius, out["padding_mask"])
+    evaluator_targets = None
+    if mc.instance_sensitivity and lc.evaluator_points == "inside_gt":
+      evaluator_targets = targets_lib.assign_targets(
+          out["points"], gt_segments, gt_labels, mc.num_classes, 0.0, out["padding_mask"])
     sens = None
     if model.sensitivity is not None:
       sens = model.sensitivity(out["level_features"], out["level_masks"], out["points"],
@@ -75,7 +79,8 @@ class DetectionTask:
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
     gather_fn = _replica_gather_fn(ctx) if replicas > 1 else None
     sums = losses_lib.asl_loss_sums(out, targets, sens, gt_segments, gt_labels, lc,
-                                    use_instance_weights=use_instance, gather_fn=gather_fn)
+                                    use_instance_weights=use_instance, gather_fn=gather_fn,
+                                    evaluator_targets=evaluator_targets)
     num_pos, num_anchors = sums["num_pos"], sums["contrastive_num_anchors"]
     if replicas > 1:
       num_pos, num_anchors = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [num_pos, num_anchors])

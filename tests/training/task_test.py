@@ -131,3 +131,26 @@ def test_asl_off_has_no_sensitivity_layer_and_matches_plain_losses():
   assert float(logs["evaluator_loss"]) == 0.0 and float(logs["contrastive_loss"]) == 0.0
   np.testing.assert_allclose(float(logs["total_loss"]),
                              float(logs["cls_loss"]) + float(logs["reg_loss"]), rtol=1e-6)
+
+
+def test_evaluator_inside_gt_learns_from_the_whole_segment_assignment():
+  """With `evaluator_points=inside_gt` the evaluator's loss is the one it has when every point
+  inside a GT is a positive (centre radius 0), while the detector's own losses stay those of
+  centre sampling; the normaliser is read, not updated, so the sums compare directly."""
+  model = detector_lib.ASLDetector(_tiny_config(instance_sensitivity=True))
+  model.build_for_training()
+  batch = _overfit_batch()
+
+  def logs(**loss):
+    return task_lib.DetectionTask(model.model_config, config_lib.LossConfig(**loss)
+                                  ).validation_step(model, batch)
+
+  centre = logs()
+  inside = logs(evaluator_points="inside_gt")
+  whole = logs(center_sample_radius=0.0)
+  assert float(whole["num_pos"]) > float(centre["num_pos"])  # the case tells them apart
+  np.testing.assert_allclose(float(inside["evaluator_loss"]), float(whole["evaluator_loss"]),
+                             rtol=1e-6)
+  assert float(inside["evaluator_loss"]) > float(centre["evaluator_loss"])
+  for key in ("cls_loss", "reg_loss", "num_pos"):
+    np.testing.assert_allclose(float(inside[key]), float(centre[key]), rtol=1e-6)
