@@ -1,10 +1,15 @@
-"""Run by task_test.py in a fresh process: one train step on 1 device vs 2 replicas.
+"""Run by task_test.py in a fresh process: train steps on 1 device vs 2 replicas.
 
-Prints JSON {"max_abs_diff", "weights_moved", "replicas", "normalizer_1", "normalizer_2",
-"logs_1", "logs_2"}. TensorFlow must not be
+  distributed_step_script.py CLIP_NORM SEED STEPS SINGLE_OPTIMIZER
+
+SINGLE_OPTIMIZER `fused` gives the single device the optimizer the policy chooses (FusedAdamW,
+as the replicas get), `keras` gives it Keras' AdamW (the same updates up to rounding).
+Prints JSON {"max_abs_diff", "max_abs_diff_ema", "weights_moved", "ema_moved", "replicas",
+"normalizer_1", "normalizer_2", "logs_1", "logs_2"} (logs of the last step). TensorFlow must not be
 initialized before the logical CPUs are configured, hence the subprocess.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,20 +39,22 @@ def make_batch(seq_len, channels):
           "gt_labels": labels}
 
 
-def build(strategy, model_config, train_config, weights=None):
+def build(strategy, model_config, train_config, weights=None, optimizer_config=None):
   with strategy.scope():
     model = detector_lib.ASLDetector(model_config)
     model.build_for_training()
     if weights is not None:
       model.set_weights(weights)
     task = task_lib.DetectionTask(model_config, clip_grad_norm=train_config.clip_grad_norm)
-    optimizer = optimizer_lib.build_optimizer(model, train_config, model_config, 10)
+    optimizer = optimizer_lib.build_optimizer(model, train_config,
+                                              optimizer_config or model_config, 10)
     optimizer.build(model.trainable_variables)
   return model, task, optimizer
 
 
 def main():
-  clip = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
+  clip, seed, steps, single_optimizer = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), \
+      sys.argv[4]
   strategy_lib.configure_devices(2)
   model_config = config_lib.ModelConfig(
       input_dim=16, num_classes=3, max_seq_len=64, embd_dim=16, fpn_dim=16, head_dim=16,
@@ -56,9 +63,12 @@ def main():
   train_config = config_lib.TrainConfig(learning_rate=1e-4, warmup_epochs=0, epochs=2,
                                         clip_grad_norm=clip, ema_decay=0.999)
   batch = make_batch(64, 16)
-  keras.utils.set_random_seed(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
-  single, single_task, single_optimizer = build(tf.distribute.get_strategy(), model_config,
-                                                train_config)
+  keras.utils.set_random_seed(seed)
+  # The reference policy picks Keras' AdamW; the model's own policy stays `auto`.
+  keras_adamw = dataclasses.replace(model_config, kernel_policy="reference")
+  single, single_task, single_optimizer = build(
+      tf.distribute.get_strategy(), model_config, train_config,
+      optimizer_config=keras_adamw if single_optimizer == "keras" else None)
   initial = [v.numpy() for v in single.trainable_variables]
   mirrored_strategy = tf.distribute.MirroredStrategy(
       [d.name for d in tf.config.list_logical_devices("CPU")])
@@ -66,8 +76,9 @@ def main():
                                                       train_config, single.get_weights())
 
   epoch = tf.constant(0, tf.int64)
-  logs_1 = tf.function(lambda b: single_task.train_step(single, single_optimizer, b, epoch))(
-      batch)
+  single_step = tf.function(lambda b: single_task.train_step(single, single_optimizer, b, epoch))
+  for _ in range(steps):
+    logs_1 = single_step(batch)
 
   dataset = tf.data.Dataset.from_tensors(batch).unbatch().batch(4)
   dist_batch = next(iter(mirrored_strategy.experimental_distribute_dataset(dataset)))
@@ -78,13 +89,23 @@ def main():
         lambda x: mirrored_task.train_step(mirrored, mirrored_optimizer, x, epoch), args=(b,))
     return {k: mirrored_strategy.reduce("sum", v, axis=None) for k, v in per_replica.items()}
 
-  logs_2 = step(dist_batch)
+  for _ in range(steps):
+    logs_2 = step(dist_batch)
   diffs = [float(np.max(np.abs(a - b)))
            for a, b in zip(single.get_weights(), mirrored.get_weights())]
+  ema_diffs = [float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(
+      optimizer_lib.ema_variables(single_optimizer),
+      optimizer_lib.ema_variables(mirrored_optimizer), strict=True)]
+  ema_moved = max(float(np.max(np.abs(a.numpy() - w))) for a, w in zip(
+      optimizer_lib.ema_variables(single_optimizer), initial, strict=True))
   moved = max(float(np.max(np.abs(v.numpy() - w)))
               for v, w in zip(single.trainable_variables, initial))
   print(json.dumps({
       "max_abs_diff": max(diffs),
+      "max_abs_diff_ema": max(ema_diffs),
+      "ema_moved": ema_moved,
+      "single_optimizer": type(single_optimizer).__name__,
+      "mirrored_optimizer": type(mirrored_optimizer).__name__,
       "weights_moved": moved,
       "replicas": mirrored_strategy.num_replicas_in_sync,
       "normalizer_1": float(single_task.loss_normalizer.normalizer.numpy()),

@@ -18,28 +18,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.slow
-def test_two_replica_step_equals_one_device_step_with_every_asl_option():
-  """Global batch of 4 on 1 device vs 2 logical CPUs x 2: same weights after one step.
+def test_two_replica_steps_equal_one_device_steps_with_every_asl_option():
+  """Global batch of 4 on 1 device vs 2 logical CPUs x 2: same weights and EMA after 3 steps,
+  the replicas with FusedAdamW, the single device with Keras' AdamW.
 
   Covers the all-reduced positive count and normalizer, the contrastive loss over gathered
-  features, and clipping of the summed gradient (a clip norm of 1e-3 always clips, so per-replica
-  clipping would give different weights).
+  features, clipping of the summed gradient (a clip norm of 1e-3 always clips, so per-replica
+  clipping would give different weights), and FusedAdamW's once-per-apply scalars and EMA under
+  the strategy against Keras' own optimizer.
   """
   proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed_step_script.py"),
-                         "1e-3"], capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                         "1e-3", "0", "3", "keras"], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["replicas"] == 2
-  assert result["weights_moved"] > 5e-5  # the step did something (Adam: ~lr per weight)
-  assert result["max_abs_diff"] < 1e-5
+  assert (result["single_optimizer"], result["mirrored_optimizer"]) == ("AdamW", "FusedAdamW")
+  assert result["weights_moved"] > 2e-4  # 3 steps did something (Adam: ~lr per weight each)
+  assert result["max_abs_diff"] < 1e-6  # measured 6e-8
+  assert result["ema_moved"] > 1e-7
+  assert result["max_abs_diff_ema"] < 0.05 * result["ema_moved"]
   for key in ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "total_loss",
               "num_pos"):
     np.testing.assert_allclose(result["logs_2"][key], result["logs_1"][key], rtol=1e-5)
   assert result["logs_1"]["contrastive_loss"] > 0
   # The task's normaliser folded the global positive count in on both (not this replica's).
   assert result["normalizer_2"] == pytest.approx(result["normalizer_1"], rel=1e-6)
-  assert result["normalizer_1"] == pytest.approx(0.9 * 100 + 0.1 * result["logs_1"]["num_pos"])
+  # The same batch each step: n_3 = 0.9^3 100 + (1 - 0.9^3) num_pos.
+  assert result["normalizer_1"] == pytest.approx(
+      0.729 * 100 + 0.271 * result["logs_1"]["num_pos"])
 
 
 def _tiny_config(**asl):
