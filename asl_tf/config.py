@@ -280,6 +280,9 @@ class LossConfig:
     contrastive_window_ratio: `windows*`: half-width of a window as a fraction of the GT's
       length (at least one grid step).
     contrastive_window_gap_grid: `windows*`: distance of the outside windows from the GT.
+    video_label_loss_weight: weight of the label-involved loss of the authors' Ego4D code
+      (0.2 there; `losses.video_label_loss_sum`): which classes act somewhere in the training
+      window, from each class's softmax maximum over the window's points; 0 = off.
   """
   center_sample_radius: float = 1.5
   focal_alpha: float = 0.25
@@ -301,6 +304,7 @@ class LossConfig:
   contrastive_num_background: int = 8
   contrastive_window_ratio: float = 0.2
   contrastive_window_gap_grid: float = 1.0
+  video_label_loss_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,6 +610,7 @@ _RANGES = (
     ("loss", "reg_loss_weight", _NON_NEGATIVE, ">= 0"),
     ("loss", "init_loss_norm", _POSITIVE, "positive"),
     ("loss", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
+    ("loss", "video_label_loss_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
     ("loss", "instance_start_epoch", _NON_NEGATIVE, ">= 0"),
     ("loss", "contrastive_temperature", _POSITIVE, "positive"),
     ("loss", "contrastive_topk", _POSITIVE, "a positive integer"),

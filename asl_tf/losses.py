@@ -234,6 +234,31 @@ def normalize_per_instance(weights, positive, matched_gt, num_gt):
   return tf.where(positive, relative / tf.maximum(mean, 1e-12), weights)
 
 
+def video_label_loss_sum(cls_logits, padding_mask, gt_labels):
+  """The label-involved loss of the authors' Ego4D code, summed over videos and classes.
+
+  S[b, k] = max over the video's points of softmax_k(logits) (a padding point counts as the
+  uniform 1 / K, as the authors' masking makes it); y[b, k] = 1 if some GT of the video (the
+  training window) has class k; the loss is sum_{b, k} BCE(S, y). S is clipped to
+  [1e-7, 1 - 1e-7] so that a saturated softmax stays finite (the authors take the plain log).
+
+  Args:
+    cls_logits: [B, N, K] logits.
+    padding_mask: bool [B, N], true on valid points.
+    gt_labels: int [B, M] class ids, -1 = padding.
+
+  Returns:
+    float32 scalar.
+  """
+  logits = tf.cast(cls_logits, tf.float32)
+  num_classes = logits.shape[-1]
+  logits = tf.where(tf.cast(padding_mask, tf.bool)[..., None], logits, -1e7)
+  scores = tf.reduce_max(tf.nn.softmax(logits, axis=-1), axis=1)  # [B, K]
+  present = tf.reduce_max(tf.one_hot(gt_labels, num_classes, dtype=tf.float32), axis=1)  # [B, K]
+  scores = tf.clip_by_value(scores, 1e-7, 1.0 - 1e-7)
+  return -tf.reduce_sum(present * tf.math.log(scores) + (1.0 - present) * tf.math.log1p(-scores))
+
+
 def combine_point_weights(class_weight, instance_weight, combination):
   """Combines class-level weights p with the evaluator's quality q: `product` p * sg(q) or
   `sum` p + sg(q). Shapes broadcast; returns float32."""
@@ -444,6 +469,8 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   * `contrastive_loss_sum`, `contrastive_num_anchors`: action-sensitive contrastive loss summed
     over anchors, and the anchor count (0 without ASCL). Unlike the other terms it is a mean over
     anchors, not normalised by the positive count.
+  * `video_label_loss_sum`: `video_label_loss_sum` when LossConfig.video_label_loss_weight > 0,
+    else 0.
   * `num_pos`: positive points (float32).
   With the instance evaluator, w = combine(p, q) on positives (LossConfig.instance_combination)
   once `use_instance_weights` is true, else w = p; with `sensitivity_normalization=instance`,
@@ -532,12 +559,16 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
 
   cls_sum = tf.reduce_sum(tf.where(valid, w_cls * focal, 0.0))
   reg_sum = tf.reduce_sum(tf.where(positive, w_loc * diou, 0.0))
+  video_label_sum = zero
+  if loss_config.video_label_loss_weight > 0:
+    video_label_sum = video_label_loss_sum(cls_logits, valid, gt_labels)
   return {
       "cls_loss_sum": cls_sum,
       "reg_loss_sum": reg_sum,
       "evaluator_loss_sum": evaluator_sum,
       "contrastive_loss_sum": contrastive_sum,
       "contrastive_num_anchors": contrastive_anchors,
+      "video_label_loss_sum": video_label_sum,
       "num_pos": tf.reduce_sum(tf.cast(positive, tf.float32)),
   }
 
@@ -547,6 +578,7 @@ def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weigh
 
   total = cls/n + reg_loss_weight reg/n + evaluator_loss_weight eval/n
           + contrastive_weight contrastive_sum / max(num_anchors, 1)
+          + video_label_loss_weight video_label/n
 
   Args:
     sums: the dict from `asl_loss_sums` (this replica's sums).
@@ -557,20 +589,23 @@ def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weigh
 
   Returns:
     dict of float32 scalars `cls_loss`, `reg_loss`, `evaluator_loss`, `contrastive_loss`,
-    `total_loss` (this replica's share of the global loss).
+    `video_label_loss`, `total_loss` (this replica's share of the global loss).
   """
   cls_loss = sums["cls_loss_sum"] / normalizer
   reg_loss = sums["reg_loss_sum"] / normalizer
   evaluator_loss = sums["evaluator_loss_sum"] / normalizer
   contrastive_loss = sums["contrastive_loss_sum"] / tf.maximum(
       tf.cast(num_anchors, tf.float32), 1.0)
+  video_label_loss = sums["video_label_loss_sum"] / normalizer
   total = (cls_loss + loss_config.reg_loss_weight * reg_loss
            + loss_config.evaluator_loss_weight * evaluator_loss
-           + contrastive_weight * contrastive_loss)
+           + contrastive_weight * contrastive_loss
+           + loss_config.video_label_loss_weight * video_label_loss)
   return {
       "cls_loss": cls_loss,
       "reg_loss": reg_loss,
       "evaluator_loss": evaluator_loss,
       "contrastive_loss": contrastive_loss,
+      "video_label_loss": video_label_loss,
       "total_loss": total,
   }

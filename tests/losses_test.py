@@ -222,13 +222,47 @@ def test_evaluator_learns_from_its_own_points_while_weights_stay_on_the_positive
   assert float(sums["num_pos"]) == 1.0
 
 
+def test_video_label_loss_golden():
+  """Video 0: points 0, 1 have softmaxes (0.25, 0.75) and (0.75, 0.25), point 2 is padding with
+  a confident logit that must not count; class 0 is present: S = (0.75, 0.75), loss
+  -log 0.75 - log 0.25. Video 1: only padding (uniform S = 1/2 as the authors' masking gives)
+  and no GT: -2 log 0.5."""
+  ln3 = math.log(3.0)
+  logits = np.array([[[0.0, ln3], [ln3, 0.0], [10.0, -10.0]],
+                     [[9.0, 0.0], [0.0, 9.0], [5.0, 5.0]]], np.float32)
+  mask = np.array([[True, True, False], [False, False, False]])
+  labels = np.array([[0, -1], [-1, -1]], np.int32)
+  value = float(losses.video_label_loss_sum(logits, mask, labels))
+  np.testing.assert_allclose(value, -math.log(0.75) - math.log(0.25) - 2 * math.log(0.5),
+                             rtol=1e-6)
+  # A saturated softmax stays finite (clipped), with a finite gradient.
+  x = tf.Variable([[[200.0, -200.0]]])
+  with tf.GradientTape() as tape:
+    saturated = losses.video_label_loss_sum(x, np.array([[True]]), np.array([[1]], np.int32))
+  assert np.isfinite(float(saturated)) and np.isfinite(tape.gradient(saturated, x).numpy()).all()
+
+
+def test_video_label_loss_enters_the_sums_only_when_weighted():
+  outputs, targets = _small_case()
+  labels = np.array([[0]], np.int32)
+  off = losses.asl_loss_sums(outputs, targets, None, None, labels, config_lib.LossConfig())
+  on = losses.asl_loss_sums(outputs, targets, None, None, labels,
+                            config_lib.LossConfig(video_label_loss_weight=0.2))
+  assert float(off["video_label_loss_sum"]) == 0.0
+  expected = losses.video_label_loss_sum(outputs["cls_logits"], outputs["padding_mask"], labels)
+  assert float(on["video_label_loss_sum"]) == float(expected) > 0
+  assert float(on["cls_loss_sum"]) == float(off["cls_loss_sum"])
+
+
 def test_combine_losses_formula():
   sums = {"cls_loss_sum": 4.0, "reg_loss_sum": 2.0, "evaluator_loss_sum": 1.0,
-          "contrastive_loss_sum": 3.0}
-  cfg = config_lib.LossConfig(reg_loss_weight=2.0, evaluator_loss_weight=0.5)
+          "contrastive_loss_sum": 3.0, "video_label_loss_sum": 5.0}
+  cfg = config_lib.LossConfig(reg_loss_weight=2.0, evaluator_loss_weight=0.5,
+                              video_label_loss_weight=0.2)
   out = losses.combine_losses(sums, 2.0, 6.0, cfg, 0.1)
-  # 4/2 + 2 * 2/2 + 0.5 * 1/2 + 0.1 * 3/6 = 2 + 2 + 0.25 + 0.05
-  np.testing.assert_allclose(float(out["total_loss"]), 4.3, rtol=1e-6)
+  # 4/2 + 2 * 2/2 + 0.5 * 1/2 + 0.1 * 3/6 + 0.2 * 5/2 = 2 + 2 + 0.25 + 0.05 + 0.5
+  np.testing.assert_allclose(float(out["total_loss"]), 4.8, rtol=1e-6)
+  np.testing.assert_allclose(float(out["video_label_loss"]), 2.5, rtol=1e-6)
   out = losses.combine_losses(sums, 2.0, 0.0, cfg, 0.1)  # no anchors: divide by 1
   np.testing.assert_allclose(float(out["contrastive_loss"]), 3.0)
 

@@ -13,7 +13,8 @@ from asl_tf import config as config_lib
 from asl_tf import losses as losses_lib
 from asl_tf import targets as targets_lib
 
-LOSS_LOG_KEYS = ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "total_loss")
+LOSS_LOG_KEYS = ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "video_label_loss",
+                 "total_loss")
 
 
 class DetectionTask:
