@@ -129,12 +129,20 @@ def machine_info() -> Dict[str, Any]:
   }
 
 
+def status_mb(*keys: str) -> Dict[str, float]:
+  """Memory fields of this process's /proc/self/status (e.g. VmHWM, VmRSS, RssAnon), in MiB."""
+  values = {}
+  for key in keys:
+    value = _read_key("/proc/self/status", key)
+    if value is None:
+      raise OSError(f"{key} is not available (needs Linux /proc/self/status)")
+    values[key] = int(value.split()[0]) / 1024
+  return values
+
+
 def peak_rss_mb() -> float:
   """Peak resident memory of this process so far (VmHWM), in MiB."""
-  value = _read_key("/proc/self/status", "VmHWM")
-  if value is None:
-    raise OSError("VmHWM is not available (needs Linux /proc/self/status)")
-  return int(value.split()[0]) / 1024
+  return status_mb("VmHWM")["VmHWM"]
 
 
 def json_default(obj: Any) -> Any:

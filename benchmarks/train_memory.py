@@ -30,15 +30,11 @@ _OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrast
 VARIANTS = {"actionformer": _OFF, "asl": ()}
 
 
+_STATUS_NAMES = {"VmHWM": "peak_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
+
+
 def _status_mb():
-  keys = {"VmHWM": "peak_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
-  out = {}
-  with open("/proc/self/status", encoding="utf-8") as f:
-    for line in f:
-      key = line.split(":")[0]
-      if key in keys:
-        out[keys[key]] = round(int(line.split()[1]) / 1024.0, 1)
-  return out
+  return {_STATUS_NAMES[k]: round(v, 1) for k, v in common.status_mb(*_STATUS_NAMES).items()}
 
 
 def _scope(op_name):
