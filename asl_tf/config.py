@@ -266,10 +266,10 @@ class LossConfig:
       (both outputs -> sigmoid(logit)^0.2 * tIoU^0.8, the authors' commented-out target).
     evaluator_loss: `mse` or `bce` (binary cross-entropy of q against the soft targets).
     evaluator_points: the points the evaluator learns from: `positives` (the centre-sampled
-      positives its weights act on) or `inside_gt` (every point inside a ground truth at that
-      GT's pyramid level, targets from the whole-segment assignment; the sum is still divided by
-      the positive-count normaliser, so it weighs more). Its weights act on the positives either
-      way.
+      positives its weights act on) or `inside_gt` (also every other point inside a ground
+      truth at that GT's pyramid level, with the targets of the shortest GT holding it; the sum
+      is still divided by the positive-count normaliser, so it weighs more). Its weights act on
+      the positives either way; without `instance_sensitivity` it has no effect.
     contrastive_temperature: InfoNCE temperature tau.
     contrastive_sampling: which features the contrastive loss compares: `sensitivity_topk` (per
       GT the top-k points by class- and by localization-sensitivity, plus background points

@@ -239,8 +239,9 @@ def video_label_loss_sum(cls_logits, padding_mask, gt_labels):
 
   S[b, k] = max over the video's points of softmax_k(logits) (a padding point counts as the
   uniform 1 / K, as the authors' masking makes it); y[b, k] = 1 if some GT of the video (the
-  training window) has class k; the loss is sum_{b, k} BCE(S, y). S is clipped to
-  [1e-7, 1 - 1e-7] so that a saturated softmax stays finite (the authors take the plain log).
+  training window) has class k; the loss is sum_{b, k} BCE(S, y). log S is taken from the log
+  softmax (finite where S underflows), and 1 - S is floored at 1e-7 so that a saturated softmax
+  stays finite (the authors take the plain logs of S and 1 - S).
 
   Args:
     cls_logits: [B, N, K] logits.
@@ -253,10 +254,11 @@ def video_label_loss_sum(cls_logits, padding_mask, gt_labels):
   logits = tf.cast(cls_logits, tf.float32)
   num_classes = logits.shape[-1]
   logits = tf.where(tf.cast(padding_mask, tf.bool)[..., None], logits, -1e7)
-  scores = tf.reduce_max(tf.nn.softmax(logits, axis=-1), axis=1)  # [B, K]
+  # log S = max log softmax (the log is monotone): exact where softmax underflows.
+  log_scores = tf.reduce_max(tf.nn.log_softmax(logits, axis=-1), axis=1)  # [B, K]
+  log_complement = tf.math.log(tf.maximum(-tf.math.expm1(log_scores), 1e-7))  # log(1 - S)
   present = tf.reduce_max(tf.one_hot(gt_labels, num_classes, dtype=tf.float32), axis=1)  # [B, K]
-  scores = tf.clip_by_value(scores, 1e-7, 1.0 - 1e-7)
-  return -tf.reduce_sum(present * tf.math.log(scores) + (1.0 - present) * tf.math.log1p(-scores))
+  return -tf.reduce_sum(present * log_scores + (1.0 - present) * log_complement)
 
 
 def combine_point_weights(class_weight, instance_weight, combination):
@@ -489,8 +491,9 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
     gather_fn: optional `(feats [F, D], labels [F], valid [F]) -> (feats [G, D], labels [G],
       valid [G], own_rows [G])` gathering the contrastive features of every replica (see
       `multi_positive_info_nce`'s `anchor_rows`); None = this replica's batch only.
-    evaluator_targets: optional assignment (`targets.assign_targets`) whose positives and
-      targets the evaluator learns from (LossConfig.evaluator_points); None = `targets`.
+    evaluator_targets: optional assignment (`targets.assign_targets`) whose positives the
+      evaluator also learns from, with their targets (LossConfig.evaluator_points); on the
+      points positive in `targets` it keeps those targets. None = `targets` only.
 
   Returns:
     dict of float32 scalars (see above).
@@ -510,7 +513,16 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   if evaluator_targets is None:
     evaluator_targets, evaluator_mask = targets, positive
   else:
-    evaluator_mask = tf.logical_and(evaluator_targets["positive_mask"], valid)
+    # A positive keeps its own GT (the one its weights act on), even where a shorter
+    # overlapping GT holds it in the whole-segment assignment.
+    evaluator_mask = tf.logical_or(
+        positive, tf.logical_and(evaluator_targets["positive_mask"], valid))
+    evaluator_targets = {
+        "matched_label": tf.where(positive, targets["matched_label"],
+                                  evaluator_targets["matched_label"]),
+        "reg_targets": tf.where(positive[..., None], targets["reg_targets"],
+                                evaluator_targets["reg_targets"]),
+    }
   w_cls = tf.ones_like(focal)
   w_loc = tf.ones_like(focal)
   zero = tf.constant(0.0, tf.float32)

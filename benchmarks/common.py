@@ -131,13 +131,18 @@ def machine_info() -> Dict[str, Any]:
 
 def status_mb(*keys: str) -> Dict[str, float]:
   """Memory fields of this process's /proc/self/status (e.g. VmHWM, VmRSS, RssAnon), in MiB."""
-  values = {}
-  for key in keys:
-    value = _read_key("/proc/self/status", key)
-    if value is None:
-      raise OSError(f"{key} is not available (needs Linux /proc/self/status)")
-    values[key] = int(value.split()[0]) / 1024
-  return values
+  fields = {}
+  try:
+    with open("/proc/self/status", encoding="utf-8") as f:  # one read: one moment
+      for line in f:
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+  except OSError:
+    pass
+  missing = [k for k in keys if k not in fields]
+  if missing:
+    raise OSError(f"{', '.join(missing)} not in /proc/self/status (needs Linux)")
+  return {k: int(fields[k].split()[0]) / 1024 for k in keys}
 
 
 def peak_rss_mb() -> float:

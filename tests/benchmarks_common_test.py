@@ -70,7 +70,7 @@ def test_peak_rss_covers_a_fresh_allocation():
   assert rss_after - rss_before > 80
   assert common.peak_rss_mb() >= rss_after
   status = common.status_mb("VmRSS", "VmHWM")
-  assert abs(status["VmRSS"] - rss_after) < 16 and status["VmHWM"] >= status["VmRSS"]
+  assert abs(status["VmRSS"] - rss_after) < 16 and status["VmHWM"] >= rss_after
   with pytest.raises(OSError, match="NoSuchField"):
     common.status_mb("NoSuchField")
   assert block[-1] == 1.0

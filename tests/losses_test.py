@@ -203,14 +203,16 @@ def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc, 
 def test_evaluator_learns_from_its_own_points_while_weights_stay_on_the_positives():
   """`evaluator_targets` (LossConfig.evaluator_points=inside_gt) adds point 0 (whole-segment
   positive, reg target (5, 5) = its prediction, IoU 1) to the evaluator's loss only: with
-  q = (0.3, 0.3) against Q = (0.5, 1) it adds 0.2^2 + 0.7^2 = 0.53 to point 1's 0.17 (MSE);
-  the focal and DIoU sums keep point 1's weights."""
+  q = (0.3, 0.3) against Q = (0.5, 1) it adds 0.2^2 + 0.7^2 = 0.53 to point 1's 0.17 (MSE).
+  Point 1 keeps its own GT's target (2, 2), not the shorter one (1, 1) the whole-segment
+  assignment gives it (IoU 1/3: 0.1^2 + (0.2 - 1/3)^2 would be 0.0278). The focal and DIoU sums
+  keep point 1's weights."""
   outputs, targets = _small_case()
   sens = {"p_cls": np.array([[1.0, 0.8, 1.0, 1.0]], np.float32),
           "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32),
           "q": np.array([[[0.3, 0.3], [0.6, 0.2], [0.9, 0.9], [0.1, 0.1]]], np.float32)}
   whole = {"cls_targets": np.array([[[1.0], [1.0], [0.0], [1.0]]], np.float32),
-           "reg_targets": np.array([[[5, 5], [2, 2], [0, 0], [1, 1]]], np.float32),
+           "reg_targets": np.array([[[5, 5], [1, 1], [0, 0], [1, 1]]], np.float32),
            "positive_mask": np.array([[True, True, False, True]]),  # point 3: padding
            "matched_label": np.array([[0, 0, -1, 0]], np.int32)}
   cfg = config_lib.LossConfig(sensitivity_normalization="none", evaluator_loss="mse")
@@ -235,16 +237,29 @@ def test_video_label_loss_golden():
   value = float(losses.video_label_loss_sum(logits, mask, labels))
   np.testing.assert_allclose(value, -math.log(0.75) - math.log(0.25) - 2 * math.log(0.5),
                              rtol=1e-6)
-  # A saturated softmax stays finite (clipped), with a finite gradient.
-  x = tf.Variable([[[200.0, -200.0]]])
+
+
+def test_video_label_loss_follows_a_tiny_present_score_exactly():
+  """Logits (5, 5, 5, -15) with class 3 present: S_3 = e^-15 / (3 e^5 + e^-15), far below any
+  clip; -log S_3 = 20 + log(3 + e^-20), the absent classes add -3 log(1 - S_k) with
+  S_k = e^5 / (3 e^5 + e^-15), and the gradient on logit 3 is -(1 - S_3) ~ -1."""
+  x = tf.Variable([[[5.0, 5.0, 5.0, -15.0]]])
   with tf.GradientTape() as tape:
-    saturated = losses.video_label_loss_sum(x, np.array([[True]]), np.array([[1]], np.int32))
-  assert np.isfinite(float(saturated)) and np.isfinite(tape.gradient(saturated, x).numpy()).all()
+    value = losses.video_label_loss_sum(x, np.array([[True]]), np.array([[3]], np.int32))
+  s_k = math.exp(5) / (3 * math.exp(5) + math.exp(-15))
+  expected = 20 + math.log(3 + math.exp(-20)) - 3 * math.log(1 - s_k)
+  np.testing.assert_allclose(float(value), expected, rtol=1e-6)
+  np.testing.assert_allclose(tape.gradient(value, x).numpy()[0, 0, 3], -1.0, atol=1e-6)
+  # A saturated softmax of an absent class stays finite, with a finite gradient.
+  y = tf.Variable([[[200.0, -200.0]]])
+  with tf.GradientTape() as tape:
+    saturated = losses.video_label_loss_sum(y, np.array([[True]]), np.array([[1]], np.int32))
+  assert np.isfinite(float(saturated)) and np.isfinite(tape.gradient(saturated, y).numpy()).all()
 
 
 def test_video_label_loss_enters_the_sums_only_when_weighted():
   outputs, targets = _small_case()
-  labels = np.array([[0]], np.int32)
+  labels = np.array([[-1]], np.int32)  # K = 1 absent: S = 1, -log(1 - S) at the 1e-7 floor
   off = losses.asl_loss_sums(outputs, targets, None, None, labels, config_lib.LossConfig())
   on = losses.asl_loss_sums(outputs, targets, None, None, labels,
                             config_lib.LossConfig(video_label_loss_weight=0.2))
