@@ -17,14 +17,27 @@ LOSS_LOG_KEYS = ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "
                  "total_loss")
 
 
+def active_loss_keys(model_config: config_lib.ModelConfig,
+                     loss_config: config_lib.LossConfig) -> Tuple[str, ...]:
+  """The LOSS_LOG_KEYS this configuration trains (a term that is off is not logged)."""
+  off = set()
+  if not model_config.instance_sensitivity:
+    off.add("evaluator_loss")
+  if model_config.contrastive_weight <= 0:
+    off.add("contrastive_loss")
+  if loss_config.video_label_loss_weight <= 0:
+    off.add("video_label_loss")
+  return tuple(k for k in LOSS_LOG_KEYS if k not in off)
+
+
 class DetectionTask:
   """Losses and steps of temporal action localization with ASL (docs/method.md 6).
 
   `train_step(model, optimizer, batch, epoch)` / `validation_step(model, batch)` take the
   pipeline's batch dict (`features` [B, T, C], `padding_mask` [B, T], `gt_segments` [B, M, 2]
   in grid units, `gt_labels` int [B, M], -1 = padding) and return this replica's share of every
-  loss term (summing the values over replicas gives the global loss) and its positive count
-  `num_pos`.
+  loss term that is on (`log_keys`; summing the values over replicas gives the global loss)
+  and its positive count `num_pos`.
 
   Args:
     model_config: the detector's configuration (classes, ASL switches).
@@ -38,6 +51,7 @@ class DetectionTask:
     self.model_config = model_config
     self.loss_config = loss_config or config_lib.LossConfig()
     self.clip_grad_norm = float(clip_grad_norm)
+    self.log_keys = active_loss_keys(model_config, self.loss_config)
     self.loss_normalizer = losses_lib.LossNormalizer(
         self.loss_config.init_loss_norm, self.loss_config.loss_norm_momentum,
         name="loss_normalizer")
@@ -59,7 +73,7 @@ class DetectionTask:
       update_normalizer: fold this step's positive count into the normaliser before using it.
 
     Returns:
-      (logs: LOSS_LOG_KEYS and `num_pos`, float32 scalars; the total loss scalar).
+      (logs: `log_keys` and `num_pos`, float32 scalars; the total loss scalar).
     """
     lc, mc = self.loss_config, self.model_config
     gt_segments = tf.cast(batch["gt_segments"], tf.float32)
@@ -90,7 +104,7 @@ class DetectionTask:
     else:
       normalizer = tf.convert_to_tensor(self.loss_normalizer.normalizer)
     terms = losses_lib.combine_losses(sums, normalizer, num_anchors, lc, mc.contrastive_weight)
-    logs = {k: terms[k] for k in LOSS_LOG_KEYS}
+    logs = {k: terms[k] for k in self.log_keys}
     logs["num_pos"] = sums["num_pos"]
     return logs, terms["total_loss"]
 
@@ -103,7 +117,7 @@ class DetectionTask:
     them across replicas again. The loss is this replica's sum over the global normaliser.
 
     Returns:
-      dict of float32 scalars: LOSS_LOG_KEYS and `num_pos` (this replica's shares).
+      dict of float32 scalars: `log_keys` and `num_pos` (this replica's shares).
     """
     with tf.GradientTape() as tape:
       logs, total = self.losses(model, batch, epoch, training=True, update_normalizer=True)
