@@ -144,6 +144,12 @@ VARIANTS: Dict[str, tuple] = {
     # Whole-segment positives span x in [-0.5, 0.5] on level 0, where a class-specific Gaussian
     # can say which part of an action matters: Gaussians that learn (30x learning rate) but
     # cannot collapse onto a few frames (softplus sigma >= 0.1). Values fixed before any run.
+    # The default with whole-segment positives: on the dense set's long moments the centre
+    # leaves most of an action's frames out, and the Gaussians and q can weigh the rest.
+    "class_instance_norm_bce_whole": _variant(**_CLS, **_INST, **_NORM,
+                                              instance_combination="product",
+                                              evaluator_loss="bce")
+                                     + ("--center_sample_radius=0",),
     "class_instance_norm_whole_learned": _variant(**_CLS, **_INST, **_NORM,
                                                   instance_combination="product",
                                                   sensitivity_parametrization="stable",
