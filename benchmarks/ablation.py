@@ -61,6 +61,8 @@ def _variant(**switches) -> tuple:
 _CLS, _INST = {"class_sensitivity": "true"}, {"instance_sensitivity": "true"}
 _NORM = {"sensitivity_normalization": "instance"}
 _CONTRA = {"contrastive_weight": "0.1"}
+# The shipped defaults' ASL switches (class + instance level, normalised, BCE evaluator).
+_DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce"}
 VARIANTS: Dict[str, tuple] = {
     "actionformer": _variant(),
     "+class": _variant(**_CLS),
@@ -112,22 +114,15 @@ VARIANTS: Dict[str, tuple] = {
     # The default with the evaluator's loss weighted 4x (it learns only from its own loss, so
     # the weight sets how fast q follows its targets) and with q and p summed instead of
     # multiplied (a softer reweighting inside each instance).
-    "class_instance_norm_bce_elw4": _variant(**_CLS, **_INST, **_NORM,
-                                             instance_combination="product",
-                                             evaluator_loss="bce", evaluator_loss_weight="4"),
-    "class_instance_norm_bce_sum": _variant(**_CLS, **_INST, **_NORM, instance_combination="sum",
-                                            evaluator_loss="bce"),
+    "class_instance_norm_bce_elw4": _variant(**_DEFAULT, evaluator_loss_weight="4"),
+    "class_instance_norm_bce_sum": _variant(**{**_DEFAULT, "instance_combination": "sum"}),
     # The default with the evaluator learning from every point inside a GT (at the GT's level;
     # the paper's "ground-truth location sampling" read as the evaluator's input), its weights
     # still on the centre-sampled positives.
-    "class_instance_norm_bce_inside": _variant(**_CLS, **_INST, **_NORM,
-                                               instance_combination="product",
-                                               evaluator_loss="bce", evaluator_points="inside_gt"),
+    "class_instance_norm_bce_inside": _variant(**_DEFAULT, evaluator_points="inside_gt"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
-    "class_instance_norm_bce_al02": _variant(**_CLS, **_INST, **_NORM,
-                                             instance_combination="product",
-                                             evaluator_loss="bce", video_label_loss_weight="0.2"),
+    "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
     "actionformer_al02": _variant(video_label_loss_weight="0.2"),
     "+class_contrastive": _variant(**_CLS, **_CONTRA),
     # The class-level Gaussians barely move from their initial values at lr 1e-4 (mu within
@@ -141,15 +136,12 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_whole": _variant(**_CLS, **_INST, **_NORM,
                                           instance_combination="product")
                                  + ("--center_sample_radius=0",),
+    # The default with whole-segment positives: on the dense set's long moments the centre
+    # leaves most of an action's frames out, and the Gaussians and q can weigh the rest.
+    "class_instance_norm_bce_whole": _variant(**_DEFAULT) + ("--center_sample_radius=0",),
     # Whole-segment positives span x in [-0.5, 0.5] on level 0, where a class-specific Gaussian
     # can say which part of an action matters: Gaussians that learn (30x learning rate) but
     # cannot collapse onto a few frames (softplus sigma >= 0.1). Values fixed before any run.
-    # The default with whole-segment positives: on the dense set's long moments the centre
-    # leaves most of an action's frames out, and the Gaussians and q can weigh the rest.
-    "class_instance_norm_bce_whole": _variant(**_CLS, **_INST, **_NORM,
-                                              instance_combination="product",
-                                              evaluator_loss="bce")
-                                     + ("--center_sample_radius=0",),
     "class_instance_norm_whole_learned": _variant(**_CLS, **_INST, **_NORM,
                                                   instance_combination="product",
                                                   sensitivity_parametrization="stable",
