@@ -48,7 +48,7 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "sensitivity_parametrization": "authors", "sensitivity_lr_scale": "1",
         "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk",
         "evaluator_loss_weight": "1", "evaluator_points": "positives",
-        "video_label_loss_weight": "0"}
+        "video_label_loss_weight": "0", "contrastive_temperature": "0.07"}
 
 
 def _variant(**switches) -> tuple:
@@ -101,6 +101,14 @@ VARIANTS: Dict[str, tuple] = {
                                               instance_combination="product",
                                               evaluator_loss="bce",
                                               contrastive_sampling="windows"),
+    # The same at temperatures 0.2 and 0.5 (0.07, the authors' config value, above); values
+    # fixed before any run.
+    "asl_all_norm_bce_windows_c001_t02": _variant(**_DEFAULT, contrastive_weight="0.01",
+                                                  contrastive_sampling="windows",
+                                                  contrastive_temperature="0.2"),
+    "asl_all_norm_bce_windows_c001_t05": _variant(**_DEFAULT, contrastive_weight="0.01",
+                                                  contrastive_sampling="windows",
+                                                  contrastive_temperature="0.5"),
     # The default trained in bfloat16 (Keras mixed_bfloat16: layers in bfloat16, variables,
     # losses and logits float32), to compare with its float32 runs.
     "class_instance_norm_bce_bf16": _variant(**_CLS, **_INST, **_NORM,
@@ -288,6 +296,17 @@ def collect_runs(runs_dir: str) -> List[dict]:
   return sorted(runs, key=lambda r: (order[r["variant"]], r["seed"]))
 
 
+def merge_runs(recorded: Sequence[dict], found: Sequence[dict]) -> List[dict]:
+  """The records of an earlier report (`recorded`, e.g. from a checkout whose runs/ is gone)
+  with this checkout's finished runs (`found`); a found run replaces the recorded one of the
+  same variant and seed. Sorted like `collect_runs`, variants no longer defined last."""
+  merged = {(r["variant"], r["seed"]): r for r in recorded}
+  merged.update({(r["variant"], r["seed"]): r for r in found})
+  order = {v: i for i, v in enumerate(VARIANTS)}
+  return sorted(merged.values(),
+                key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
+
+
 def _write_atomic(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
@@ -365,13 +384,20 @@ def main():
     code = snapshot_code(os.path.join(runs_dir, "code_" + code_digest()))
   flagfile = os.path.join(code.get("root", ""), DATASETS[args.dataset])
 
+  recorded = []
+  if os.path.exists(output):
+    with open(output) as f:
+      recorded = json.load(f).get("runs", [])
+
   def report():
     # Every finished run under runs_dir, so grids run side by side (e.g. one per core under
-    # taskset) each write the whole table.
-    runs = collect_runs(runs_dir)
+    # taskset) each write the whole table, and every run the output already records (runs/ is
+    # not committed: a fresh checkout keeps the earlier sessions' records).
+    runs = merge_runs(recorded, collect_runs(runs_dir))
     result = {"benchmark": "ablation", "dataset": args.dataset,
               "flagfile": DATASETS[args.dataset], "extra_flags": extra,
-              "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})},
+              "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})
+                           if v in VARIANTS},
               "summary": summarize(runs), "runs": runs, "code": code,
               "machine": common.machine_info()}
     title = f"{args.dataset} ({DATASETS[args.dataset]} {' '.join(extra)})".replace(" )", ")")
@@ -387,7 +413,7 @@ def main():
       print(json.dumps(record), flush=True)
       report()
   report()
-  print(markdown_table(summarize(collect_runs(runs_dir))))
+  print(markdown_table(summarize(merge_runs(recorded, collect_runs(runs_dir)))))
 
 
 if __name__ == "__main__":

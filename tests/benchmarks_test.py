@@ -115,6 +115,17 @@ def test_ablation_collects_every_finished_run_under_the_folder(tmp_path):
       ("actionformer", 1), ("actionformer", 2), ("+class", 1)]
 
 
+def test_ablation_report_keeps_the_records_of_runs_no_longer_on_disk():
+  """A fresh checkout has no runs/: the committed records stay, a rerun replaces its own."""
+  recorded = [_fake_run("+class", 1, 0.1, 0.2), _fake_run("actionformer", 1, 0.3, 0.4),
+              _fake_run("a_removed_variant", 1, 0.5, 0.6)]
+  found = [_fake_run("actionformer", 1, 0.7, 0.8), _fake_run("actionformer", 2, 0.9, 1.0)]
+  runs = ablation.merge_runs(recorded, found)
+  assert [(r["variant"], r["seed"]) for r in runs] == [
+      ("actionformer", 1), ("actionformer", 2), ("+class", 1), ("a_removed_variant", 1)]
+  assert runs[0] is found[0] and runs[2] is recorded[0]
+
+
 def test_code_digest_follows_the_sources(tmp_path, monkeypatch):
   for sub in ("asl_tf", "configs", "benchmarks"):
     (tmp_path / sub).mkdir()
