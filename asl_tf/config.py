@@ -256,6 +256,8 @@ class LossConfig:
       which early in training is all of them, and collapsed some runs (README, ASL ablation);
       with `sensitivity_normalization=instance` only the ratios between an instance's frames
       count.
+    instance_weight_power: gamma in w = p * sg(q)^gamma (or p + sg(q)^gamma): above 1 the
+      evaluator's ranking of an instance's frames weighs more (1 = as reconstructed).
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
     sensitivity_normalization: `none` (positives keep the combined weights w as they are) or
@@ -293,6 +295,7 @@ class LossConfig:
   loss_norm_momentum: float = 0.9
   evaluator_loss_weight: float = 1.0
   instance_combination: str = "product"
+  instance_weight_power: float = 1.0
   instance_start_epoch: int = 0
   sensitivity_normalization: str = "instance"
   evaluator_target: str = "separate"
@@ -612,6 +615,7 @@ _RANGES = (
     ("loss", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
     ("loss", "video_label_loss_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
     ("loss", "instance_start_epoch", _NON_NEGATIVE, ">= 0"),
+    ("loss", "instance_weight_power", _POSITIVE, "positive (1 = w uses q as it is)"),
     ("loss", "contrastive_temperature", _POSITIVE, "positive"),
     ("loss", "contrastive_topk", _POSITIVE, "a positive integer"),
     ("loss", "contrastive_num_background", _POSITIVE,

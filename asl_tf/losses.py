@@ -261,10 +261,12 @@ def video_label_loss_sum(cls_logits, padding_mask, gt_labels):
   return -tf.reduce_sum(present * log_scores + (1.0 - present) * log_complement)
 
 
-def combine_point_weights(class_weight, instance_weight, combination):
-  """Combines class-level weights p with the evaluator's quality q: `product` p * sg(q) or
-  `sum` p + sg(q). Shapes broadcast; returns float32."""
+def combine_point_weights(class_weight, instance_weight, combination, power=1.0):
+  """Combines class-level weights p with the evaluator's quality q: `product` p * sg(q)^power
+  or `sum` p + sg(q)^power. Shapes broadcast; returns float32."""
   q = tf.stop_gradient(tf.cast(instance_weight, tf.float32))
+  if power != 1.0:
+    q = tf.pow(q, power)
   if combination == "product":
     return class_weight * q
   if combination == "sum":
@@ -474,7 +476,8 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   * `video_label_loss_sum`: `video_label_loss_sum` when LossConfig.video_label_loss_weight > 0,
     else 0.
   * `num_pos`: positive points (float32).
-  With the instance evaluator, w = combine(p, q) on positives (LossConfig.instance_combination)
+  With the instance evaluator, w = combine(p, q^instance_weight_power) on positives
+  (LossConfig.instance_combination)
   once `use_instance_weights` is true, else w = p; with `sensitivity_normalization=instance`,
   w is then divided by its mean over each GT instance's positives (`normalize_per_instance`).
 
@@ -537,9 +540,9 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
                                  logits=sensitivity.get("q_logits"))
       evaluator_sum = tf.reduce_sum(tf.where(evaluator_mask, per_point, 0.0))
       use = tf.logical_and(positive, tf.cast(use_instance_weights, tf.bool))
-      combination = loss_config.instance_combination
-      w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination), w_cls)
-      w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination), w_loc)
+      combination, power = loss_config.instance_combination, loss_config.instance_weight_power
+      w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination, power), w_cls)
+      w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination, power), w_loc)
     if loss_config.sensitivity_normalization == "instance":
       num_gt = tf.shape(gt_labels)[1]
       w_cls = normalize_per_instance(w_cls, positive, targets["matched_gt"], num_gt)

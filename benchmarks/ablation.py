@@ -48,7 +48,8 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "sensitivity_parametrization": "authors", "sensitivity_lr_scale": "1",
         "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk",
         "evaluator_loss_weight": "1", "evaluator_points": "positives",
-        "video_label_loss_weight": "0", "contrastive_temperature": "0.07"}
+        "video_label_loss_weight": "0", "contrastive_temperature": "0.07",
+        "instance_weight_power": "1"}
 
 
 def _variant(**switches) -> tuple:
@@ -128,6 +129,9 @@ VARIANTS: Dict[str, tuple] = {
     # the paper's "ground-truth location sampling" read as the evaluator's input), its weights
     # still on the centre-sampled positives.
     "class_instance_norm_bce_inside": _variant(**_DEFAULT, evaluator_points="inside_gt"),
+    # The default with w = p * sg(q)^2: the evaluator's ranking of an instance's frames
+    # weighs more (with the per-instance normalisation only the ratios between frames count).
+    "class_instance_norm_bce_q2": _variant(**_DEFAULT, instance_weight_power="2"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
