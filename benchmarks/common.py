@@ -8,6 +8,7 @@ Timing (`time_repeated`), the machine the numbers came from (`machine_info`), me
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -72,16 +73,18 @@ def time_repeated(fn: Callable[[], Any], repeats: int = 10, warmup: int = 1) -> 
   }
 
 
-def _read_key(path: str, key: str, sep: str = ":") -> Optional[str]:
+def _read_fields(path: str, sep: str = ":") -> Dict[str, str]:
+  """`name: value` lines of a /proc file in one read; a repeated name keeps its first value
+  (/proc/cpuinfo repeats every field per core). {} when the file cannot be read."""
+  fields: Dict[str, str] = {}
   try:
     with open(path, encoding="utf-8") as f:
       for line in f:
         name, _, value = line.partition(sep)
-        if name.strip() == key:
-          return value.strip()
+        fields.setdefault(name.strip(), value.strip())
   except OSError:
     pass
-  return None
+  return fields
 
 
 def _version(package: str) -> Optional[str]:
@@ -111,13 +114,14 @@ def machine_info() -> Dict[str, Any]:
     and `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
   """
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-  mem_kb = _read_key("/proc/meminfo", "MemTotal")
+  mem_kb = _read_fields("/proc/meminfo").get("MemTotal")
+  cpuinfo = _read_fields("/proc/cpuinfo")
   return {
       "cpu_count": os.cpu_count(),
       "cpu_affinity": affinity,
       "cgroup_cpu_limit": _cgroup_cpu_limit(),
-      "cpu_model": _read_key("/proc/cpuinfo", "model name") or platform.processor() or None,
-      "cpu_flags": sorted(f for f in (_read_key("/proc/cpuinfo", "flags") or "").split()
+      "cpu_model": cpuinfo.get("model name") or platform.processor() or None,
+      "cpu_flags": sorted(f for f in cpuinfo.get("flags", "").split()
                           if f.startswith(("avx512", "amx", "avx2", "fma"))),
       "memory_total_mb": int(mem_kb.split()[0]) / 1024 if mem_kb else None,
       "platform": platform.platform(),
@@ -129,16 +133,18 @@ def machine_info() -> Dict[str, Any]:
   }
 
 
+def malloc_trim() -> bool:
+  """Returns the C heap's free pages to the system (glibc `malloc_trim(0)`); False where
+  there is no glibc. Resident memory that this releases was freed, not held."""
+  try:
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+  except (OSError, AttributeError):
+    return False
+
+
 def status_mb(*keys: str) -> Dict[str, float]:
   """Memory fields of this process's /proc/self/status (e.g. VmHWM, VmRSS, RssAnon), in MiB."""
-  fields = {}
-  try:
-    with open("/proc/self/status", encoding="utf-8") as f:  # one read: one moment
-      for line in f:
-        name, _, value = line.partition(":")
-        fields[name.strip()] = value.strip()
-  except OSError:
-    pass
+  fields = _read_fields("/proc/self/status")  # one read: one moment
   missing = [k for k in keys if k not in fields]
   if missing:
     raise OSError(f"{', '.join(missing)} not in /proc/self/status (needs Linux)")

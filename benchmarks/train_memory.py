@@ -60,6 +60,9 @@ def measure(config_name, quick, variant, optimizer_form, steps):
   phases["traced"] = _status_mb()
   setup.run()
   phases["first_step"] = _status_mb()
+  # What of it was freed but stays resident (glibc keeps freed pages; the peak counts them).
+  if common.malloc_trim():
+    phases["first_step_after_malloc_trim"] = _status_mb()
   for _ in range(steps):
     setup.run()
   phases[f"after_{steps + 1}_steps"] = _status_mb()

@@ -1,8 +1,10 @@
 """Tests for the benchmark helpers in `benchmarks/common.py`."""
 
+import ctypes
 import importlib.util
 import json
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -74,6 +76,31 @@ def test_peak_rss_covers_a_fresh_allocation():
   with pytest.raises(OSError, match="NoSuchField"):
     common.status_mb("NoSuchField")
   assert block[-1] == 1.0
+
+
+def test_read_fields_keeps_the_first_of_repeated_names(tmp_path):
+  """/proc/cpuinfo repeats every field per core: the first core's value is kept."""
+  path = tmp_path / "cpuinfo"
+  path.write_text("model name\t: A\nflags\t\t: avx2 fma\n\nmodel name\t: B\nflags : x\n")
+  assert common._read_fields(str(path)) == {"model name": "A", "flags": "avx2 fma", "": ""}
+  assert common._read_fields(str(tmp_path / "missing")) == {}
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/status"),
+                    reason="needs Linux with glibc")
+def test_malloc_trim_returns_freed_heap_pages():
+  """80 MB of small blocks freed below a live one stay resident until `malloc_trim`."""
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  blocks = [libc.malloc(1000) for _ in range(80_000)]
+  keep = libc.malloc(1000)  # holds the heap's top, so free() alone cannot shrink it
+  for block in blocks:
+    libc.free(block)
+  before = _rss_mb()
+  assert common.malloc_trim()
+  assert before - _rss_mb() > 40
+  libc.free(keep)
 
 
 def test_run_in_subprocess_measures_the_workload(tmp_path, monkeypatch):
