@@ -49,7 +49,7 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk",
         "evaluator_loss_weight": "1", "evaluator_points": "positives",
         "video_label_loss_weight": "0", "contrastive_temperature": "0.07",
-        "instance_weight_power": "1"}
+        "instance_weight_power": "1", "instance_start_epoch": "0"}
 
 
 def _variant(**switches) -> tuple:
@@ -132,6 +132,9 @@ VARIANTS: Dict[str, tuple] = {
     # The default with w = p * sg(q)^2: the evaluator's ranking of an instance's frames
     # weighs more (with the per-instance normalisation only the ratios between frames count).
     "class_instance_norm_bce_q2": _variant(**_DEFAULT, instance_weight_power="2"),
+    # The default with the instance weights from epoch 2 on (the evaluator still learns from
+    # the start): early q is noise, and under the normalisation only its ratios count.
+    "class_instance_norm_bce_start2": _variant(**_DEFAULT, instance_start_epoch="2"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
