@@ -165,6 +165,9 @@ class ModelConfig:
     sensitivity_sigma_floor: lower bound of the class-level sigmas with `stable` (in (0, 1)).
     instance_sensitivity: ASL instance-level evaluator.
     evaluator_layers: hidden conv layers of the instance evaluator.
+    evaluator_feature_gradient: the evaluator's loss also trains the neck and backbone below
+      it (an auxiliary task on the shared features); False = stop-gradient features, so it
+      learns only its own weights.
     contrastive_weight: weight of the action-sensitive contrastive loss (0 = off).
     contrastive_proj_dim: output channels of the contrastive projection MLP (0 = no projection).
     kernel_policy: how the layers compute (`reference`, `fast`, `portable` or `auto`; see
@@ -202,6 +205,7 @@ class ModelConfig:
   sensitivity_sigma_floor: float = 0.01
   instance_sensitivity: bool = True
   evaluator_layers: int = 2
+  evaluator_feature_gradient: bool = False
   contrastive_weight: float = 0.0
   contrastive_proj_dim: int = 128
   kernel_policy: str = "auto"

@@ -49,7 +49,8 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "sensitivity_sigma_floor": "0.01", "contrastive_sampling": "sensitivity_topk",
         "evaluator_loss_weight": "1", "evaluator_points": "positives",
         "video_label_loss_weight": "0", "contrastive_temperature": "0.07",
-        "instance_weight_power": "1", "instance_start_epoch": "0"}
+        "instance_weight_power": "1", "instance_start_epoch": "0",
+        "evaluator_feature_gradient": "false"}
 
 
 def _variant(**switches) -> tuple:
@@ -135,6 +136,9 @@ VARIANTS: Dict[str, tuple] = {
     # The default with the instance weights from epoch 2 on (the evaluator still learns from
     # the start): early q is noise, and under the normalisation only its ratios count.
     "class_instance_norm_bce_start2": _variant(**_DEFAULT, instance_start_epoch="2"),
+    # The default with the evaluator's loss reaching the shared features (no stop-gradient:
+    # predicting the model's confidence and tIoU as an auxiliary task of the backbone).
+    "class_instance_norm_bce_featgrad": _variant(**_DEFAULT, evaluator_feature_gradient="true"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),

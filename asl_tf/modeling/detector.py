@@ -92,6 +92,7 @@ class ASLDetector(keras.Model):
         sensitivity_lr_scale=mc.sensitivity_lr_scale,
         sensitivity_sigma_floor=mc.sensitivity_sigma_floor,
         instance_sensitivity=mc.instance_sensitivity, evaluator_layers=mc.evaluator_layers,
+        evaluator_feature_gradient=mc.evaluator_feature_gradient,
         contrastive=mc.contrastive_weight > 0, contrastive_proj_dim=mc.contrastive_proj_dim,
         kernel_policy=mc.kernel_policy, name="sensitivity", dtype=dtype) if uses_asl else None
 

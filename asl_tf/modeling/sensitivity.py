@@ -185,8 +185,9 @@ class InstanceEvaluator(heads.ConvHead):
   """Instance-level evaluator (docs/method.md 2, reconstructed), shared across pyramid levels.
 
   num_layers x [MaskedConv1D(k) -> ChannelLayerNorm -> ReLU] -> MaskedConv1D(k, 2) -> sigmoid
-  (the heads' `ConvHead`), applied to stop-gradient neck features (zeroed at padding), so the
-  evaluator learns only from its own loss.
+  (the heads' `ConvHead`), applied to the neck features (zeroed at padding); with
+  `feature_gradient` off (the default) they are stop-gradient, so the evaluator's loss trains
+  only the evaluator.
 
   Inputs: `level_features` list of [B, T_l, C], `level_masks` list of bool [B, T_l].
   Outputs: q float32 [B, N, 2] = (q_cls, q_loc) in (0, 1), levels concatenated (N = sum T_l);
@@ -197,17 +198,23 @@ class InstanceEvaluator(heads.ConvHead):
     num_layers: hidden conv layers (ModelConfig.evaluator_layers).
     kernel_size: temporal kernel size (odd).
     kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and level joining.
+    feature_gradient: let the evaluator's loss reach the features (ModelConfig.
+      evaluator_feature_gradient).
   """
 
-  def __init__(self, hidden_dim, num_layers=2, kernel_size=3, kernel_policy="auto", **kwargs):
+  def __init__(self, hidden_dim, num_layers=2, kernel_size=3, kernel_policy="auto",
+               feature_gradient=False, **kwargs):
     super().__init__(2, hidden_dim, num_layers + 1, kernel_size, True, "zeros",
                      kernel_policy=kernel_policy, **kwargs)
     self.hidden_dim = hidden_dim
     self.num_layers = num_layers
     self.kernel_size = kernel_size
+    self.feature_gradient = feature_gradient
 
   def call(self, level_features, level_masks, training=False, logits=False):
-    xs = [tf.stop_gradient(f) * tf.cast(layers.as_bool_mask(m), f.dtype)[..., None]  # pad -> 0
+    if not self.feature_gradient:
+      level_features = [tf.stop_gradient(f) for f in level_features]
+    xs = [f * tf.cast(layers.as_bool_mask(m), f.dtype)[..., None]  # pad -> 0
           for f, m in zip(level_features, level_masks)]
     outputs = self._levels(xs, level_masks, training=training)  # [B, T_l, 2] each
     z = tf.concat([tf.cast(y, tf.float32) for y in outputs], axis=1)  # [B, N, 2]
@@ -216,7 +223,8 @@ class InstanceEvaluator(heads.ConvHead):
   def get_config(self):
     config = super().get_config()
     config.update({"hidden_dim": self.hidden_dim, "num_layers": self.num_layers,
-                   "kernel_size": self.kernel_size, "kernel_policy": self.kernel_policy})
+                   "kernel_size": self.kernel_size, "kernel_policy": self.kernel_policy,
+                   "feature_gradient": self.feature_gradient})
     return config
 
 
@@ -282,6 +290,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     sensitivity_sigma_floor: ClassSensitivity's `sigma_floor` (`stable` only).
     instance_sensitivity: build the instance evaluator.
     evaluator_layers: hidden layers of the instance evaluator.
+    evaluator_feature_gradient: InstanceEvaluator's `feature_gradient`.
     contrastive: produce the contrastive-loss features (ModelConfig.contrastive_weight > 0).
     contrastive_proj_dim: projection channels (0 = L2 normalisation only).
     kernel_policy: `kernels.POLICIES` entry of the instance evaluator.
@@ -291,7 +300,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
                sensitivity_parametrization="authors", instance_sensitivity=True,
                evaluator_layers=2, contrastive=True, contrastive_proj_dim=128,
                sensitivity_lr_scale=1.0, kernel_policy="auto",
-               sensitivity_sigma_floor=SIGMA_FLOOR, **kwargs):
+               sensitivity_sigma_floor=SIGMA_FLOOR, evaluator_feature_gradient=False, **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.hidden_dim = hidden_dim
@@ -301,6 +310,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     self.sensitivity_sigma_floor = sensitivity_sigma_floor
     self.instance_sensitivity = instance_sensitivity
     self.evaluator_layers = evaluator_layers
+    self.evaluator_feature_gradient = evaluator_feature_gradient
     self.contrastive = contrastive
     self.contrastive_proj_dim = contrastive_proj_dim
     self.kernel_policy = kernel_policy
@@ -315,6 +325,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     if instance_sensitivity:
       self.instance_level = InstanceEvaluator(hidden_dim, evaluator_layers,
                                               kernel_policy=kernel_policy,
+                                              feature_gradient=evaluator_feature_gradient,
                                               dtype=self.dtype_policy, name="instance_evaluator")
     if contrastive:
       self.projection = ContrastiveProjection(contrastive_proj_dim, dtype=self.dtype_policy,
@@ -376,6 +387,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
         "sensitivity_sigma_floor": self.sensitivity_sigma_floor,
         "instance_sensitivity": self.instance_sensitivity,
         "evaluator_layers": self.evaluator_layers,
+        "evaluator_feature_gradient": self.evaluator_feature_gradient,
         "contrastive": self.contrastive,
         "contrastive_proj_dim": self.contrastive_proj_dim,
         "kernel_policy": self.kernel_policy,

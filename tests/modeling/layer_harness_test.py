@@ -28,12 +28,14 @@ LAYERS = [
                              empty_classes=(1, 3), kernel_policy="portable"),
     heads.RegressionHead(4, 16, num_layers=3, kernel_size=3, with_ln=True),
     sensitivity.ClassSensitivity(3, parametrization="stable", lr_scale=10.0, sigma_floor=0.2),
-    sensitivity.InstanceEvaluator(16, num_layers=1, kernel_size=5, kernel_policy="reference"),
+    sensitivity.InstanceEvaluator(16, num_layers=1, kernel_size=5, kernel_policy="reference",
+                                  feature_gradient=True),
     sensitivity.ContrastiveProjection(0),
     sensitivity.ActionSensitivityEvaluator(4, 16, class_sensitivity=False,
                                            sensitivity_parametrization="stable",
                                            evaluator_layers=3, contrastive_proj_dim=32,
-                                           sensitivity_sigma_floor=0.3, kernel_policy="fast"),
+                                           sensitivity_sigma_floor=0.3, kernel_policy="fast",
+                                           evaluator_feature_gradient=True),
 ]
 
 

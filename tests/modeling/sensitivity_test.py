@@ -153,6 +153,24 @@ def test_instance_evaluator_shapes_range_and_stop_gradient():
   assert len(layer.hidden) == 2 and len(layer.trainable_weights) == 2 + 4 + 2
 
 
+def test_instance_evaluator_feature_gradient_reaches_the_valid_frames_only():
+  """With `feature_gradient` the features get the gradient of q (the same q as without), and
+  none at padded frames (they are zeroed before the convolutions)."""
+  feats, masks = _levels()
+  detached = sensitivity.InstanceEvaluator(6, num_layers=2)
+  layer = sensitivity.InstanceEvaluator(6, num_layers=2, feature_gradient=True)
+  q_detached = detached(feats, masks).numpy()
+  layer(feats, masks)
+  layer.set_weights(detached.get_weights())
+  with tf.GradientTape() as tape:
+    tape.watch(feats)
+    q = layer(feats, masks)
+  np.testing.assert_allclose(q.numpy(), q_detached, rtol=1e-6)
+  for g, m in zip(tape.gradient(q, feats), masks):
+    g = np.abs(g.numpy()).sum(-1)
+    assert (g[m] > 0).all() and (g[~m] == 0).all()
+
+
 def test_instance_evaluator_ignores_padded_inputs():
   feats, masks = _levels()
   layer = sensitivity.InstanceEvaluator(6)

@@ -142,6 +142,25 @@ def test_asl_off_has_no_sensitivity_layer_and_matches_plain_losses():
                              float(logs["cls_loss"]) + float(logs["reg_loss"]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("feature_gradient", [False, True])
+def test_evaluator_loss_reaches_the_backbone_only_with_feature_gradient(feature_gradient):
+  """The evaluator's loss trains the evaluator either way; the embedding convolution below the
+  neck only with `evaluator_feature_gradient`."""
+  model = detector_lib.ASLDetector(_tiny_config(class_sensitivity=False, instance_sensitivity=True,
+                                                evaluator_feature_gradient=feature_gradient))
+  model.build_for_training()
+  task = task_lib.DetectionTask(model.model_config)
+  with tf.GradientTape() as tape:
+    logs, _ = task.losses(model, _overfit_batch())
+  evaluator_weights = model.sensitivity.instance_level.trainable_weights
+  embedding = [w for w in model.trainable_weights if "embd_0" in w.path]
+  assert embedding
+  grads = tape.gradient(logs["evaluator_loss"], evaluator_weights + embedding)
+  assert all(g is not None and np.abs(g.numpy()).max() > 0 for g in grads[:len(evaluator_weights)])
+  reached = [g is not None and np.abs(g.numpy()).max() > 0 for g in grads[len(evaluator_weights):]]
+  assert all(reached) if feature_gradient else not any(reached)
+
+
 def test_evaluator_inside_gt_learns_from_the_whole_segment_assignment():
   """With `evaluator_points=inside_gt` the evaluator's loss is the one it has when every point
   inside a GT is a positive (centre radius 0; the batch's GTs do not overlap, so a positive's GT
