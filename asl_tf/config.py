@@ -260,8 +260,9 @@ class LossConfig:
       which early in training is all of them, and collapsed some runs (README, ASL ablation);
       with `sensitivity_normalization=instance` only the ratios between an instance's frames
       count.
-    instance_weight_power: gamma in w = p * sg(q)^gamma (or p + sg(q)^gamma): above 1 the
-      evaluator's ranking of an instance's frames weighs more (1 = as reconstructed).
+    instance_weight_power: gamma in w = p * sg(q)^gamma (or p + sg(q)^gamma), also in the
+      contrastive loss's ranking of sensitive frames: above 1 sharpens the ratios between an
+      instance's frames (1 = as reconstructed).
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
     sensitivity_normalization: `none` (positives keep the combined weights w as they are) or
@@ -580,10 +581,11 @@ def validate(config: Config) -> Config:
   return config
 
 
-# (section, field, test, what its flag needs): single-value ranges checked first.
-_POSITIVE = lambda v: v > 0  # pylint: disable=unnecessary-lambda-assignment
+# (section, field, test, what its flag needs): single-value ranges checked first; infinity and
+# NaN fail every test.
+_POSITIVE = lambda v: 0 < v < math.inf  # pylint: disable=unnecessary-lambda-assignment
 _POSITIVE_ODD = lambda v: v > 0 and v % 2  # pylint: disable=unnecessary-lambda-assignment
-_NON_NEGATIVE = lambda v: v >= 0  # pylint: disable=unnecessary-lambda-assignment
+_NON_NEGATIVE = lambda v: 0 <= v < math.inf  # pylint: disable=unnecessary-lambda-assignment
 _RANGES = (
     ("data", "input_dim", _POSITIVE, "a positive integer"),
     ("data", "num_classes", _POSITIVE, "a positive integer"),
@@ -619,7 +621,7 @@ _RANGES = (
     ("loss", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
     ("loss", "video_label_loss_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),
     ("loss", "instance_start_epoch", _NON_NEGATIVE, ">= 0"),
-    ("loss", "instance_weight_power", _POSITIVE, "positive (1 = w uses q as it is)"),
+    ("loss", "instance_weight_power", _POSITIVE, "positive and finite (1 = q as it is)"),
     ("loss", "contrastive_temperature", _POSITIVE, "positive"),
     ("loss", "contrastive_topk", _POSITIVE, "a positive integer"),
     ("loss", "contrastive_num_background", _POSITIVE,

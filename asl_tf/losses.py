@@ -560,8 +560,9 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
           num_level0 = tf.shape(sensitivity["embeddings"])[1]
           q0 = tf.stop_gradient(tf.cast(sensitivity["q"][:, :num_level0], tf.float32))  # [B, T0, 2]
           combination = loss_config.instance_combination
-          rank_cls = combine_point_weights(rank_cls, q0[..., 0:1], combination)
-          rank_loc = combine_point_weights(rank_loc, q0[..., 1:2], combination)
+          power = loss_config.instance_weight_power
+          rank_cls = combine_point_weights(rank_cls, q0[..., 0:1], combination, power)
+          rank_loc = combine_point_weights(rank_loc, q0[..., 1:2], combination, power)
         feats, labels, feat_valid = sample_contrastive_features(
             sensitivity["embeddings"], sensitivity["level0_mask"], sensitivity["level0_t"],
             gt_segments, gt_labels, rank_cls, rank_loc, loss_config.contrastive_topk,

@@ -14,8 +14,10 @@ The runs use a copy of `asl_tf/` and the flagfiles (`<runs_dir>/code_<digest>`, 
 hash of their contents, with `runs/` linked back; each record names its copy), so that edits to
 the working tree during a long grid neither mix code versions within a run nor break it
 (AutoGraph re-reads source files when it traces, e.g. the evaluation at the end of training).
-The tables summarise every finished run under the runs folder, so several grids can run side by
-side, one per core:
+The tables summarise every finished run under the runs folder and every run the results JSON
+already records (`runs/` is not committed, so a fresh checkout keeps the earlier records; a
+finished run on disk replaces the recorded one of its variant and seed unless it failed), so
+several grids can run side by side, one per core:
 
   taskset -c 0 python benchmarks/ablation.py --dataset=sensitivity_thumos --variants=a,b &
   taskset -c 1 python benchmarks/ablation.py --dataset=sensitivity_thumos --variants=c,d &
@@ -310,12 +312,41 @@ def collect_runs(runs_dir: str) -> List[dict]:
 def merge_runs(recorded: Sequence[dict], found: Sequence[dict]) -> List[dict]:
   """The records of an earlier report (`recorded`, e.g. from a checkout whose runs/ is gone)
   with this checkout's finished runs (`found`); a found run replaces the recorded one of the
-  same variant and seed. Sorted like `collect_runs`, variants no longer defined last."""
+  same variant and seed unless it failed (no `average_mAP`) where the recorded one did not.
+  Sorted like `collect_runs`; variants no longer defined are kept, last."""
   merged = {(r["variant"], r["seed"]): r for r in recorded}
-  merged.update({(r["variant"], r["seed"]): r for r in found})
+  for r in found:
+    old = merged.get((r["variant"], r["seed"]))
+    if old is None or "average_mAP" in r or "average_mAP" not in old:
+      merged[(r["variant"], r["seed"])] = r
   order = {v: i for i, v in enumerate(VARIANTS)}
   return sorted(merged.values(),
                 key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
+
+
+def load_recorded_runs(output: str, dataset: str, extra_flags: Sequence[str]) -> List[dict]:
+  """The run records of an earlier report at `output` ([] when there is none).
+
+  Raises:
+    ValueError: one line naming the file, when it is not such a report or was written for
+      another dataset or other extra flags (its records would mix into this table).
+  """
+  if not os.path.exists(output):
+    return []
+  try:
+    with open(output) as f:
+      report = json.load(f)
+    runs = report["runs"]
+    if not all(isinstance(r, dict) and "variant" in r and "seed" in r for r in runs):
+      raise TypeError("a run record without variant / seed")
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{output}: not an ablation report ({type(e).__name__}: {e}); move it "
+                     "away or pass another --output") from None
+  if (report.get("dataset"), list(report.get("extra_flags", []))) != (dataset, list(extra_flags)):
+    raise ValueError(f"{output}: written for --dataset={report.get('dataset')} --extra_flags="
+                     f"'{' '.join(report.get('extra_flags', []))}', not --dataset={dataset} "
+                     f"--extra_flags='{' '.join(extra_flags)}'; pass another --output")
+  return runs
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -373,7 +404,8 @@ def main():
   parser.add_argument("--output", default="", help="default benchmarks/results/ablation_<dataset>"
                       ".json (a .md beside it)")
   parser.add_argument("--report_only", action="store_true",
-                      help="rewrite the JSON / Markdown from the finished runs, train nothing")
+                      help="rewrite the JSON / Markdown from the finished runs and the records "
+                      "the JSON holds, train nothing")
   args = parser.parse_args()
   variants = [v for v in args.variants.split(",") if v]
   unknown = sorted(set(variants) - set(VARIANTS))
@@ -385,6 +417,10 @@ def main():
                                                           args.dataset))
   output = args.output or os.path.join(_REPO_ROOT, "benchmarks", "results",
                                        f"ablation_{args.dataset}.json")
+  try:
+    recorded = load_recorded_runs(output, args.dataset, extra)
+  except ValueError as e:
+    parser.error(str(e))
   code = {"report_only": True}
   if not args.report_only:
     if args.dataset in GENERATED:
@@ -394,11 +430,6 @@ def main():
       print(generator.generate(name, out) if name else generator.generate(out), flush=True)
     code = snapshot_code(os.path.join(runs_dir, "code_" + code_digest()))
   flagfile = os.path.join(code.get("root", ""), DATASETS[args.dataset])
-
-  recorded = []
-  if os.path.exists(output):
-    with open(output) as f:
-      recorded = json.load(f).get("runs", [])
 
   def report():
     # Every finished run under runs_dir, so grids run side by side (e.g. one per core under

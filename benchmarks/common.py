@@ -1,7 +1,7 @@
 """Shared helpers for the benchmark scripts in `benchmarks/`, which all print one JSON document.
 
 Timing (`time_repeated`), the machine the numbers came from (`machine_info`), memory (`peak_rss_mb`,
-`run_in_subprocess` for a fresh process per measurement), a least-squares line for scaling curves
+`status_mb`, `malloc_trim`, `run_in_subprocess` for a fresh process per measurement), a least-squares line for scaling curves
 (`linear_fit`), output (`emit`) and the common command line (`benchmark_parser`).
 """
 
@@ -73,14 +73,14 @@ def time_repeated(fn: Callable[[], Any], repeats: int = 10, warmup: int = 1) -> 
   }
 
 
-def _read_fields(path: str, sep: str = ":") -> Dict[str, str]:
+def _read_fields(path: str) -> Dict[str, str]:
   """`name: value` lines of a /proc file in one read; a repeated name keeps its first value
   (/proc/cpuinfo repeats every field per core). {} when the file cannot be read."""
   fields: Dict[str, str] = {}
   try:
     with open(path, encoding="utf-8") as f:
       for line in f:
-        name, _, value = line.partition(sep)
+        name, _, value = line.partition(":")
         fields.setdefault(name.strip(), value.strip())
   except OSError:
     pass
@@ -111,7 +111,8 @@ def machine_info() -> Dict[str, Any]:
     `cpu_count`, `cpu_affinity` (cores this process may use), `cgroup_cpu_limit`, `cpu_model`,
     `cpu_flags` (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension,
     AMX), `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
-    and `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
+    `malloc_env` (the environment's glibc allocator settings, `MALLOC_*`) and
+    `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
   """
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   mem_kb = _read_fields("/proc/meminfo").get("MemTotal")
@@ -129,17 +130,19 @@ def machine_info() -> Dict[str, Any]:
       "tensorflow": _version("tensorflow"),
       "keras": _version("keras"),
       "numpy": _version("numpy"),
+      # glibc allocator settings of the environment (they change resident memory).
+      "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
       "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
   }
 
 
-def malloc_trim() -> bool:
-  """Returns the C heap's free pages to the system (glibc `malloc_trim(0)`); False where
-  there is no glibc. Resident memory that this releases was freed, not held."""
+def malloc_trim() -> Optional[bool]:
+  """Returns the C heap's free pages to the system (glibc `malloc_trim(0)`): whether any were
+  returned, None where there is no glibc. Resident memory this releases was freed, not held."""
   try:
     return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
   except (OSError, AttributeError):
-    return False
+    return None
 
 
 def status_mb(*keys: str) -> Dict[str, float]:

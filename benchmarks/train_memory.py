@@ -3,8 +3,9 @@
 Each row runs in a fresh subprocess and reads /proc/self/status after each phase: TensorFlow
 imported, detector + optimizer built, the training step traced (`get_concrete_function`), the
 first step run (the runtime instantiates the graph: placement, Grappler, kernels), and after
-`--steps` more. `peak_mb` is VmHWM; `anon_mb` / `file_mb` split the resident set into heap and
-mapped files (mostly TensorFlow's shared libraries). The traced step's graph ops are counted by
+`--steps` more, then after glibc's `malloc_trim` (what was freed but stayed resident; read
+after the peak, so it does not lower it). `peak_mb` is VmHWM; `anon_mb` / `file_mb` split the
+resident set into heap and mapped files (mostly TensorFlow's shared libraries). The traced step's graph ops are counted by
 top-level name scope (forward, gradient, optimizer, clipping): on CPU the runtime's memory grows
 with the op count, so this says what holds it.
 
@@ -60,14 +61,15 @@ def measure(config_name, quick, variant, optimizer_form, steps):
   phases["traced"] = _status_mb()
   setup.run()
   phases["first_step"] = _status_mb()
-  # What of it was freed but stays resident (glibc keeps freed pages; the peak counts them).
-  if common.malloc_trim():
-    phases["first_step_after_malloc_trim"] = _status_mb()
   for _ in range(steps):
     setup.run()
   phases[f"after_{steps + 1}_steps"] = _status_mb()
+  # After the peak is read: what of the resident memory was freed but kept by glibc.
+  if common.malloc_trim() is not None:
+    phases["after_malloc_trim"] = _status_mb()
   return {"config": config_name, "variant": variant, "optimizer": optimizer_form,
           "graph_ops": len(ops), "graph_ops_by_scope": dict(by_scope.most_common()),
+          "graph_ops_by_type": dict(collections.Counter(op.type for op in ops).most_common(12)),
           "phases": phases}
 
 

@@ -95,12 +95,14 @@ def test_malloc_trim_returns_freed_heap_pages():
   libc.free.argtypes = [ctypes.c_void_p]
   blocks = [libc.malloc(1000) for _ in range(80_000)]
   keep = libc.malloc(1000)  # holds the heap's top, so free() alone cannot shrink it
-  for block in blocks:
-    libc.free(block)
-  before = _rss_mb()
-  assert common.malloc_trim()
-  assert before - _rss_mb() > 40
-  libc.free(keep)
+  try:
+    for block in blocks:
+      libc.free(block)
+    before = _rss_mb()
+    assert common.malloc_trim()
+    assert before - _rss_mb() > 40
+  finally:
+    libc.free(keep)
 
 
 def test_run_in_subprocess_measures_the_workload(tmp_path, monkeypatch):

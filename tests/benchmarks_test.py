@@ -126,6 +126,52 @@ def test_ablation_report_keeps_the_records_of_runs_no_longer_on_disk():
   assert runs[0] is found[0] and runs[2] is recorded[0]
 
 
+def test_ablation_a_failed_rerun_does_not_replace_a_recorded_result():
+  failed = {"variant": "actionformer", "seed": 1, "returncode": 1}
+  recorded = [_fake_run("actionformer", 1, 0.3, 0.4)]
+  assert ablation.merge_runs(recorded, [failed]) == recorded
+  assert ablation.merge_runs([failed], recorded) == recorded
+
+
+def _report_only(monkeypatch, tmp_path, output, *flags):
+  monkeypatch.setattr(sys, "argv", ["ablation.py", "--dataset=demo", "--report_only",
+                                    f"--runs_dir={tmp_path / 'runs'}", f"--output={output}",
+                                    *flags])
+  ablation.main()
+
+
+def test_ablation_report_only_adds_the_runs_on_disk_to_the_recorded_ones(tmp_path, monkeypatch):
+  output = tmp_path / "ablation_demo.json"
+  output.write_text(json.dumps({"dataset": "demo", "extra_flags": [],
+                                "runs": [_fake_run("actionformer", 1, 0.3, 0.4)]}))
+  folder = tmp_path / "runs" / "class" / "seed1"
+  folder.mkdir(parents=True)
+  (folder / "ablation_run.json").write_text(json.dumps(_fake_run("+class", 1, 0.5, 0.6)))
+  _report_only(monkeypatch, tmp_path, output)
+  report = json.loads(output.read_text())
+  assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("actionformer", 1),
+                                                                 ("+class", 1)]
+  assert set(report["summary"]) == {"actionformer", "+class"}
+  assert "| +class | 1 | 50.00" in (tmp_path / "ablation_demo.md").read_text()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not an ablation report"),
+    ('{"dataset": "demo", "extra_flags": [], "runs": [{"seed": 1}]}', "not an ablation report"),
+    ('{"dataset": "sensitivity_thumos", "extra_flags": [], "runs": []}',
+     "written for --dataset=sensitivity_thumos"),
+])
+def test_ablation_refuses_a_results_file_it_would_mix_into(tmp_path, monkeypatch, capsys,
+                                                           content, message):
+  output = tmp_path / "ablation_demo.json"
+  output.write_text(content)
+  with pytest.raises(SystemExit):
+    _report_only(monkeypatch, tmp_path, output)
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert str(output) in err and message in err
+  assert output.read_text() == content  # left as it was
+
+
 def test_code_digest_follows_the_sources(tmp_path, monkeypatch):
   for sub in ("asl_tf", "configs", "benchmarks"):
     (tmp_path / sub).mkdir()

@@ -129,6 +129,10 @@ def test_missing_flagfile_is_named(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--learning_rate=0"], r"--learning_rate=0.0 must be positive"),
     (["--learning_rate=-1e-4"], r"--learning_rate=-0.0001 must be positive"),
+    (["--learning_rate=inf"], r"--learning_rate=inf must be positive"),
+    (["--instance_weight_power=inf"], r"--instance_weight_power=inf must be positive and finite"),
+    (["--instance_weight_power=0"], r"--instance_weight_power=0.0 must be positive and finite"),
+    (["--weight_decay=nan"], r"--weight_decay=nan must be >= 0"),
     (["--batch_size=0"], r"--batch_size=0 must be a positive number of videos"),
     (["--batch_size=-1"], r"--batch_size=-1 must be a positive"),
     (["--n_head=0"], r"--n_head=0 must be a positive integer"),

@@ -176,15 +176,16 @@ EVALUATOR_GOLDEN = {
 
 
 @pytest.mark.parametrize("evaluator_loss", ["mse", "bce"])
-@pytest.mark.parametrize("combination,use_instance,w_cls,w_loc", [
-    (None, True, 0.8, 0.5),            # class-level only: p_cls 0.8, p_loc 0.5
-    ("product", True, 0.8 * 0.6, 0.5 * 0.2),
-    ("sum", True, 0.8 + 0.6, 0.5 + 0.2),
-    ("product", False, 0.8, 0.5),      # before instance_start_epoch
-    ("product_power2", True, 0.8 * 0.36, 0.5 * 0.04),   # instance_weight_power 2
-    ("sum_power2", True, 0.8 + 0.36, 0.5 + 0.04),
+@pytest.mark.parametrize("combination,power,use_instance,w_cls,w_loc", [
+    (None, 1, True, 0.8, 0.5),            # class-level only: p_cls 0.8, p_loc 0.5
+    ("product", 1, True, 0.8 * 0.6, 0.5 * 0.2),
+    ("sum", 1, True, 0.8 + 0.6, 0.5 + 0.2),
+    ("product", 1, False, 0.8, 0.5),      # before instance_start_epoch
+    ("product", 2, True, 0.8 * 0.6 ** 2, 0.5 * 0.2 ** 2),  # instance_weight_power 2
+    ("sum", 2, True, 0.8 + 0.6 ** 2, 0.5 + 0.2 ** 2),
 ])
-def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc, evaluator_loss):
+def test_loss_sums_with_weights_golden(combination, power, use_instance, w_cls, w_loc,
+                                       evaluator_loss):
   """cls = 2 NEG + w_cls POS, reg = w_loc 0.44; the evaluator's loss summed over its two
   outputs (`EVALUATOR_GOLDEN`)."""
   outputs, targets = _small_case()
@@ -192,9 +193,8 @@ def test_loss_sums_with_weights_golden(combination, use_instance, w_cls, w_loc, 
           "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32)}
   if combination:
     sens["q"] = np.array([[[0.3, 0.3], [0.6, 0.2], [0.9, 0.9], [0.1, 0.1]]], np.float32)
-  form, _, power = (combination or "product").partition("_power")
-  cfg = config_lib.LossConfig(instance_combination=form,
-                              instance_weight_power=float(power or 1),
+  cfg = config_lib.LossConfig(instance_combination=combination or "product",
+                              instance_weight_power=power,
                               sensitivity_normalization="none", evaluator_loss=evaluator_loss)
   sums = losses.asl_loss_sums(outputs, targets, sens, None, None, cfg, use_instance)
   np.testing.assert_allclose(float(sums["cls_loss_sum"]), 2 * NEG + w_cls * POS, rtol=1e-6)

@@ -5,8 +5,9 @@
   distance x = (c_n - t) / (stride * L_n) between a point and the centre of its matched GT;
   p_cls = g(x; mu_c, sigma_c), p_loc = mean of the two localization Gaussians * p_cls; weight 1 on
   negatives. Gradients reach mu / sigma through the weights (nothing is detached).
-* Instance level (reconstructed, docs/method.md 2): a light conv head on stop-gradient neck features
-  predicting (q_cls, q_loc) in (0, 1) per point; its targets and MSE live in `asl_tf.losses`.
+* Instance level (reconstructed, docs/method.md 2): a light conv head on the neck features
+  (stop-gradient by default) predicting (q_cls, q_loc) in (0, 1) per point; its targets and
+  loss live in `asl_tf.losses`.
 * Action Sensitive Contrastive Loss features (reconstructed, docs/method.md 4): a projection of
   level-0 neck features and the ranks of every (point, GT) pair; the sampling of sensitive and
   background frames and the loss live in `asl_tf.losses`.
