@@ -291,22 +291,22 @@ def run_one(flagfile: str, variant: str, seed: int, output_dir: str,
 
 
 def collect_runs(runs_dir: str) -> List[dict]:
-  """The records (`ablation_run.json`) of every finished run under `runs_dir`, sorted by
-  variant (VARIANTS order) and seed."""
+  """The records (`ablation_run.json`) of every finished run under `runs_dir`, also of
+  variants this copy of the script does not define (a grid started with an older VARIANTS
+  list must not drop a newer grid's runs from the table); sorted like `merge_runs`."""
   runs = []
-  for variant in VARIANTS:
-    folder = os.path.join(runs_dir, variant.lstrip("+"))
-    if not os.path.isdir(folder):
+  folders = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+  for folder in folders:
+    if folder.startswith("code_") or not os.path.isdir(os.path.join(runs_dir, folder)):
       continue
-    for name in os.listdir(folder):
-      path = os.path.join(folder, name, "ablation_run.json")
+    for name in sorted(os.listdir(os.path.join(runs_dir, folder))):
+      path = os.path.join(runs_dir, folder, name, "ablation_run.json")
       if os.path.exists(path):
         with open(path) as f:
           record = json.load(f)
-        if record.get("variant") == variant:
+        if str(record.get("variant", "")).lstrip("+") == folder:
           runs.append(record)
-  order = {v: i for i, v in enumerate(VARIANTS)}
-  return sorted(runs, key=lambda r: (order[r["variant"]], r["seed"]))
+  return merge_runs([], runs)
 
 
 def merge_runs(recorded: Sequence[dict], found: Sequence[dict]) -> List[dict]:
@@ -417,8 +417,8 @@ def main():
                                                           args.dataset))
   output = args.output or os.path.join(_REPO_ROOT, "benchmarks", "results",
                                        f"ablation_{args.dataset}.json")
-  try:
-    recorded = load_recorded_runs(output, args.dataset, extra)
+  try:  # checked before any training; re-read at each report (other grids write it too)
+    load_recorded_runs(output, args.dataset, extra)
   except ValueError as e:
     parser.error(str(e))
   code = {"report_only": True}
@@ -435,7 +435,8 @@ def main():
     # Every finished run under runs_dir, so grids run side by side (e.g. one per core under
     # taskset) each write the whole table, and every run the output already records (runs/ is
     # not committed: a fresh checkout keeps the earlier sessions' records).
-    runs = merge_runs(recorded, collect_runs(runs_dir))
+    runs = merge_runs(load_recorded_runs(output, args.dataset, extra),
+                      collect_runs(runs_dir))
     result = {"benchmark": "ablation", "dataset": args.dataset,
               "flagfile": DATASETS[args.dataset], "extra_flags": extra,
               "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})
@@ -455,7 +456,8 @@ def main():
       print(json.dumps(record), flush=True)
       report()
   report()
-  print(markdown_table(summarize(merge_runs(recorded, collect_runs(runs_dir)))))
+  print(markdown_table(summarize(merge_runs(load_recorded_runs(output, args.dataset, extra),
+                                           collect_runs(runs_dir)))))
 
 
 if __name__ == "__main__":

@@ -110,9 +110,14 @@ def test_ablation_collects_every_finished_run_under_the_folder(tmp_path):
     folder.mkdir(parents=True)
     (folder / "ablation_run.json").write_text(json.dumps(_fake_run(variant, seed, 0.5, 0.6)))
   (tmp_path / "class" / "seed9").mkdir()  # a run still going: no record yet
+  # A variant a newer copy of the script defines, and a snapshot folder.
+  (tmp_path / "newer_variant" / "seed1").mkdir(parents=True)
+  (tmp_path / "newer_variant" / "seed1" / "ablation_run.json").write_text(
+      json.dumps(_fake_run("newer_variant", 1, 0.5, 0.6)))
+  (tmp_path / "code_0123" / "seed1").mkdir(parents=True)
   runs = ablation.collect_runs(str(tmp_path))
   assert [(r["variant"], r["seed"]) for r in runs] == [
-      ("actionformer", 1), ("actionformer", 2), ("+class", 1)]
+      ("actionformer", 1), ("actionformer", 2), ("+class", 1), ("newer_variant", 1)]
 
 
 def test_ablation_report_keeps_the_records_of_runs_no_longer_on_disk():
