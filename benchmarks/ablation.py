@@ -132,6 +132,9 @@ VARIANTS: Dict[str, tuple] = {
     # the paper's "ground-truth location sampling" read as the evaluator's input), its weights
     # still on the centre-sampled positives.
     "class_instance_norm_bce_inside": _variant(**_DEFAULT, evaluator_points="inside_gt"),
+    # The default with the authors' fused target sigmoid(logit)^0.2 tIoU^0.8 for both outputs:
+    # with BCE, their commented-out remnant's loss (the fused row above used MSE).
+    "class_instance_norm_bce_fused": _variant(**_DEFAULT, evaluator_target="fused"),
     # The default with w = p * sg(q)^2: the evaluator's ranking of an instance's frames
     # weighs more (with the per-instance normalisation only the ratios between frames count).
     "class_instance_norm_bce_q2": _variant(**_DEFAULT, instance_weight_power="2"),
