@@ -135,8 +135,8 @@ VARIANTS: Dict[str, tuple] = {
     # The default with the authors' fused target sigmoid(logit)^0.2 tIoU^0.8 for both outputs:
     # with BCE, their commented-out remnant's loss (the fused row above used MSE).
     "class_instance_norm_bce_fused": _variant(**_DEFAULT, evaluator_target="fused"),
-    # The default with w = p * sg(q)^2: the evaluator's ranking of an instance's frames
-    # weighs more (with the per-instance normalisation only the ratios between frames count).
+    # The default with w = p * sg(q)^2: sharper ratios between an instance's frames (with the
+    # per-instance normalisation only those ratios count).
     "class_instance_norm_bce_q2": _variant(**_DEFAULT, instance_weight_power="2"),
     # The default with the instance weights from epoch 2 on (the evaluator still learns from
     # the start): early q is noise, and under the normalisation only its ratios count.
