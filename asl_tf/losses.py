@@ -532,6 +532,7 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   evaluator_sum, contrastive_sum, contrastive_anchors = zero, zero, zero
   if sensitivity is not None:
     w_cls, w_loc = sensitivity["p_cls"], sensitivity["p_loc"]
+    combination, power = loss_config.instance_combination, loss_config.instance_weight_power
     if "q" in sensitivity:
       q = tf.cast(sensitivity["q"], tf.float32)  # [B, N, 2]
       q_target = instance_targets(cls_logits, offsets, evaluator_targets,
@@ -540,7 +541,6 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
                                  logits=sensitivity.get("q_logits"))
       evaluator_sum = tf.reduce_sum(tf.where(evaluator_mask, per_point, 0.0))
       use = tf.logical_and(positive, tf.cast(use_instance_weights, tf.bool))
-      combination, power = loss_config.instance_combination, loss_config.instance_weight_power
       w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination, power), w_cls)
       w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination, power), w_loc)
     if loss_config.sensitivity_normalization == "instance":
@@ -559,8 +559,6 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
         if "q" in sensitivity:
           num_level0 = tf.shape(sensitivity["embeddings"])[1]
           q0 = tf.stop_gradient(tf.cast(sensitivity["q"][:, :num_level0], tf.float32))  # [B, T0, 2]
-          combination = loss_config.instance_combination
-          power = loss_config.instance_weight_power
           rank_cls = combine_point_weights(rank_cls, q0[..., 0:1], combination, power)
           rank_loc = combine_point_weights(rank_loc, q0[..., 1:2], combination, power)
         feats, labels, feat_valid = sample_contrastive_features(

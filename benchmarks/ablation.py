@@ -449,6 +449,7 @@ def main():
     title = f"{args.dataset} ({DATASETS[args.dataset]} {' '.join(extra)})".replace(" )", ")")
     _write_atomic(output, json.dumps(result, indent=1, default=common.json_default))
     _write_atomic(os.path.splitext(output)[0] + ".md", markdown_table(result["summary"], title))
+    return result["summary"]
 
   # Seed-major order: an interrupted grid still covers every variant.
   for seed in seeds if not args.report_only else ():
@@ -458,9 +459,7 @@ def main():
                        code["root"])
       print(json.dumps(record), flush=True)
       report()
-  report()
-  print(markdown_table(summarize(merge_runs(load_recorded_runs(output, args.dataset, extra),
-                                           collect_runs(runs_dir)))))
+  print(markdown_table(report()))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ imported, detector + optimizer built, the training step traced (`get_concrete_fu
 first step run (the runtime instantiates the graph: placement, Grappler, kernels), and after
 `--steps` more, then after glibc's `malloc_trim` (what was freed but stayed resident; read
 after the peak, so it does not lower it). `peak_mb` is VmHWM; `anon_mb` / `file_mb` split the
-resident set into heap and mapped files (mostly TensorFlow's shared libraries). The traced step's graph ops are counted by
-top-level name scope (forward, gradient, optimizer, clipping): on CPU the runtime's memory grows
-with the op count, so this says what holds it.
+resident set into heap and mapped files (mostly TensorFlow's shared libraries). The traced
+step's graph ops are counted by top-level name scope (forward, gradient, optimizer, clipping) and
+by type: on CPU the runtime's memory grows with the op count, so this says what holds it.
 
   python benchmarks/train_memory.py                       # bench config, both optimizer forms
   python benchmarks/train_memory.py --config=thumos_i3d
