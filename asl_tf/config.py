@@ -24,7 +24,8 @@ ANNOTATION_FORMATS = ("auto", "actionformer", "flat", "activitynet")
 NMS_METHODS = ("soft", "hard", "none")
 SENSITIVITY_PARAMETRIZATIONS = ("authors", "stable")
 INSTANCE_COMBINATIONS = ("product", "sum")
-SENSITIVITY_NORMALIZATIONS = ("none", "instance")
+SENSITIVITY_NORMALIZATIONS = ("none", "instance", "video")
+INSTANCE_WEIGHTED_LOSSES = ("both", "classification", "regression")
 EVALUATOR_TARGETS = ("separate", "fused")
 EVALUATOR_LOSSES = ("mse", "bce")
 EVALUATOR_POINTS = ("positives", "inside_gt")
@@ -40,6 +41,7 @@ FIELD_CHOICES = {
     "annotation_format": ANNOTATION_FORMATS, "on_bad_feature": ("error", "skip"),
     "sensitivity_parametrization": SENSITIVITY_PARAMETRIZATIONS,
     "instance_combination": INSTANCE_COMBINATIONS,
+    "instance_weighted_losses": INSTANCE_WEIGHTED_LOSSES,
     "sensitivity_normalization": SENSITIVITY_NORMALIZATIONS,
     "evaluator_target": EVALUATOR_TARGETS, "evaluator_loss": EVALUATOR_LOSSES,
     "evaluator_points": EVALUATOR_POINTS,
@@ -265,10 +267,13 @@ class LossConfig:
       instance's frames (1 = as reconstructed).
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
-    sensitivity_normalization: `none` (positives keep the combined weights w as they are) or
+    instance_weighted_losses: which losses q reweights: `both` (q_cls the focal loss, q_loc the
+      DIoU loss), `classification` or `regression` only (the other keeps w = p).
+    sensitivity_normalization: `none` (positives keep the combined weights w as they are),
       `instance` (w divided by its mean over the positives of the same ground-truth instance, so
-      sensitivity moves weight between an instance's frames without changing its loss mass;
-      negatives keep weight 1).
+      sensitivity moves weight between an instance's frames without changing its loss mass) or
+      `video` (divided by its mean over the video's positives, so weight also moves between a
+      video's instances); negatives keep weight 1.
     evaluator_target: `separate` (q_cls -> sigmoid(GT-class logit), q_loc -> tIoU) or `fused`
       (both outputs -> sigmoid(logit)^0.2 * tIoU^0.8, the authors' commented-out target).
     evaluator_loss: `mse` or `bce` (binary cross-entropy of q against the soft targets).
@@ -302,6 +307,7 @@ class LossConfig:
   instance_combination: str = "product"
   instance_weight_power: float = 1.0
   instance_start_epoch: int = 0
+  instance_weighted_losses: str = "both"
   sensitivity_normalization: str = "instance"
   evaluator_target: str = "separate"
   evaluator_loss: str = "bce"

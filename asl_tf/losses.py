@@ -477,9 +477,10 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
     else 0.
   * `num_pos`: positive points (float32).
   With the instance evaluator, w = combine(p, q^instance_weight_power) on positives
-  (LossConfig.instance_combination)
-  once `use_instance_weights` is true, else w = p; with `sensitivity_normalization=instance`,
-  w is then divided by its mean over each GT instance's positives (`normalize_per_instance`).
+  (LossConfig.instance_combination; on the losses LossConfig.instance_weighted_losses names)
+  once `use_instance_weights` is true, else w = p; with `sensitivity_normalization=instance`
+  (`video`), w is then divided by its mean over each GT instance's (each video's) positives
+  (`normalize_per_instance`).
 
   Args:
     outputs: the detector's dict: `cls_logits` [B, N, K], `offsets` [B, N, 2],
@@ -541,12 +542,19 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
                                  logits=sensitivity.get("q_logits"))
       evaluator_sum = tf.reduce_sum(tf.where(evaluator_mask, per_point, 0.0))
       use = tf.logical_and(positive, tf.cast(use_instance_weights, tf.bool))
-      w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination, power), w_cls)
-      w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination, power), w_loc)
-    if loss_config.sensitivity_normalization == "instance":
-      num_gt = tf.shape(gt_labels)[1]
-      w_cls = normalize_per_instance(w_cls, positive, targets["matched_gt"], num_gt)
-      w_loc = normalize_per_instance(w_loc, positive, targets["matched_gt"], num_gt)
+      weighted = loss_config.instance_weighted_losses
+      if weighted in ("both", "classification"):
+        w_cls = tf.where(use, combine_point_weights(w_cls, q[..., 0], combination, power), w_cls)
+      if weighted in ("both", "regression"):
+        w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination, power), w_loc)
+    normalization = loss_config.sensitivity_normalization
+    if normalization != "none":
+      # `video`: one group per video (every positive's group index 0 of 1).
+      groups, num_groups = targets["matched_gt"], tf.shape(gt_labels)[1]
+      if normalization == "video":
+        groups, num_groups = tf.zeros_like(groups), 1
+      w_cls = normalize_per_instance(w_cls, positive, groups, num_groups)
+      w_loc = normalize_per_instance(w_loc, positive, groups, num_groups)
     if "embeddings" in sensitivity:
       if loss_config.contrastive_sampling.startswith("windows"):
         feats, labels, feat_valid = sample_window_features(

@@ -52,7 +52,7 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "evaluator_loss_weight": "1", "evaluator_points": "positives",
         "video_label_loss_weight": "0", "contrastive_temperature": "0.07",
         "instance_weight_power": "1", "instance_start_epoch": "0",
-        "evaluator_feature_gradient": "false"}
+        "evaluator_feature_gradient": "false", "instance_weighted_losses": "both"}
 
 
 def _variant(**switches) -> tuple:
@@ -138,6 +138,19 @@ VARIANTS: Dict[str, tuple] = {
     # The default with w = p * sg(q)^2: sharper ratios between an instance's frames (with the
     # per-instance normalisation only those ratios count).
     "class_instance_norm_bce_q2": _variant(**_DEFAULT, instance_weight_power="2"),
+    # ... and with w = p * sg(q)^0.5: softer ratios (the other side of gamma = 1). Value fixed
+    # before any run.
+    "class_instance_norm_bce_qhalf": _variant(**_DEFAULT, instance_weight_power="0.5"),
+    # Where the evaluator's gain comes from: q reweighting only the focal loss, only the DIoU
+    # loss (the other keeps w = p).
+    "class_instance_norm_bce_iwcls": _variant(**_DEFAULT,
+                                              instance_weighted_losses="classification"),
+    "class_instance_norm_bce_iwreg": _variant(**_DEFAULT, instance_weighted_losses="regression"),
+    # The default normalised over each video's positives instead of each instance's (the
+    # issue's "over the batch's positives", per video so that every replica's loss stays its
+    # own): q can also move weight between a video's instances.
+    "class_instance_norm_bce_vnorm": _variant(**{**_DEFAULT,
+                                                 "sensitivity_normalization": "video"}),
     # The default with the instance weights from epoch 2 on (the evaluator still learns from
     # the start): early q is noise, and under the normalisation only its ratios count.
     "class_instance_norm_bce_start2": _variant(**_DEFAULT, instance_start_epoch="2"),

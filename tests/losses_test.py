@@ -204,6 +204,59 @@ def test_loss_sums_with_weights_golden(combination, power, use_instance, w_cls, 
   assert float(sums["num_pos"]) == 1.0
 
 
+@pytest.mark.parametrize("weighted,w_cls,w_loc", [
+    ("both", 0.8 * 0.6, 0.5 * 0.2),
+    ("classification", 0.8 * 0.6, 0.5),   # the DIoU loss keeps w = p_loc
+    ("regression", 0.8, 0.5 * 0.2),       # the focal loss keeps w = p_cls
+])
+def test_instance_weighted_losses_golden(weighted, w_cls, w_loc):
+  """q = (0.6, 0.2) at the positive reweights only the losses `instance_weighted_losses` names;
+  the evaluator learns both outputs either way."""
+  outputs, targets = _small_case()
+  sens = {"p_cls": np.array([[1.0, 0.8, 1.0, 1.0]], np.float32),
+          "p_loc": np.array([[1.0, 0.5, 1.0, 1.0]], np.float32),
+          "q": np.array([[[0.3, 0.3], [0.6, 0.2], [0.9, 0.9], [0.1, 0.1]]], np.float32)}
+  cfg = config_lib.LossConfig(instance_weighted_losses=weighted, sensitivity_normalization="none",
+                              evaluator_loss="mse")
+  sums = losses.asl_loss_sums(outputs, targets, sens, None, None, cfg, True)
+  np.testing.assert_allclose(float(sums["cls_loss_sum"]), 2 * NEG + w_cls * POS, rtol=1e-6)
+  np.testing.assert_allclose(float(sums["reg_loss_sum"]), w_loc * 0.44, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["evaluator_loss_sum"]), EVALUATOR_GOLDEN["mse"],
+                             rtol=1e-5)
+
+
+def _focal_positive(logit):
+  """Sigmoid focal loss (alpha 0.25, gamma 2) of one logit with target 1."""
+  p = 1.0 / (1.0 + math.exp(-logit))
+  return 0.25 * (1.0 - p) ** 2 * -math.log(p)
+
+
+@pytest.mark.parametrize("normalization,weights", [
+    ("none", [1.0, 0.5, 0.25]),
+    ("instance", [4 / 3, 2 / 3, 1.0]),      # GT 0: mean 0.75; GT 1 alone: 1
+    ("video", [12 / 7, 6 / 7, 3 / 7]),      # the video's three positives: mean 1.75 / 3
+])
+def test_sensitivity_normalization_groups_golden(normalization, weights):
+  """One video, 4 points, K = 1: points 0, 1 positives of GT 0, point 2 of GT 1, point 3 a
+  negative (weight 1 under every normalisation); p_cls = (1, 0.5, 0.25) on the positives and
+  logits 0, 1, 2 so that each positive has its own focal loss."""
+  logits = [0.0, 1.0, 2.0, 0.0]
+  outputs = {"cls_logits": np.array([[[x] for x in logits]], np.float32),
+             "offsets": np.ones((1, 4, 2), np.float32),
+             "padding_mask": np.array([[True, True, True, True]])}
+  targets = {"cls_targets": np.array([[[1.0], [1.0], [1.0], [0.0]]], np.float32),
+             "reg_targets": np.ones((1, 4, 2), np.float32),
+             "positive_mask": np.array([[True, True, True, False]]),
+             "matched_label": np.array([[0, 0, 0, -1]], np.int32),
+             "matched_gt": np.array([[0, 0, 1, 0]], np.int32)}
+  sens = {"p_cls": np.array([[1.0, 0.5, 0.25, 1.0]], np.float32),
+          "p_loc": np.ones((1, 4), np.float32)}
+  cfg = config_lib.LossConfig(sensitivity_normalization=normalization)
+  sums = losses.asl_loss_sums(outputs, targets, sens, None, np.zeros((1, 2), np.int32), cfg)
+  expected = sum(w * _focal_positive(x) for w, x in zip(weights, logits)) + NEG
+  np.testing.assert_allclose(float(sums["cls_loss_sum"]), expected, rtol=1e-5)
+
+
 def test_evaluator_learns_from_its_own_points_while_weights_stay_on_the_positives():
   """`evaluator_targets` (LossConfig.evaluator_points=inside_gt) adds point 0 (whole-segment
   positive, reg target (5, 5) = its prediction, IoU 1) to the evaluator's loss only: with
