@@ -28,6 +28,13 @@ def _dense(units, name, dtype):
                             bias_initializer="zeros", name=name, dtype=dtype)
 
 
+def _with_next_block(x, axis):
+  """Joins each block with the next: x [..., N + 1, L, ...] (blocks on `axis`) -> [..., N, 2L,
+  ...]."""
+  lead = (slice(None),) * axis
+  return tf.concat([x[lead + (slice(None, -1),)], x[lead + (slice(1, None),)]], axis=axis + 1)
+
+
 @keras.saving.register_keras_serializable(package="asl_tf")
 class MaskedSelfAttention(keras.layers.Layer):
   """Masked multi-head convolutional self-attention, local (sliding window) or global.
@@ -131,14 +138,17 @@ class MaskedSelfAttention(keras.layers.Layer):
     tail = num_blocks * block - t
     q = tf.pad(q, [[0, 0], [0, 0], [0, tail], [0, 0]])
     q = tf.reshape(q, [b, self.num_heads, num_blocks, block, self.head_dim])  # [B, H, N, L, D]
+    # Keys padded by h in front split into N + 1 blocks; query block n sees key blocks n and
+    # n + 1, so slot j of block n is key position p = n * block + j - h.
     key_pad = [[0, 0], [0, 0], [h, tail + h], [0, 0]]
-    k = tf.signal.frame(tf.pad(k, key_pad), span, block, axis=2)  # [B, H, N, S, D]
-    v = tf.signal.frame(tf.pad(v, key_pad), span, block, axis=2)  # [B, H, N, S, D]
-    # Key position p = n * block + j - h of slot j in block n; in band iff 0 <= j - i <= 2h.
-    key_valid = tf.signal.frame(tf.pad(mask, [[0, 0], [h, tail + h]]), span, block,
-                                axis=1)  # [B, N, S]
-    positions = tf.signal.frame(tf.range(-h, num_blocks * block + h), span, block)  # [N, S]
+    blocks_shape = [b, self.num_heads, num_blocks + 1, block, self.head_dim]
+    k = _with_next_block(tf.reshape(tf.pad(k, key_pad), blocks_shape), 2)  # [B, H, N, S, D]
+    v = _with_next_block(tf.reshape(tf.pad(v, key_pad), blocks_shape), 2)  # [B, H, N, S, D]
+    key_valid = _with_next_block(tf.reshape(tf.pad(mask, [[0, 0], [h, tail + h]]),
+                                            [b, num_blocks + 1, block]), 1)  # [B, N, S]
+    positions = tf.range(num_blocks)[:, None] * block + tf.range(span)[None, :] - h  # [N, S]
     in_sequence = (positions >= 0) & (positions < t)
+    # Slot j is in query i's band iff 0 <= j - i <= 2h.
     offsets = tf.range(span)[None, :] - tf.range(block)[:, None]  # [L, S]
     in_band = (offsets >= 0) & (offsets <= 2 * h)
     allowed = in_band[None, None] & in_sequence[None, :, None, :]  # [1, N, L, S]
