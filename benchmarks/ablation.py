@@ -437,7 +437,11 @@ def main():
     load_recorded_runs(output, args.dataset, extra)
   except ValueError as e:
     parser.error(str(e))
+  # `code`: the snapshot this grid trains with; a report alone keeps the one recorded.
   code = {"report_only": True}
+  if args.report_only and os.path.exists(output):
+    with open(output) as f:
+      code = json.load(f).get("code", code)
   if not args.report_only:
     if args.dataset in GENERATED:
       module, name = GENERATED[args.dataset]

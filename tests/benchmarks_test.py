@@ -148,7 +148,8 @@ def _report_only(monkeypatch, tmp_path, output, *flags):
 def test_ablation_report_only_adds_the_runs_on_disk_to_the_recorded_ones(tmp_path, monkeypatch):
   output = tmp_path / "ablation_demo.json"
   output.write_text(json.dumps({"dataset": "demo", "extra_flags": [],
-                                "runs": [_fake_run("actionformer", 1, 0.3, 0.4)]}))
+                                "runs": [_fake_run("actionformer", 1, 0.3, 0.4)],
+                                "code": {"git_head": "abc123"}}))
   folder = tmp_path / "runs" / "class" / "seed1"
   folder.mkdir(parents=True)
   (folder / "ablation_run.json").write_text(json.dumps(_fake_run("+class", 1, 0.5, 0.6)))
@@ -157,6 +158,7 @@ def test_ablation_report_only_adds_the_runs_on_disk_to_the_recorded_ones(tmp_pat
   assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("actionformer", 1),
                                                                  ("+class", 1)]
   assert set(report["summary"]) == {"actionformer", "+class"}
+  assert report["code"] == {"git_head": "abc123"}  # the last grid's snapshot, kept
   assert "| +class | 1 | 50.00" in (tmp_path / "ablation_demo.md").read_text()
 
 
