@@ -268,7 +268,8 @@ class LossConfig:
     instance_start_epoch: instance weights are used from this epoch on (the evaluator trains
       from the start).
     instance_weighted_losses: which losses q reweights: `both` (q_cls the focal loss, q_loc the
-      DIoU loss), `classification` or `regression` only (the other keeps w = p).
+      DIoU loss), `classification` or `regression` only (the other keeps w = p; the
+      contrastive loss's ranking of sensitive frames uses both q either way).
     sensitivity_normalization: `none` (positives keep the combined weights w as they are),
       `instance` (w divided by its mean over the positives of the same ground-truth instance, so
       sensitivity moves weight between an instance's frames without changing its loss mass) or

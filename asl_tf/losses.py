@@ -202,7 +202,8 @@ def evaluator_loss(q, q_target, kind="mse", logits=None):
 
 
 def normalize_per_instance(weights, positive, matched_gt, num_gt):
-  """Divides each positive's weight by the mean weight of its GT instance's positives.
+  """Divides each positive's weight by the mean weight of its GT instance's positives (with
+  `matched_gt` all 0 and `num_gt` 1: of its video's positives).
 
   Every GT instance's positives then have mean weight exactly 1 (the loss mass of plain
   ActionFormer), and the weights only move emphasis between its frames (weights are first taken
@@ -548,11 +549,11 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
       if weighted in ("both", "regression"):
         w_loc = tf.where(use, combine_point_weights(w_loc, q[..., 1], combination, power), w_loc)
     normalization = loss_config.sensitivity_normalization
-    if normalization != "none":
-      # `video`: one group per video (every positive's group index 0 of 1).
+    if normalization == "instance":
       groups, num_groups = targets["matched_gt"], tf.shape(gt_labels)[1]
-      if normalization == "video":
-        groups, num_groups = tf.zeros_like(groups), 1
+    elif normalization == "video":  # one group per video: every positive's group 0 of 1
+      groups, num_groups = tf.zeros_like(positive, tf.int32), 1
+    if normalization != "none":
       w_cls = normalize_per_instance(w_cls, positive, groups, num_groups)
       w_loc = normalize_per_instance(w_loc, positive, groups, num_groups)
     if "embeddings" in sensitivity:

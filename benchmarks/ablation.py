@@ -340,15 +340,15 @@ def merge_runs(recorded: Sequence[dict], found: Sequence[dict]) -> List[dict]:
                 key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
 
 
-def load_recorded_runs(output: str, dataset: str, extra_flags: Sequence[str]) -> List[dict]:
-  """The run records of an earlier report at `output` ([] when there is none).
+def load_recorded_report(output: str, dataset: str, extra_flags: Sequence[str]) -> dict:
+  """An earlier report at `output` ({} when there is none), its run records checked.
 
   Raises:
     ValueError: one line naming the file, when it is not such a report or was written for
       another dataset or other extra flags (its records would mix into this table).
   """
   if not os.path.exists(output):
-    return []
+    return {}
   try:
     with open(output) as f:
       report = json.load(f)
@@ -362,7 +362,7 @@ def load_recorded_runs(output: str, dataset: str, extra_flags: Sequence[str]) ->
     raise ValueError(f"{output}: written for --dataset={report.get('dataset')} --extra_flags="
                      f"'{' '.join(report.get('extra_flags', []))}', not --dataset={dataset} "
                      f"--extra_flags='{' '.join(extra_flags)}'; pass another --output")
-  return runs
+  return report
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -434,14 +434,13 @@ def main():
   output = args.output or os.path.join(_REPO_ROOT, "benchmarks", "results",
                                        f"ablation_{args.dataset}.json")
   try:  # checked before any training; re-read at each report (other grids write it too)
-    load_recorded_runs(output, args.dataset, extra)
+    recorded = load_recorded_report(output, args.dataset, extra)
   except ValueError as e:
     parser.error(str(e))
-  # `code`: the snapshot this grid trains with; a report alone keeps the one recorded.
-  code = {"report_only": True}
-  if args.report_only and os.path.exists(output):
-    with open(output) as f:
-      code = json.load(f).get("code", code)
+  # `code` / `machine`: the snapshot this grid trains with and its host; a report alone keeps
+  # the recorded ones.
+  code = recorded.get("code", {"report_only": True}) if args.report_only else None
+  machine = recorded.get("machine") if args.report_only else None
   if not args.report_only:
     if args.dataset in GENERATED:
       module, name = GENERATED[args.dataset]
@@ -455,14 +454,19 @@ def main():
     # Every finished run under runs_dir, so grids run side by side (e.g. one per core under
     # taskset) each write the whole table, and every run the output already records (runs/ is
     # not committed: a fresh checkout keeps the earlier sessions' records).
-    runs = merge_runs(load_recorded_runs(output, args.dataset, extra),
-                      collect_runs(runs_dir))
+    report_so_far = load_recorded_report(output, args.dataset, extra)
+    runs = merge_runs(report_so_far.get("runs", []), collect_runs(runs_dir))
+    # A variant's recorded flags stay (its runs trained with them; each run's `command` has
+    # its own); the script's definition only for a variant recorded for the first time.
+    variants = dict(report_so_far.get("variants", {}))
+    for v in sorted({r["variant"] for r in runs} - set(variants)):
+      if v in VARIANTS:
+        variants[v] = list(VARIANTS[v])
     result = {"benchmark": "ablation", "dataset": args.dataset,
               "flagfile": DATASETS[args.dataset], "extra_flags": extra,
-              "variants": {v: list(VARIANTS[v]) for v in sorted({r["variant"] for r in runs})
-                           if v in VARIANTS},
+              "variants": dict(sorted(variants.items())),
               "summary": summarize(runs), "runs": runs, "code": code,
-              "machine": common.machine_info()}
+              "machine": machine or common.machine_info()}
     title = f"{args.dataset} ({DATASETS[args.dataset]} {' '.join(extra)})".replace(" )", ")")
     _write_atomic(output, json.dumps(result, indent=1, default=common.json_default))
     _write_atomic(os.path.splitext(output)[0] + ".md", markdown_table(result["summary"], title))

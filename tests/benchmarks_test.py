@@ -149,7 +149,8 @@ def test_ablation_report_only_adds_the_runs_on_disk_to_the_recorded_ones(tmp_pat
   output = tmp_path / "ablation_demo.json"
   output.write_text(json.dumps({"dataset": "demo", "extra_flags": [],
                                 "runs": [_fake_run("actionformer", 1, 0.3, 0.4)],
-                                "code": {"git_head": "abc123"}}))
+                                "code": {"git_head": "abc123"}, "machine": {"cpu_model": "X"},
+                                "variants": {"actionformer": ["--as_trained"]}}))
   folder = tmp_path / "runs" / "class" / "seed1"
   folder.mkdir(parents=True)
   (folder / "ablation_run.json").write_text(json.dumps(_fake_run("+class", 1, 0.5, 0.6)))
@@ -158,7 +159,10 @@ def test_ablation_report_only_adds_the_runs_on_disk_to_the_recorded_ones(tmp_pat
   assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("actionformer", 1),
                                                                  ("+class", 1)]
   assert set(report["summary"]) == {"actionformer", "+class"}
-  assert report["code"] == {"git_head": "abc123"}  # the last grid's snapshot, kept
+  # The last grid's snapshot and host, and the flags a recorded variant trained with, kept.
+  assert report["code"] == {"git_head": "abc123"} and report["machine"] == {"cpu_model": "X"}
+  assert report["variants"] == {"actionformer": ["--as_trained"],
+                                "+class": list(ablation.VARIANTS["+class"])}
   assert "| +class | 1 | 50.00" in (tmp_path / "ablation_demo.md").read_text()
 
 

@@ -147,6 +147,9 @@ def test_missing_flagfile_is_named(tmp_path):
     (["--scale_factor=3"], r"--scale_factor=3 must be an even integer >= 2"),
     (["--head_kernel_size=4"], r"--head_kernel_size=4 must be a positive odd integer"),
     (["--embd_kernel_size=2"], r"--embd_kernel_size=2 must be a positive odd integer"),
+    (["--instance_weighted_losses=focal"],
+     r"instance_weighted_losses.*both\|classification\|regression"),
+    (["--sensitivity_normalization=batch"], r"sensitivity_normalization.*none\|instance\|video"),
 ])
 def test_bad_flag_values_are_named_up_front(argv, message):
   """Each used to train backwards, divide by zero or fail deep inside TensorFlow."""

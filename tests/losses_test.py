@@ -232,29 +232,32 @@ def _focal_positive(logit):
 
 
 @pytest.mark.parametrize("normalization,weights", [
-    ("none", [1.0, 0.5, 0.25]),
-    ("instance", [4 / 3, 2 / 3, 1.0]),      # GT 0: mean 0.75; GT 1 alone: 1
-    ("video", [12 / 7, 6 / 7, 3 / 7]),      # the video's three positives: mean 1.75 / 3
+    ("none", [[1.0, 0.5, 0.25], [0.5, 0.5, 1.0]]),
+    # GT 0: mean 0.75; GT 1 alone: 1. Video 1: GT 0 (0.5, 0.5) -> 1, GT 1 alone -> 1.
+    ("instance", [[4 / 3, 2 / 3, 1.0], [1.0, 1.0, 1.0]]),
+    # Each video's own three positives: means 1.75 / 3 and 2 / 3 (over the batch's six
+    # positives, 3.75 / 6, it would be other weights).
+    ("video", [[12 / 7, 6 / 7, 3 / 7], [0.75, 0.75, 1.5]]),
 ])
 def test_sensitivity_normalization_groups_golden(normalization, weights):
-  """One video, 4 points, K = 1: points 0, 1 positives of GT 0, point 2 of GT 1, point 3 a
-  negative (weight 1 under every normalisation); p_cls = (1, 0.5, 0.25) on the positives and
-  logits 0, 1, 2 so that each positive has its own focal loss."""
+  """Two videos, 4 points each, K = 1: points 0, 1 positives of GT 0, point 2 of GT 1, point 3
+  a negative (weight 1 under every normalisation); p_cls (1, 0.5, 0.25) and (0.5, 0.5, 1) on
+  the positives and logits 0, 1, 2 so that each positive has its own focal loss."""
   logits = [0.0, 1.0, 2.0, 0.0]
-  outputs = {"cls_logits": np.array([[[x] for x in logits]], np.float32),
-             "offsets": np.ones((1, 4, 2), np.float32),
-             "padding_mask": np.array([[True, True, True, True]])}
-  targets = {"cls_targets": np.array([[[1.0], [1.0], [1.0], [0.0]]], np.float32),
-             "reg_targets": np.ones((1, 4, 2), np.float32),
-             "positive_mask": np.array([[True, True, True, False]]),
-             "matched_label": np.array([[0, 0, 0, -1]], np.int32),
-             "matched_gt": np.array([[0, 0, 1, 0]], np.int32)}
-  sens = {"p_cls": np.array([[1.0, 0.5, 0.25, 1.0]], np.float32),
-          "p_loc": np.ones((1, 4), np.float32)}
+  outputs = {"cls_logits": np.array([[[x] for x in logits]] * 2, np.float32),
+             "offsets": np.ones((2, 4, 2), np.float32),
+             "padding_mask": np.ones((2, 4), bool)}
+  targets = {"cls_targets": np.array([[[1.0], [1.0], [1.0], [0.0]]] * 2, np.float32),
+             "reg_targets": np.ones((2, 4, 2), np.float32),
+             "positive_mask": np.array([[True, True, True, False]] * 2),
+             "matched_label": np.array([[0, 0, 0, -1]] * 2, np.int32),
+             "matched_gt": np.array([[0, 0, 1, 0]] * 2, np.int32)}
+  sens = {"p_cls": np.array([[1.0, 0.5, 0.25, 1.0], [0.5, 0.5, 1.0, 1.0]], np.float32),
+          "p_loc": np.ones((2, 4), np.float32)}
   cfg = config_lib.LossConfig(sensitivity_normalization=normalization)
-  sums = losses.asl_loss_sums(outputs, targets, sens, None, np.zeros((1, 2), np.int32), cfg)
-  expected = sum(w * _focal_positive(x) for w, x in zip(weights, logits)) + NEG
-  np.testing.assert_allclose(float(sums["cls_loss_sum"]), expected, rtol=1e-5)
+  sums = losses.asl_loss_sums(outputs, targets, sens, None, np.zeros((2, 2), np.int32), cfg)
+  expected = sum(w * _focal_positive(x) for video in weights for w, x in zip(video, logits))
+  np.testing.assert_allclose(float(sums["cls_loss_sum"]), expected + 2 * NEG, rtol=1e-5)
 
 
 def test_evaluator_learns_from_its_own_points_while_weights_stay_on_the_positives():
