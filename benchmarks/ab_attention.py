@@ -8,6 +8,7 @@ forward + backward, and counts each form's graph ops; the outputs are compared f
 
   python benchmarks/ab_attention.py                                   # THUMOS level 0
   python benchmarks/ab_attention.py --seq_len=768 --dim=128 --window=9  # bench config
+  python benchmarks/ab_attention.py --quick      # dim 16, T 96 unless given, 2 rounds x 2 calls
 """
 
 import os
@@ -20,7 +21,10 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def frame_local_attention(layer, q, k, v, mask):
-  """The local attention as it was before 4174c07 (`tf.signal.frame` for the key blocks)."""
+  """The local attention as it was before 4174c07 (`tf.signal.frame` for the key blocks).
+
+  q, k, v [B, H, T, D], mask bool [B, T] -> [B, H, T, D], as `layer._local_attention`.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import attention  # pylint: disable=g-import-not-at-top
   h = layer.half_window
