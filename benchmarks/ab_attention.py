@@ -1,10 +1,12 @@
-"""In-process A/B of the local attention's key blocks: `tf.signal.frame` against joined blocks.
+"""In-process A/B of the local attention's key blocks: `tf.signal.frame` against a block gather.
 
 Until 4174c07 `MaskedSelfAttention._local_attention` cut each query block's keys out of the
-padded keys with `tf.signal.frame` (window 2 * block, step block); it now joins the padded key
-blocks n and n + 1 (two slices and a concat), the same values. This script keeps the earlier
-form (`frame_local_attention`, below) to time both forms of one layer in alternating rounds,
-forward + backward, and counts each form's graph ops; the outputs are compared first.
+padded keys with `tf.signal.frame` (window 2 * block, step block); it now gathers the padded key
+blocks n and n + 1 for each n (one `tf.gather`), the same values. (4174c07 itself joined them
+with two slices and a concat: fewer ops, but 1.4x slower at THUMOS size by this script, and
+replaced.) This script keeps the `frame` form (`frame_local_attention`, below) to time both
+forms of one layer in alternating rounds, forward + backward, and counts each form's graph ops;
+the outputs and gradients are compared first.
 
   python benchmarks/ab_attention.py                                   # THUMOS level 0
   python benchmarks/ab_attention.py --seq_len=768 --dim=128 --window=9  # bench config

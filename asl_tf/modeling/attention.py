@@ -28,11 +28,10 @@ def _dense(units, name, dtype):
                             bias_initializer="zeros", name=name, dtype=dtype)
 
 
-def _with_next_block(x, axis):
-  """Joins each block with the next: x [..., N + 1, L, ...] (blocks on `axis`) -> [..., N, 2L,
-  ...]."""
-  lead = (slice(None),) * axis
-  return tf.concat([x[lead + (slice(None, -1),)], x[lead + (slice(1, None),)]], axis=axis + 1)
+def _with_next_block(blocks, axis):
+  """Each block with the next: blocks [..., N + 1, L, ...] (on `axis`) -> [..., N, 2, L, ...]."""
+  n = tf.shape(blocks)[axis] - 1
+  return tf.gather(blocks, tf.stack([tf.range(n), tf.range(1, n + 1)], axis=1), axis=axis)
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
@@ -142,10 +141,14 @@ class MaskedSelfAttention(keras.layers.Layer):
     # n + 1, so slot j of block n is key position p = n * block + j - h.
     key_pad = [[0, 0], [0, 0], [h, tail + h], [0, 0]]
     blocks_shape = [b, self.num_heads, num_blocks + 1, block, self.head_dim]
-    k = _with_next_block(tf.reshape(tf.pad(k, key_pad), blocks_shape), 2)  # [B, H, N, S, D]
-    v = _with_next_block(tf.reshape(tf.pad(v, key_pad), blocks_shape), 2)  # [B, H, N, S, D]
-    key_valid = _with_next_block(tf.reshape(tf.pad(mask, [[0, 0], [h, tail + h]]),
-                                            [b, num_blocks + 1, block]), 1)  # [B, N, S]
+    keys_shape = [b, self.num_heads, num_blocks, span, self.head_dim]
+    k = tf.reshape(_with_next_block(tf.reshape(tf.pad(k, key_pad), blocks_shape), 2),
+                   keys_shape)  # [B, H, N, S, D]
+    v = tf.reshape(_with_next_block(tf.reshape(tf.pad(v, key_pad), blocks_shape), 2),
+                   keys_shape)  # [B, H, N, S, D]
+    key_valid = tf.reshape(_with_next_block(tf.reshape(
+        tf.pad(mask, [[0, 0], [h, tail + h]]), [b, num_blocks + 1, block]), 1),
+                           [b, num_blocks, span])  # [B, N, S]
     positions = tf.range(num_blocks)[:, None] * block + tf.range(span)[None, :] - h  # [N, S]
     in_sequence = (positions >= 0) & (positions < t)
     # Slot j is in query i's band iff 0 <= j - i <= 2h.
