@@ -1,12 +1,12 @@
-"""In-process A/B of the local attention's key blocks: `tf.signal.frame` against a block gather.
+"""In-process A/B of the local attention's key blocks: `tf.signal.frame`, slices + concat, gather.
 
 Until 4174c07 `MaskedSelfAttention._local_attention` cut each query block's keys out of the
-padded keys with `tf.signal.frame` (window 2 * block, step block); it now gathers the padded key
-blocks n and n + 1 for each n (one `tf.gather`), the same values. (4174c07 itself joined them
-with two slices and a concat: fewer ops, but 1.4x slower at THUMOS size by this script, and
-replaced.) This script keeps the `frame` form (`frame_local_attention`, below) to time both
-forms of one layer in alternating rounds, forward + backward, and counts each form's graph ops;
-the outputs and gradients are compared first.
+padded keys with `tf.signal.frame` (window 2 * block, step block); 4174c07 joined the padded key
+blocks n and n + 1 with two slices and a concat; cd47f13 gathers them (one `tf.gather`, the
+layer as it is now). The same values in all three. This script keeps the two earlier forms
+(`frame_local_attention`, below) to time the three forms of one layer in alternating rounds,
+forward + backward, and counts each form's graph ops; the outputs and gradients are compared
+first.
 
   python benchmarks/ab_attention.py                                   # THUMOS level 0
   python benchmarks/ab_attention.py --seq_len=768 --dim=128 --window=9  # bench config
@@ -22,8 +22,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def frame_local_attention(layer, q, k, v, mask):
-  """The local attention as it was before 4174c07 (`tf.signal.frame` for the key blocks).
+def _frame(x, span, block, axis):
+  """Before 4174c07: windows of `span` with step `block` along `axis`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.signal.frame(x, span, block, axis=axis)
+
+
+def _slices_concat(x, span, block, axis):
+  """4174c07: blocks n and n + 1 joined by two slices and a concat (span == 2 * block)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  shape = tf.shape(x)
+  blocks = tf.reshape(x, tf.concat([shape[:axis], [shape[axis] // block, block],
+                                    shape[axis + 1:]], 0))
+  lead = (slice(None),) * axis
+  pairs = tf.concat([blocks[lead + (slice(None, -1),)], blocks[lead + (slice(1, None),)]],
+                    axis=axis + 1)
+  pairs_shape = tf.shape(pairs)
+  return tf.reshape(pairs, tf.concat([pairs_shape[:axis], [pairs_shape[axis], span],
+                                      pairs_shape[axis + 2:]], 0))
+
+
+def frame_local_attention(layer, q, k, v, mask, windows=_frame):
+  """The local attention with an earlier form of its key blocks (`windows`: `_frame`, before
+  4174c07, or `_slices_concat`, 4174c07).
 
   q, k, v [B, H, T, D], mask bool [B, T] -> [B, H, T, D], as `layer._local_attention`.
   """
@@ -38,10 +59,10 @@ def frame_local_attention(layer, q, k, v, mask):
   q = tf.pad(q, [[0, 0], [0, 0], [0, tail], [0, 0]])
   q = tf.reshape(q, [b, layer.num_heads, num_blocks, block, layer.head_dim])
   key_pad = [[0, 0], [0, 0], [h, tail + h], [0, 0]]
-  k = tf.signal.frame(tf.pad(k, key_pad), span, block, axis=2)
-  v = tf.signal.frame(tf.pad(v, key_pad), span, block, axis=2)
-  key_valid = tf.signal.frame(tf.pad(mask, [[0, 0], [h, tail + h]]), span, block, axis=1)
-  positions = tf.signal.frame(tf.range(-h, num_blocks * block + h), span, block)
+  k = windows(tf.pad(k, key_pad), span, block, 2)  # [B, H, N, S, D]
+  v = windows(tf.pad(v, key_pad), span, block, 2)
+  key_valid = windows(tf.pad(mask, [[0, 0], [h, tail + h]]), span, block, 1)  # [B, N, S]
+  positions = tf.signal.frame(tf.range(-h, num_blocks * block + h), span, block)  # [N, S]
   in_sequence = (positions >= 0) & (positions < t)
   offsets = tf.range(span)[None, :] - tf.range(block)[:, None]
   in_band = (offsets >= 0) & (offsets <= 2 * h)
@@ -78,14 +99,16 @@ def main():
   lengths = [args.seq_len, args.seq_len * 3 // 4][:args.batch]
   mask = tf.sequence_mask(lengths + [args.seq_len] * (args.batch - len(lengths)), args.seq_len)
   forms = {}
-  for name in ("frame", "block_pairs"):
+  earlier = {"frame": _frame, "slices_concat": _slices_concat}
+  for name in ("frame", "slices_concat", "gather"):
     layer = attention.MaskedSelfAttention(args.dim, args.heads, args.window, name=name)
     layer(x, mask)
     if forms:
       layer.set_weights(next(iter(forms.values()))[0].get_weights())
-    if name == "frame":
+    if name in earlier:
       layer._local_attention = (  # pylint: disable=protected-access
-          lambda q, k, v, m, layer=layer: frame_local_attention(layer, q, k, v, m))
+          lambda q, k, v, m, layer=layer, w=earlier[name]: frame_local_attention(
+              layer, q, k, v, m, w))
 
     @tf.function
     def step(x, mask, layer=layer):
@@ -97,9 +120,10 @@ def main():
 
     ops = len(step.get_concrete_function(x, mask).graph.get_operations())
     forms[name] = (layer, step, ops)
-  outputs = {name: step(x, mask) for name, (_, step, _) in forms.items()}
-  (y_a, g_a), (y_b, g_b) = outputs.values()
-  max_diff = max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip([y_a] + g_a, [y_b] + g_b))
+  outputs = [step(x, mask) for _, step, _ in forms.values()]
+  (y_a, g_a) = outputs[0]
+  max_diff = max(float(tf.reduce_max(tf.abs(a - b))) for y_b, g_b in outputs[1:]
+                 for a, b in zip([y_a] + g_a, [y_b] + g_b))
 
   times = {name: [] for name in forms}
   for round_index in range(args.repeats + 1):  # round 0: warm-up

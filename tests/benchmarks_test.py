@@ -371,16 +371,18 @@ def test_inference_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_ab_attention_forms_agree_and_the_joined_blocks_take_fewer_ops(tmp_path):
-  """The earlier `tf.signal.frame` form and the layer's joined key blocks give the same outputs
-  and gradients (a padded video, a length with a partial last block) with fewer graph ops."""
+def test_ab_attention_forms_agree_and_the_block_gather_takes_fewer_ops(tmp_path):
+  """The earlier `tf.signal.frame` and slices + concat forms and the layer's block gather give
+  the same outputs and gradients (a padded video, a length with a partial last block); the
+  gather has fewer graph ops than frame."""
   out = tmp_path / "ab_attention.json"
   _run([os.path.join(_BENCH, "ab_attention.py"), "--quick", "--seq_len=101",
         f"--output={out}"])
   result = json.loads(out.read_text())
   assert result["max_abs_difference"] == 0.0
   ops = {name: r["graph_ops"] for name, r in result["results"].items()}
-  assert ops["block_pairs"] < ops["frame"]
+  assert set(ops) == {"frame", "slices_concat", "gather"}
+  assert ops["gather"] < ops["frame"]
 
 
 @pytest.mark.slow
