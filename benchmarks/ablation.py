@@ -437,17 +437,16 @@ def main():
     recorded = load_recorded_report(output, args.dataset, extra)
   except ValueError as e:
     parser.error(str(e))
-  # `code` / `machine`: the snapshot this grid trains with and its host; a report alone keeps
-  # the recorded ones.
-  code = recorded.get("code", {"report_only": True}) if args.report_only else None
-  machine = recorded.get("machine") if args.report_only else None
+  # `code` / `machine`: a report alone keeps the recorded snapshot and host; a grid records the
+  # snapshot it trains with and this host.
+  code, machine = recorded.get("code", {"report_only": True}), recorded.get("machine")
   if not args.report_only:
     if args.dataset in GENERATED:
       module, name = GENERATED[args.dataset]
       generator = importlib.import_module(module)
       out = os.path.join(_REPO_ROOT, "runs", f"sensitivity_{name}" if name else module)
       print(generator.generate(name, out) if name else generator.generate(out), flush=True)
-    code = snapshot_code(os.path.join(runs_dir, "code_" + code_digest()))
+    code, machine = snapshot_code(os.path.join(runs_dir, "code_" + code_digest())), None
   flagfile = os.path.join(code.get("root", ""), DATASETS[args.dataset])
 
   def report():
