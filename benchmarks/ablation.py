@@ -157,6 +157,12 @@ VARIANTS: Dict[str, tuple] = {
     # The default with the evaluator's loss reaching the shared features (no stop-gradient:
     # predicting the model's confidence and tIoU as an auxiliary task of the backbone).
     "class_instance_norm_bce_featgrad": _variant(**_DEFAULT, evaluator_feature_gradient="true"),
+    # The default with 0, 1 and 3 hidden conv layers in the evaluator (2 shipped): whether its
+    # capacity limits how well q ranks an instance's frames, and whether a lighter evaluator
+    # keeps the gain at a smaller step cost. Values fixed before any run.
+    "class_instance_norm_bce_el0": _variant(**_DEFAULT) + ("--evaluator_layers=0",),
+    "class_instance_norm_bce_el1": _variant(**_DEFAULT) + ("--evaluator_layers=1",),
+    "class_instance_norm_bce_el3": _variant(**_DEFAULT) + ("--evaluator_layers=3",),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
