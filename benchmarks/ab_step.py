@@ -32,6 +32,7 @@ COMPARISONS = {
     "asl": {"actionformer": _OFF,
             "asl_default": (),
             "asl_instance_only": ("--noclass_sensitivity",),
+            "asl_evaluator_no_hidden": ("--evaluator_layers=0",),
             "asl_contrastive": ("--contrastive_weight=0.1",),
             "asl_contrastive_windows": ("--contrastive_weight=0.01",
                                         "--contrastive_sampling=windows")},
