@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
 COMPARISONS = {
@@ -33,7 +34,8 @@ COMPARISONS = {
             "asl_default": (),
             "asl_instance_only": ("--noclass_sensitivity",),
             "asl_evaluator_no_hidden": ("--evaluator_layers=0",),
-            "asl_contrastive": ("--contrastive_weight=0.1",),
+            "asl_contrastive": ("--contrastive_weight=0.1",
+                                "--contrastive_sampling=sensitivity_topk"),
             "asl_contrastive_windows": ("--contrastive_weight=0.01",
                                         "--contrastive_sampling=windows")},
     # The compute dtype (Keras policy: bfloat16 layers, float32 variables, losses and logits).
@@ -47,6 +49,12 @@ COMPARISONS = {
 }
 
 
+def variant_flags(compare):
+  """{variant: flags} of a comparison, each starting from the default model (the THUMOS14
+  flagfile adds the contrastive loss); a variant's own flags come after and win."""
+  return {name: train_step.DEFAULT_ASL + flags for name, flags in COMPARISONS[compare].items()}
+
+
 def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=8)
   parser.add_argument("--compare", default="kernel_policy", choices=sorted(COMPARISONS))
@@ -57,10 +65,9 @@ def main():
 
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import train_step  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
 
-  variants = COMPARISONS[args.compare]
+  variants = variant_flags(args.compare)
   runs, weights = {}, None
   for name, extra in variants.items():
     asl_flags.FLAGS.unparse_flags()

@@ -492,18 +492,24 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   compared = {"kernel_policy": {"kernel_policy"},
               "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight",
-                      "contrastive_sampling"},
+                      "contrastive_sampling", "evaluator_layers"},
               "dtype": {"mixed_precision", "kernel_policy"},
               # The same config; only the optimizer's form differs (below).
               "optimizer": set()}
-  for comparison, variants in ab_step.COMPARISONS.items():
-    models = []
-    for extra in variants.values():
-      asl_flags.FLAGS.unparse_flags()
-      config = train_step._config("bench", False, extra)
-      models.append({**config.model.__dict__, **config.train.__dict__, **config.loss.__dict__})
-    differing = {k for m in models[1:] for k in m if m[k] != models[0][k]}
-    assert differing == compared[comparison], comparison
+  for comparison in ab_step.COMPARISONS:
+    for flagfile in ("bench", "thumos_i3d"):  # THUMOS14's turns the contrastive loss on
+      models = {}
+      for name, extra in ab_step.variant_flags(comparison).items():
+        asl_flags.FLAGS.unparse_flags()
+        config = train_step._config(flagfile, False, extra)
+        models[name] = {**config.model.__dict__, **config.train.__dict__,
+                        **config.loss.__dict__}
+      first = next(iter(models.values()))
+      differing = {k for m in models.values() for k in m if m[k] != first[k]}
+      assert differing == compared[comparison], (comparison, flagfile)
+      # Every variant but the contrastive ones trains without the contrastive loss.
+      for name, model in models.items():
+        assert (model["contrastive_weight"] > 0) == ("contrastive" in name), (name, flagfile)
   asl_flags.FLAGS.unparse_flags()
   optimizer_policies = train_step.OPTIMIZER_FORMS
   assert set(optimizer_policies) == set(ab_step.COMPARISONS["optimizer"])
