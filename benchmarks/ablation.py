@@ -52,7 +52,8 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "evaluator_loss_weight": "1", "evaluator_points": "positives",
         "video_label_loss_weight": "0", "contrastive_temperature": "0.07",
         "instance_weight_power": "1", "instance_start_epoch": "0",
-        "evaluator_feature_gradient": "false", "instance_weighted_losses": "both"}
+        "evaluator_feature_gradient": "false", "instance_weighted_losses": "both",
+        "evaluator_layers": "2"}
 
 
 def _variant(**switches) -> tuple:
@@ -160,9 +161,9 @@ VARIANTS: Dict[str, tuple] = {
     # The default with 0, 1 and 3 hidden conv layers in the evaluator (2 shipped): whether its
     # capacity limits how well q ranks an instance's frames, and whether a lighter evaluator
     # keeps the gain at a smaller step cost. Values fixed before any run.
-    "class_instance_norm_bce_el0": _variant(**_DEFAULT) + ("--evaluator_layers=0",),
-    "class_instance_norm_bce_el1": _variant(**_DEFAULT) + ("--evaluator_layers=1",),
-    "class_instance_norm_bce_el3": _variant(**_DEFAULT) + ("--evaluator_layers=3",),
+    "class_instance_norm_bce_el0": _variant(**_DEFAULT, evaluator_layers="0"),
+    "class_instance_norm_bce_el1": _variant(**_DEFAULT, evaluator_layers="1"),
+    "class_instance_norm_bce_el3": _variant(**_DEFAULT, evaluator_layers="3"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
