@@ -164,6 +164,9 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_bce_el0": _variant(**_DEFAULT, evaluator_layers="0"),
     "class_instance_norm_bce_el1": _variant(**_DEFAULT, evaluator_layers="1"),
     "class_instance_norm_bce_el3": _variant(**_DEFAULT, evaluator_layers="3"),
+    # The instance level alone with that evaluator (what the class level adds on top of it).
+    "+instance_norm_bce_el0": _variant(**_INST, **_NORM, instance_combination="product",
+                                       evaluator_loss="bce", evaluator_layers="0"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
