@@ -164,6 +164,11 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_bce_el0": _variant(**_DEFAULT, evaluator_layers="0"),
     "class_instance_norm_bce_el1": _variant(**_DEFAULT, evaluator_layers="1"),
     "class_instance_norm_bce_el3": _variant(**_DEFAULT, evaluator_layers="3"),
+    # The THUMOS14 flagfile's ASL settings (the contrastive loss on the authors' windows at
+    # 0.01) with that evaluator.
+    "asl_all_norm_bce_windows_c001_el0": _variant(**_DEFAULT, contrastive_weight="0.01",
+                                                  contrastive_sampling="windows",
+                                                  evaluator_layers="0"),
     # The instance level alone with that evaluator (what the class level adds on top of it).
     "+instance_norm_bce_el0": _variant(**_INST, **_NORM, instance_combination="product",
                                        evaluator_loss="bce", evaluator_layers="0"),
