@@ -33,7 +33,7 @@ COMPARISONS = {
     "asl": {"actionformer": _OFF,
             "asl_default": (),
             "asl_instance_only": ("--noclass_sensitivity",),
-            "asl_evaluator_no_hidden": ("--evaluator_layers=0",),
+            "asl_evaluator_2_layers": ("--evaluator_layers=2",),  # the default before the depth search
             "asl_contrastive": ("--contrastive_weight=0.1",
                                 "--contrastive_sampling=sensitivity_topk"),
             "asl_contrastive_windows": ("--contrastive_weight=0.01",

@@ -203,7 +203,7 @@ class InstanceEvaluator(heads.ConvHead):
       evaluator_feature_gradient).
   """
 
-  def __init__(self, hidden_dim, num_layers=2, kernel_size=3, kernel_policy="auto",
+  def __init__(self, hidden_dim, num_layers=0, kernel_size=3, kernel_policy="auto",
                feature_gradient=False, **kwargs):
     super().__init__(2, hidden_dim, num_layers + 1, kernel_size, True, "zeros",
                      kernel_policy=kernel_policy, **kwargs)
@@ -299,7 +299,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
 
   def __init__(self, num_classes, hidden_dim, class_sensitivity=True,
                sensitivity_parametrization="authors", instance_sensitivity=True,
-               evaluator_layers=2, contrastive=True, contrastive_proj_dim=128,
+               evaluator_layers=0, contrastive=True, contrastive_proj_dim=128,
                sensitivity_lr_scale=1.0, kernel_policy="auto",
                sensitivity_sigma_floor=SIGMA_FLOOR, evaluator_feature_gradient=False, **kwargs):
     super().__init__(**kwargs)

@@ -171,9 +171,10 @@ def test_instance_evaluator_feature_gradient_reaches_the_valid_frames_only():
     assert (g[m] > 0).all() and (g[~m] == 0).all()
 
 
-def test_instance_evaluator_ignores_padded_inputs():
+@pytest.mark.parametrize("num_layers", [0, 2])  # the default, and with hidden layers
+def test_instance_evaluator_ignores_padded_inputs(num_layers):
   feats, masks = _levels()
-  layer = sensitivity.InstanceEvaluator(6)
+  layer = sensitivity.InstanceEvaluator(6, num_layers=num_layers)
   q = layer(feats, masks).numpy()
   noisy = [tf.where(m[..., None], f, 1e3) for f, m in zip(feats, masks)]
   q_noisy = layer(noisy, masks).numpy()
@@ -186,7 +187,7 @@ def test_instance_evaluator_traced_first_in_a_graph_with_dynamic_lengths():
   count for the norms' weights); `training` reaches the norms: only the inference trace takes the
   oneDNN LayerNorm form (under the `fast` policy)."""
   feats, masks = _levels()
-  layer = sensitivity.InstanceEvaluator(6, kernel_policy="fast")
+  layer = sensitivity.InstanceEvaluator(6, num_layers=2, kernel_policy="fast")
   specs = ([tf.TensorSpec([None, None, feats[0].shape[-1]], tf.float32)] * 3,
            [tf.TensorSpec([None, None], tf.bool)] * 3)
   ops = {}
