@@ -33,7 +33,8 @@ COMPARISONS = {
     "asl": {"actionformer": _OFF,
             "asl_default": (),
             "asl_instance_only": ("--noclass_sensitivity",),
-            "asl_evaluator_2_layers": ("--evaluator_layers=2",),  # the default before the depth search
+            # The evaluator's depth before the depth search made it 0.
+            "asl_evaluator_2_layers": ("--evaluator_layers=2",),
             "asl_contrastive": ("--contrastive_weight=0.1",
                                 "--contrastive_sampling=sensitivity_topk"),
             "asl_contrastive_windows": ("--contrastive_weight=0.01",

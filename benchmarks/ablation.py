@@ -158,7 +158,7 @@ VARIANTS: Dict[str, tuple] = {
     # The default with the evaluator's loss reaching the shared features (no stop-gradient:
     # predicting the model's confidence and tIoU as an auxiliary task of the backbone).
     "class_instance_norm_bce_featgrad": _variant(**_DEFAULT, evaluator_feature_gradient="true"),
-    # The default with 0, 1 and 3 hidden conv layers in the evaluator (2 shipped): whether its
+    # The default with 0, 1 and 3 hidden conv layers in the evaluator (it had 2): whether its
     # capacity limits how well q ranks an instance's frames, and whether a lighter evaluator
     # keeps the gain at a smaller step cost. Values fixed before any run.
     "class_instance_norm_bce_el0": _variant(**_DEFAULT, evaluator_layers="0"),
