@@ -66,7 +66,8 @@ def _variant(**switches) -> tuple:
 _CLS, _INST = {"class_sensitivity": "true"}, {"instance_sensitivity": "true"}
 _NORM = {"sensitivity_normalization": "instance"}
 _CONTRA = {"contrastive_weight": "0.1"}
-# The shipped defaults' ASL switches (class + instance level, normalised, BCE evaluator).
+# The defaults' ASL switches (class + instance level, normalised, BCE evaluator) as the search
+# ran them, with a two-layer evaluator; the shipped defaults since are `..._el0` (0 layers).
 _DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce"}
 VARIANTS: Dict[str, tuple] = {
     "actionformer": _variant(),

@@ -92,11 +92,11 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
 
 
 def test_the_shipped_defaults_are_the_ablations_default_variant():
-  """The README's "the default" column (`class_instance_norm_bce`) is what the dataclasses
+  """The README's "the default" column (`class_instance_norm_bce_el0`) is what the dataclasses
   ship: each of its switches equals the default of its config field."""
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   defaults = {**config_lib.ModelConfig().__dict__, **config_lib.LossConfig().__dict__}
-  for flag in ablation.VARIANTS["class_instance_norm_bce"]:
+  for flag in ablation.VARIANTS["class_instance_norm_bce_el0"]:
     name, value = flag[2:].split("=")
     default = defaults[name]
     parsed = value == "true" if isinstance(default, bool) else type(default)(value)
