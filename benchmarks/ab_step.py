@@ -25,12 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
 COMPARISONS = {
     "kernel_policy": {"reference": ("--kernel_policy=reference",),
                       "fast": ("--kernel_policy=fast",),
                       "portable": ("--kernel_policy=portable",)},
-    "asl": {"actionformer": _OFF,
+    "asl": {"actionformer": train_step.VARIANT_FLAGS["actionformer"],
             "asl_default": (),
             "asl_instance_only": ("--noclass_sensitivity",),
             # The evaluator's depth before the depth search made it 0.

@@ -27,8 +27,7 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 # machine kind (issue 19), and the target ratio to it.
 PEER_PEAK_MB = {"bench": 650.0}
 TARGET_RATIO = 1.5
-_OFF = ("--class_sensitivity=false", "--instance_sensitivity=false", "--contrastive_weight=0")
-VARIANTS = {"actionformer": _OFF, "asl": train_step.DEFAULT_ASL}
+VARIANTS = train_step.VARIANT_FLAGS
 
 
 _STATUS_NAMES = {"VmHWM": "peak_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
