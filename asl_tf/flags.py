@@ -133,7 +133,7 @@ DATA_FLAGS = ("annotation_file", "feature_dir", "feature_ext", "train_subset", "
 MODEL_FLAGS = ("backbone_arch", "embd_dim", "fpn_dim", "head_dim", "n_head", "mha_win_size",
                "use_abs_pe", "regression_range")
 ASL_FLAGS = ("class_sensitivity", "instance_sensitivity", "sensitivity_normalization",
-             "instance_combination", "contrastive_weight")
+             "instance_combination", "contrastive_weight", "contrastive_sampling")
 TRAINING_FLAGS = ("output_dir", "epochs", "warmup_epochs", "batch_size", "learning_rate",
                   "weight_decay", "ema_decay", "seed", "resume", "eval_every", "mixed_precision",
                   "num_cpu_devices", "kernel_policy")

@@ -31,13 +31,13 @@ COMPARISONS = {
                       "portable": ("--kernel_policy=portable",)},
     "asl": {"actionformer": train_step.VARIANT_FLAGS["actionformer"],
             "asl_default": (),
-            "asl_instance_only": ("--noclass_sensitivity",),
+            # The class level on top (the authors' part; off by default since the ablation).
+            "asl_class_level": ("--class_sensitivity",),
             # The evaluator's depth before the depth search made it 0.
             "asl_evaluator_2_layers": ("--evaluator_layers=2",),
-            "asl_contrastive": ("--contrastive_weight=0.1",
-                                "--contrastive_sampling=sensitivity_topk"),
-            "asl_contrastive_windows": ("--contrastive_weight=0.01",
-                                        "--contrastive_sampling=windows")},
+            "asl_no_contrastive": ("--contrastive_weight=0",),
+            "asl_contrastive_topk": ("--contrastive_weight=0.1",
+                                     "--contrastive_sampling=sensitivity_topk")},
     # The compute dtype (Keras policy: bfloat16 layers, float32 variables, losses and logits).
     "dtype": {"float32": ("--mixed_precision=float32", "--kernel_policy=fast"),
               "bfloat16_fast": ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"),
@@ -51,7 +51,7 @@ COMPARISONS = {
 
 def variant_flags(compare):
   """{variant: flags} of a comparison, each starting from the default model (the THUMOS14
-  flagfile adds the contrastive loss); a variant's own flags come after and win."""
+  flagfile adds the class level); a variant's own flags come after and win."""
   return {name: train_step.DEFAULT_ASL + flags for name, flags in COMPARISONS[compare].items()}
 
 

@@ -67,8 +67,9 @@ _CLS, _INST = {"class_sensitivity": "true"}, {"instance_sensitivity": "true"}
 _NORM = {"sensitivity_normalization": "instance"}
 _CONTRA = {"contrastive_weight": "0.1"}
 # The search's base (class + instance level, normalised, BCE evaluator), the defaults as it
-# ran them, with a two-layer evaluator. The shipped defaults since are `+instance_norm_bce_el0`
-# (no hidden evaluator layer, then the class level off).
+# ran them, with a two-layer evaluator. The shipped defaults since are
+# `+instance_norm_bce_windows_c001_el0` (no hidden evaluator layer, class level off, the
+# contrastive loss on the authors' windows at 0.01).
 _DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce"}
 VARIANTS: Dict[str, tuple] = {
     "actionformer": _variant(),
@@ -166,16 +167,16 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_bce_el0": _variant(**_DEFAULT, evaluator_layers="0"),
     "class_instance_norm_bce_el1": _variant(**_DEFAULT, evaluator_layers="1"),
     "class_instance_norm_bce_el3": _variant(**_DEFAULT, evaluator_layers="3"),
-    # The THUMOS14 flagfile's ASL settings (the contrastive loss on the authors' windows at
-    # 0.01) with that evaluator.
+    # The contrastive loss on the authors' windows at 0.01 on top of class + instance with that
+    # evaluator: the THUMOS14 flagfile's ASL settings.
     "asl_all_norm_bce_windows_c001_el0": _variant(**_DEFAULT, contrastive_weight="0.01",
                                                   contrastive_sampling="windows",
                                                   evaluator_layers="0"),
     # The instance level alone with that evaluator (what the class level adds on top of it).
     "+instance_norm_bce_el0": _variant(**_INST, **_NORM, instance_combination="product",
                                        evaluator_loss="bce", evaluator_layers="0"),
-    # The THUMOS14 flagfile's contrastive setting on the instance level alone (the class level
-    # off, as the defaults after it measured -0.01 / +0.06 on top of the instance level).
+    # The same contrastive loss on the instance level alone (the class level off after it
+    # measured -0.01 / +0.06 on top of the instance level): the shipped defaults.
     "+instance_norm_bce_windows_c001_el0": _variant(**_INST, **_NORM,
                                                     instance_combination="product",
                                                     evaluator_loss="bce", evaluator_layers="0",

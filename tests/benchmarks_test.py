@@ -92,11 +92,12 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
 
 
 def test_the_shipped_defaults_are_the_ablations_default_variant():
-  """The README's "the default" column (`class_instance_norm_bce_el0`) is what the dataclasses
-  ship: each of its switches equals the default of its config field."""
+  """The README's "the default" column (`+instance_norm_bce_windows_c001_el0`: instance level
+  and contrastive loss) is what the dataclasses ship: each of its switches equals the default of
+  its config field."""
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   defaults = {**config_lib.ModelConfig().__dict__, **config_lib.LossConfig().__dict__}
-  for flag in ablation.VARIANTS["class_instance_norm_bce_el0"]:
+  for flag in ablation.VARIANTS["+instance_norm_bce_windows_c001_el0"]:
     name, value = flag[2:].split("=")
     default = defaults[name]
     parsed = value == "true" if isinstance(default, bool) else type(default)(value)
@@ -497,7 +498,7 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
               # The same config; only the optimizer's form differs (below).
               "optimizer": set()}
   for comparison in ab_step.COMPARISONS:
-    for flagfile in ("bench", "thumos_i3d"):  # THUMOS14's turns the contrastive loss on
+    for flagfile in ("bench", "thumos_i3d"):  # THUMOS14's turns on the class level
       models = {}
       for name, extra in ab_step.variant_flags(comparison).items():
         asl_flags.FLAGS.unparse_flags()
@@ -507,9 +508,13 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
       first = next(iter(models.values()))
       differing = {k for m in models.values() for k in m if m[k] != first[k]}
       assert differing == compared[comparison], (comparison, flagfile)
-      # Every variant but the contrastive ones trains without the contrastive loss.
+      # Every variant trains the default model's contrastive loss unless it names another, and
+      # every one but `asl_class_level` without the class level (the THUMOS14 flagfile has it).
       for name, model in models.items():
-        assert (model["contrastive_weight"] > 0) == ("contrastive" in name), (name, flagfile)
+        contrastive = (model["contrastive_weight"], model["contrastive_sampling"])
+        if name not in ("actionformer", "asl_no_contrastive", "asl_contrastive_topk"):
+          assert contrastive == (0.01, "windows"), (name, flagfile)
+        assert model["class_sensitivity"] == (name == "asl_class_level"), (name, flagfile)
   asl_flags.FLAGS.unparse_flags()
   optimizer_policies = train_step.OPTIMIZER_FORMS
   assert set(optimizer_policies) == set(ab_step.COMPARISONS["optimizer"])

@@ -1,6 +1,6 @@
 """Run by task_test.py in a fresh process: train steps on 1 device vs 2 replicas.
 
-  distributed_step_script.py CLIP_NORM SEED STEPS SINGLE_OPTIMIZER
+  distributed_step_script.py CLIP_NORM SEED STEPS SINGLE_OPTIMIZER [CONTRASTIVE_SAMPLING]
 
 SINGLE_OPTIMIZER `fused` gives the single device the optimizer the policy chooses (FusedAdamW,
 as the replicas get), `keras` gives it Keras' AdamW (the same updates up to rounding).
@@ -39,14 +39,16 @@ def make_batch(seq_len, channels):
           "gt_labels": labels}
 
 
-def build(strategy, model_config, train_config, weights=None, optimizer_config=None):
+def build(strategy, model_config, train_config, contrastive_sampling, weights=None,
+          optimizer_config=None):
   with strategy.scope():
     model = detector_lib.ASLDetector(model_config)
     model.build_for_training()
     if weights is not None:
       model.set_weights(weights)
     # The loss options that are off by default, on.
-    loss_config = config_lib.LossConfig(evaluator_points="inside_gt", video_label_loss_weight=0.2)
+    loss_config = config_lib.LossConfig(evaluator_points="inside_gt", video_label_loss_weight=0.2,
+                                        contrastive_sampling=contrastive_sampling)
     task = task_lib.DetectionTask(model_config, loss_config,
                                   clip_grad_norm=train_config.clip_grad_norm)
     optimizer = optimizer_lib.build_optimizer(model, train_config,
@@ -58,12 +60,13 @@ def build(strategy, model_config, train_config, weights=None, optimizer_config=N
 def main():
   clip, seed, steps, single_form = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), \
       sys.argv[4]
+  sampling = sys.argv[5] if len(sys.argv) > 5 else config_lib.LossConfig().contrastive_sampling
   strategy_lib.configure_devices(2)
   model_config = config_lib.ModelConfig(
       input_dim=16, num_classes=3, max_seq_len=64, embd_dim=16, fpn_dim=16, head_dim=16,
       backbone_arch=(1, 1, 2), regression_range=((0, 4), (4, 8), (8, 10000)),
       mha_win_size=(5,), droppath=0.0, contrastive_proj_dim=8, contrastive_weight=0.1,
-      kernel_policy="portable")
+      class_sensitivity=True, kernel_policy="portable")  # every ASL part on
   # EMA decay 0.5: every step's update shows in the average.
   train_config = config_lib.TrainConfig(learning_rate=1e-4, warmup_epochs=0, epochs=2,
                                         clip_grad_norm=clip, ema_decay=0.5)
@@ -72,13 +75,14 @@ def main():
   # The reference policy picks Keras' AdamW; the model's own policy stays `auto`.
   keras_adamw = dataclasses.replace(model_config, kernel_policy="reference")
   single, single_task, single_optimizer = build(
-      tf.distribute.get_strategy(), model_config, train_config,
+      tf.distribute.get_strategy(), model_config, train_config, sampling,
       optimizer_config=keras_adamw if single_form == "keras" else None)
   initial = [v.numpy() for v in single.trainable_variables]
   mirrored_strategy = tf.distribute.MirroredStrategy(
       [d.name for d in tf.config.list_logical_devices("CPU")])
   mirrored, mirrored_task, mirrored_optimizer = build(mirrored_strategy, model_config,
-                                                      train_config, single.get_weights())
+                                                      train_config, sampling,
+                                                      single.get_weights())
 
   epoch = tf.constant(0, tf.int64)
   single_step = tf.function(lambda b: single_task.train_step(single, single_optimizer, b, epoch))

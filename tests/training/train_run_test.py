@@ -52,9 +52,10 @@ def test_kill_and_resume_equals_uninterrupted_run_with_logs_and_profile(tiny_dat
   want = helpers.checkpoint_tensors(os.path.join(full, "checkpoints", "ckpt-3"))
   got = helpers.checkpoint_tensors(os.path.join(killed, "checkpoints", "ckpt-3"))
   assert set(want) == set(got)
-  # model.variables are saved by path: 91 weights + 4 dropout / drop-path RNG states (class- and
-  # instance-level ASL, the evaluator one conv); the task's loss normaliser as task_variables.
-  assert len([k for k in want if k.startswith("model_weights/")]) == 95
+  # model.variables are saved by path: 95 weights + 4 dropout / drop-path RNG states (class- and
+  # instance-level ASL, the evaluator one conv, the contrastive projection's two dense layers);
+  # the task's loss normaliser as task_variables.
+  assert len([k for k in want if k.startswith("model_weights/")]) == 99
   assert "model_weights/backbone.Sembd.S0.Skernel/.ATTRIBUTES/VARIABLE_VALUE" in want
   assert [k for k in want if k.startswith("task_variables/")] == [
       "task_variables/0/.ATTRIBUTES/VARIABLE_VALUE"]
@@ -77,12 +78,12 @@ def test_kill_and_resume_equals_uninterrupted_run_with_logs_and_profile(tiny_dat
                    log, re.M)
 
   scalars, images = _scalars(os.path.join(full, "logs"))
-  for tag in ("cls_loss", "reg_loss", "evaluator_loss", "total_loss",
+  for tag in ("cls_loss", "reg_loss", "evaluator_loss", "contrastive_loss", "total_loss",
               "num_pos", "learning_rate", "videos_per_sec"):
     assert sorted(scalars[f"train/{tag}"]) == list(range(1, 25)), tag
   # Terms the defaults leave off are not logged (no curve of zeros, no "0.0000" in the log).
-  assert "train/contrastive_loss" not in scalars and "train/video_label_loss" not in scalars
-  assert "contrastive_loss" not in log and "video_label_loss" not in log
+  assert "train/video_label_loss" not in scalars and "video_label_loss" not in log
+  assert "contrastive_loss" in log
   assert scalars["train/learning_rate"][1] == 0.0  # warm-up starts at 0 (ActionFormer)
   assert scalars["train/learning_rate"][9] == pytest.approx(1e-3)
   assert 0.0 <= scalars["eval/average_mAP"][24] <= 1.0

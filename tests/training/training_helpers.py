@@ -63,7 +63,7 @@ def tiny_flags(data_root, output_dir, **overrides):
       "learning_rate": 1e-3, "init_loss_norm": 5, "output_dir": output_dir,
       "train_subset": "training", "eval_subset": "validation", "log_every": 1,
       "dropout": 0.1, "droppath": 0.1, "eval_every": -1, "ema_decay": 0.9,
-      "class_sensitivity": True,  # every trained part of ASL (as the defaults)
+      "class_sensitivity": True,  # every trained part of ASL (the defaults and the class level)
   }
   values.update(overrides)
   return [f"--{k}={v}" for k, v in values.items()]
