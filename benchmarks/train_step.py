@@ -2,8 +2,8 @@
 
 Each variant (`asl`: the default ASL parts, instance level and contrastive loss, as on any
 flagfile; `actionformer`: every ASL option off, the model the PyTorch reference ran) and mode
-(`graph`: tf.function; `xla`: `jit_compile=True`) runs in a fresh subprocess: the detector is built with
-its optimizer, `task.train_step` is wrapped in a `tf.function`, warmed up (tracing /
+(`graph`: tf.function; `xla`: `jit_compile=True`) runs in a fresh subprocess: the detector is
+built with its optimizer, `task.train_step` is wrapped in a `tf.function`, warmed up (tracing /
 compilation, timed separately) and then timed over `--repeats` steps on one fixed synthetic
 batch (random features, two videos of full and 3/4 length, a few segments).
 `peak_rss_mb` is the process high-water mark, which includes XLA compilation.
