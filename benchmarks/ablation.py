@@ -71,6 +71,9 @@ _CONTRA = {"contrastive_weight": "0.1"}
 # `+instance_norm_bce_windows_c001_el0` (no hidden evaluator layer, class level off, the
 # contrastive loss on the authors' windows at 0.01).
 _DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce"}
+# The instance level of the shipped defaults: that base without the class level or hidden layers.
+_INSTANCE_EL0 = {**_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce",
+                 "evaluator_layers": "0"}
 VARIANTS: Dict[str, tuple] = {
     "actionformer": _variant(),
     "+class": _variant(**_CLS),
@@ -173,14 +176,10 @@ VARIANTS: Dict[str, tuple] = {
                                                   contrastive_sampling="windows",
                                                   evaluator_layers="0"),
     # The instance level alone with that evaluator (what the class level adds on top of it).
-    "+instance_norm_bce_el0": _variant(**_INST, **_NORM, instance_combination="product",
-                                       evaluator_loss="bce", evaluator_layers="0"),
+    "+instance_norm_bce_el0": _variant(**_INSTANCE_EL0),
     # The same contrastive loss on the instance level alone (the class level off after it
     # measured -0.01 / +0.06 on top of the instance level): the shipped defaults.
-    "+instance_norm_bce_windows_c001_el0": _variant(**_INST, **_NORM,
-                                                    instance_combination="product",
-                                                    evaluator_loss="bce", evaluator_layers="0",
-                                                    contrastive_weight="0.01",
+    "+instance_norm_bce_windows_c001_el0": _variant(**_INSTANCE_EL0, contrastive_weight="0.01",
                                                     contrastive_sampling="windows"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.

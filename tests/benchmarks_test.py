@@ -511,10 +511,10 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
       # Every variant trains the default model's contrastive loss unless it names another, and
       # every one but `asl_class_level` without the class level (the THUMOS14 flagfile has it).
       for name, model in models.items():
-        contrastive = (model["contrastive_weight"], model["contrastive_sampling"])
-        want = {"actionformer": 0.0, "asl_no_contrastive": 0.0,
+        want = {"actionformer": (0.0, "windows"), "asl_no_contrastive": (0.0, "windows"),
                 "asl_contrastive_topk": (0.1, "sensitivity_topk")}.get(name, (0.01, "windows"))
-        assert (contrastive[0] if want == 0.0 else contrastive) == want, (name, flagfile)
+        assert (model["contrastive_weight"], model["contrastive_sampling"]) == want, (name,
+                                                                                      flagfile)
         assert model["class_sensitivity"] == (name == "asl_class_level"), (name, flagfile)
   asl_flags.FLAGS.unparse_flags()
   optimizer_policies = train_step.OPTIMIZER_FORMS
