@@ -181,6 +181,12 @@ VARIANTS: Dict[str, tuple] = {
     # measured -0.01 / +0.06 on top of the instance level): the shipped defaults.
     "+instance_norm_bce_windows_c001_el0": _variant(**_INSTANCE_EL0, contrastive_weight="0.01",
                                                     contrastive_sampling="windows"),
+    # The same contrastive loss on the unit-norm level-0 features themselves, without the
+    # projection MLP, as the authors' segment-level function compares them.
+    "+instance_norm_bce_windows_c001_el0_proj0": _variant(**_INSTANCE_EL0,
+                                                          contrastive_weight="0.01",
+                                                          contrastive_sampling="windows")
+                                                 + ("--contrastive_proj_dim=0",),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
