@@ -3,6 +3,7 @@
   python benchmarks/inference.py                  # THUMOS config at T = 2304 and 9216
   python benchmarks/inference.py --config=bench   # the config the PyTorch reference was timed in
   python benchmarks/inference.py --quick          # tiny model, seconds
+  python benchmarks/inference.py --precision=mixed_bfloat16   # bfloat16 layers, float32 outputs
 
 The model is built from a flagfile (`build_detector`, random weights: the cost does not depend
 on the values, and the classification prior puts every point above `pre_nms_thresh`, so
@@ -39,10 +40,11 @@ CONFIGS = {
 REFERENCE_NOTE = ("public PyTorch ActionFormer on this machine kind (issue 8); forward + NMS")
 
 
-def _config(name: str):
+def _config(name: str, precision: str = "float32"):
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   flagfile = os.path.join(_REPO_ROOT, CONFIGS[name][0])
-  asl_flags.parse_argv(["inference_benchmark", f"--flagfile={flagfile}"])
+  asl_flags.parse_argv(["inference_benchmark", f"--flagfile={flagfile}",
+                        f"--inference_precision={precision}"])
   return asl_flags.build_config()
 
 
@@ -76,12 +78,14 @@ def _interleaved(run_total, run_forward, repeats, warmup):
   return _stats(totals, warmup), _stats(forwards, warmup), post, float(np.median(cpu))
 
 
-def measure(name: str, repeats: int, warmup: int = 2, lengths=None) -> dict:
-  """Times forward and forward + post-processing of one video per length of config `name`."""
+def measure(name: str, repeats: int, warmup: int = 2, lengths=None,
+            precision: str = "float32") -> dict:
+  """Times forward and forward + post-processing of one video per length of config `name`,
+  the layers computing in `precision` (a Keras dtype policy; outputs stay float32)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf import inference  # pylint: disable=g-import-not-at-top
 
-  config = _config(name)
+  config = _config(name, precision)
   mc, ec, dc = config.model, config.eval, config.data
   model = inference.build_detector(config)
   detect = inference.detect_function(model)
@@ -118,17 +122,20 @@ def measure(name: str, repeats: int, warmup: int = 2, lengths=None) -> dict:
         "load_avg_1min_before_after": [load_before, os.getloadavg()[0]],
     })
   return {
-      "config": name, "flagfile": flagfile,
+      "config": name, "flagfile": flagfile, "precision": precision,
       "model": {"input_dim": mc.input_dim, "embd_dim": mc.embd_dim, "fpn_dim": mc.fpn_dim,
                 "head_dim": mc.head_dim, "mha_win_size": list(mc.mha_win_size),
                 "num_classes": mc.num_classes, "max_seq_len": dc.max_seq_len},
       "eval": {"pre_nms_topk": ec.pre_nms_topk, "max_seg_num": ec.max_seg_num,
                "multiclass_nms": ec.multiclass_nms, "nms_method": ec.nms_method},
       "weights": "random", "batch": 1, "lengths": rows,
-      "target_sec": target, "reference_sec": reference,
+      # The targets and the reference are float32 figures.
+      "target_sec": target if precision == "float32" else None,
+      "reference_sec": reference if precision == "float32" else None,
       "reference": REFERENCE_NOTE if reference else None,
       "meets_target": (rows[0]["forward_plus_postprocess"]["median_sec"] <= target
-                       if target and rows[0]["num_frames"] == default_lengths[0] else None),
+                       if target and precision == "float32"
+                       and rows[0]["num_frames"] == default_lengths[0] else None),
   }
 
 
@@ -137,6 +144,8 @@ def main():
   parser.add_argument("--config", default="", help=f"one of {sorted(CONFIGS)}; default thumos "
                       "(quick with --quick)")
   parser.add_argument("--lengths", default="", help="comma-separated T (default per config)")
+  parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"),
+                      help="--inference_precision of the detector")
   args = parser.parse_args()
   name = args.config or ("quick" if args.quick else "thumos")
   if name not in CONFIGS:
@@ -144,7 +153,8 @@ def main():
   repeats = min(args.repeats, 3) if args.quick else args.repeats
   result = {"benchmark": "inference", "machine": common.machine_info()}
   lengths = tuple(int(t) for t in args.lengths.split(",") if t) or None
-  result.update(measure(name, repeats, warmup=1 if args.quick else 2, lengths=lengths))
+  result.update(measure(name, repeats, warmup=1 if args.quick else 2, lengths=lengths,
+                        precision=args.precision))
   common.emit(result, args.output)
 
 

@@ -107,7 +107,8 @@ def _rows_inference(r: dict) -> List[List[str]]:
     t = entry["forward_plus_postprocess"]
     target = f"<= {_fmt(r['target_sec'])}" if r.get("target_sec") and i == 0 else ""
     ref = f"{_fmt(r['reference_sec'])} (PyTorch)" if r.get("reference_sec") and i == 0 else ""
-    setting = (f"{r['config']}: C {m['input_dim']}, dims {m['embd_dim']}, window "
+    precision = "" if r.get("precision", "float32") == "float32" else f" {r['precision']}"
+    setting = (f"{r['config']}{precision}: C {m['input_dim']}, dims {m['embd_dim']}, window "
                f"{m['mha_win_size'][0]}, T {entry['num_frames']}, per video (postproc "
                f"{100 * entry['postprocess_share']:.0f}%, p95 {_fmt(t['p95_sec'])}"
                + (f", CPU {_fmt(entry['cpu_sec_per_video'])}" if "cpu_sec_per_video" in entry
@@ -162,8 +163,10 @@ def _rows_train_step(r: dict) -> List[List[str]]:
   for row in r["results"]:
     target = f"<= {_fmt(row['target_sec'])}" if row.get("target_sec") else ""
     ref = f"{_fmt(row['reference_sec'])} (PyTorch)" if row.get("reference_sec") else ""
+    precision = row.get("precision", "float32")
+    mode = row["mode"] if precision == "float32" else f"{row['mode']}, {precision}"
     rows.append(_row("train_step", f"{row['config']} {row.get('variant', 'asl')} "
-                     f"({row['mode']}): T {row['seq_len']}, C {row['input_dim']}, dims "
+                     f"({mode}): T {row['seq_len']}, C {row['input_dim']}, dims "
                      f"{row['embd_dim']}, batch {row['batch_size']}, per step",
                      row["median_sec"], row.get("min_sec"), row.get("max_sec"), target, ref))
   return rows

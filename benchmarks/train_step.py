@@ -12,6 +12,7 @@ Usage:
   python benchmarks/train_step.py                   # configs/thumos_i3d.flags (T=2304, C=2048)
   python benchmarks/train_step.py --config=bench --modes=graph   # configs/bench.flags (T=768)
   python benchmarks/train_step.py --quick           # tiny sizes (seconds)
+  python benchmarks/train_step.py --precision=mixed_bfloat16   # bfloat16 layers (Keras policy)
 """
 
 import dataclasses
@@ -143,6 +144,8 @@ def main():
                       help="comma-separated: asl (the flagfile's ASL options) and/or "
                       "actionformer (every ASL option off, the reference's model); default "
                       "asl,actionformer (asl alone with --quick)")
+  parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"),
+                      help="--mixed_precision of the trained model")
   args = parser.parse_args()
   repeats = 2 if args.quick and args.repeats == 10 else args.repeats
   modes = args.modes or ("graph" if args.quick else "graph,xla")
@@ -156,10 +159,13 @@ def main():
       out = common.run_in_subprocess(
           "benchmarks.train_step:measure",
           {"config_name": args.config, "quick": args.quick, "jit_compile": mode == "xla",
-           "repeats": repeats, "extra_flags": list(VARIANT_FLAGS[variant])}, timeout=3600)
-      row = {"mode": mode, "variant": variant, **out["result"],
+           "repeats": repeats,
+           "extra_flags": list(VARIANT_FLAGS[variant]) + [f"--mixed_precision={args.precision}"]},
+          timeout=3600)
+      row = {"mode": mode, "variant": variant, "precision": args.precision, **out["result"],
              "peak_rss_mb": out["peak_rss_mb"]}
-      if variant == "actionformer" and target and not args.quick:
+      if (variant == "actionformer" and target and not args.quick
+          and args.precision == "float32"):
         row.update(target_sec=target, reference_sec=reference)
       rows.append(row)
   common.emit({"benchmark": "train_step", "machine": common.machine_info(),

@@ -410,6 +410,32 @@ def test_run_all_formats_train_step_rows_with_target_on_actionformer_only():
   assert af_row[4] == "<= 210.0 ms" and af_row[5] == "265.0 ms (PyTorch)"
 
 
+def test_run_all_names_a_bfloat16_row_and_keeps_float32_rows_as_they_were():
+  stats = {"median_sec": 0.2, "min_sec": 0.19, "max_sec": 0.25, "p95_sec": 0.24}
+  common = {"config": "bench", "mode": "graph", "seq_len": 768, "input_dim": 256,
+            "embd_dim": 128, "batch_size": 2, "variant": "asl", **stats}
+  bf16_row, f32_row = run_all._rows_train_step(
+      {"results": [dict(common, precision="mixed_bfloat16"), dict(common, precision="float32")]})
+  assert bf16_row[1].startswith("bench asl (graph, mixed_bfloat16): T 768")
+  assert f32_row[1].startswith("bench asl (graph): T 768")
+  inference_result = {"config": "thumos", "precision": "mixed_bfloat16", "target_sec": None,
+                      "model": {"input_dim": 2048, "embd_dim": 512, "mha_win_size": [19]},
+                      "lengths": [{"num_frames": 2304, "forward_plus_postprocess": stats,
+                                   "postprocess_share": 0.25}]}
+  (row,) = run_all._rows_inference(inference_result)
+  assert row[1].startswith("thumos mixed_bfloat16: C 2048") and row[4] == ""
+
+
+def test_benchmarks_build_the_model_in_the_precision_asked_for():
+  inference_bench, train_step = _load("inference"), _load("train_step")
+  from asl_tf import inference  # pylint: disable=g-import-not-at-top
+  for precision, compute in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+    model = inference.build_detector(inference_bench._config("quick", precision))
+    assert model.dtype_policy.compute_dtype == compute
+    config = train_step._config("demo", True, ("--mixed_precision=" + precision,))
+    assert config.train.mixed_precision == precision
+
+
 def test_run_all_formats_model_memory_rows_and_slope():
   result = {"config": "thumos", "results": [
       {"seq_len": 2304, "peak_delta_mb": 60.0, "seconds": 0.7},
