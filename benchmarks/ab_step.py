@@ -50,8 +50,8 @@ COMPARISONS = {
 
 
 def variant_flags(compare):
-  """{variant: flags} of a comparison, each starting from the default model (the THUMOS14
-  flagfile adds the class level); a variant's own flags come after and win."""
+  """{variant: flags} of a comparison, each starting from the default model (the class level
+  off whatever the flagfile says); a variant's own flags come after and win."""
   return {name: train_step.DEFAULT_ASL + flags for name, flags in COMPARISONS[compare].items()}
 
 

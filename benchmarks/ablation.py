@@ -53,7 +53,7 @@ _OFF = {"class_sensitivity": "false", "instance_sensitivity": "false", "contrast
         "video_label_loss_weight": "0", "contrastive_temperature": "0.07",
         "instance_weight_power": "1", "instance_start_epoch": "0",
         "evaluator_feature_gradient": "false", "instance_weighted_losses": "both",
-        "evaluator_layers": "2"}
+        "evaluator_layers": "2", "contrastive_proj_dim": "128"}
 
 
 def _variant(**switches) -> tuple:
@@ -68,8 +68,8 @@ _NORM = {"sensitivity_normalization": "instance"}
 _CONTRA = {"contrastive_weight": "0.1"}
 # The search's base (class + instance level, normalised, BCE evaluator), the defaults as it
 # ran them, with a two-layer evaluator. The shipped defaults since are
-# `+instance_norm_bce_windows_c001_el0` (no hidden evaluator layer, class level off, the
-# contrastive loss on the authors' windows at 0.01).
+# `+instance_norm_bce_windows_c001_el0_proj0` (no hidden evaluator layer, class level off, the
+# contrastive loss on the authors' windows at 0.01, on the unprojected level-0 features).
 _DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce"}
 # The instance level of the shipped defaults: that base without the class level or hidden layers.
 _INSTANCE_EL0 = {**_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce",
@@ -171,7 +171,7 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_bce_el1": _variant(**_DEFAULT, evaluator_layers="1"),
     "class_instance_norm_bce_el3": _variant(**_DEFAULT, evaluator_layers="3"),
     # The contrastive loss on the authors' windows at 0.01 on top of class + instance with that
-    # evaluator: the THUMOS14 flagfile's ASL settings.
+    # evaluator (the THUMOS14 flagfile's ASL settings until the unprojected default).
     "asl_all_norm_bce_windows_c001_el0": _variant(**_DEFAULT, contrastive_weight="0.01",
                                                   contrastive_sampling="windows",
                                                   evaluator_layers="0"),
@@ -183,10 +183,11 @@ VARIANTS: Dict[str, tuple] = {
                                                     contrastive_sampling="windows"),
     # The same contrastive loss on the unit-norm level-0 features themselves, without the
     # projection MLP, as the authors' segment-level function compares them.
+    # The shipped defaults since.
     "+instance_norm_bce_windows_c001_el0_proj0": _variant(**_INSTANCE_EL0,
                                                           contrastive_weight="0.01",
-                                                          contrastive_sampling="windows")
-                                                 + ("--contrastive_proj_dim=0",),
+                                                          contrastive_sampling="windows",
+                                                          contrastive_proj_dim="0"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
     "class_instance_norm_bce_al02": _variant(**_DEFAULT, video_label_loss_weight="0.2"),
@@ -211,6 +212,11 @@ VARIANTS: Dict[str, tuple] = {
                                                           contrastive_weight="0.01",
                                                           contrastive_sampling="windows")
                                                  + ("--center_sample_radius=0",),
+    "+instance_norm_bce_windows_c001_el0_proj0_whole": _variant(**_INSTANCE_EL0,
+                                                                contrastive_weight="0.01",
+                                                                contrastive_sampling="windows",
+                                                                contrastive_proj_dim="0")
+                                                       + ("--center_sample_radius=0",),
     # Whole-segment positives span x in [-0.5, 0.5] on level 0, where a class-specific Gaussian
     # can say which part of an action matters: Gaussians that learn (30x learning rate) but
     # cannot collapse onto a few frames (softplus sigma >= 0.1). Values fixed before any run.

@@ -28,8 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The public PyTorch ActionFormer on this machine kind (issue 8): seconds per training step, and
 # the targets (0.8 of it). They apply to the `actionformer` variant, the reference's model.
 TARGETS = {"bench": (0.21, 0.265), "thumos_i3d": (3.4, 4.30)}
-# The default ASL parts (instance level, contrastive loss) on any flagfile: the THUMOS14 flagfile
-# also turns on the class level, which `ab_step.py --compare=asl` times on its own.
+# The default ASL parts (instance level, contrastive loss) on any flagfile, the class level off
+# whatever a flagfile says (`ab_step.py --compare=asl` times it on its own).
 DEFAULT_ASL = ("--noclass_sensitivity",)
 VARIANT_FLAGS = {
     "asl": DEFAULT_ASL,

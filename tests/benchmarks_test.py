@@ -92,12 +92,12 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
 
 
 def test_the_shipped_defaults_are_the_ablations_default_variant():
-  """The README's "the default" column (`+instance_norm_bce_windows_c001_el0`: instance level
-  and contrastive loss) is what the dataclasses ship: each of its switches equals the default of
-  its config field."""
+  """The README's "the default" (`+instance_norm_bce_windows_c001_el0_proj0`: instance level
+  and contrastive loss on the unprojected features) is what the dataclasses ship: each of its
+  switches equals the default of its config field."""
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   defaults = {**config_lib.ModelConfig().__dict__, **config_lib.LossConfig().__dict__}
-  for flag in ablation.VARIANTS["+instance_norm_bce_windows_c001_el0"]:
+  for flag in ablation.VARIANTS["+instance_norm_bce_windows_c001_el0_proj0"]:
     name, value = flag[2:].split("=")
     default = defaults[name]
     parsed = value == "true" if isinstance(default, bool) else type(default)(value)
@@ -535,7 +535,7 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
       differing = {k for m in models.values() for k in m if m[k] != first[k]}
       assert differing == compared[comparison], (comparison, flagfile)
       # Every variant trains the default model's contrastive loss unless it names another, and
-      # every one but `asl_class_level` without the class level (the THUMOS14 flagfile has it).
+      # every one but `asl_class_level` without the class level.
       for name, model in models.items():
         want = {"actionformer": (0.0, "windows"), "asl_no_contrastive": (0.0, "windows"),
                 "asl_contrastive_topk": (0.1, "sensitivity_topk")}.get(name, (0.01, "windows"))

@@ -231,9 +231,9 @@ class InstanceEvaluator(heads.ConvHead):
 
 @keras.saving.register_keras_serializable(package="asl_tf")
 class ContrastiveProjection(keras.layers.Layer):
-  """Projection for the contrastive loss: Dense -> ReLU -> Dense, then L2 normalisation.
+  """Features of the contrastive loss: L2 normalisation, after Dense -> ReLU -> Dense if asked.
 
-  With `proj_dim` 0 there is no MLP: the features are only L2-normalised.
+  With `proj_dim` 0 (the default) there is no MLP: the features are only L2-normalised.
 
   Inputs: [B, T, C]. Outputs: float32 [B, T, proj_dim or C], unit norm on the last axis.
 
@@ -241,7 +241,7 @@ class ContrastiveProjection(keras.layers.Layer):
     proj_dim: output channels of both Dense layers (0 = no projection).
   """
 
-  def __init__(self, proj_dim=128, **kwargs):
+  def __init__(self, proj_dim=0, **kwargs):
     super().__init__(**kwargs)
     self.proj_dim = proj_dim
     self.dense_layers = []
@@ -299,7 +299,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
 
   def __init__(self, num_classes, hidden_dim, class_sensitivity=True,
                sensitivity_parametrization="authors", instance_sensitivity=True,
-               evaluator_layers=0, contrastive=True, contrastive_proj_dim=128,
+               evaluator_layers=0, contrastive=True, contrastive_proj_dim=0,
                sensitivity_lr_scale=1.0, kernel_policy="auto",
                sensitivity_sigma_floor=SIGMA_FLOOR, evaluator_feature_gradient=False, **kwargs):
     super().__init__(**kwargs)
