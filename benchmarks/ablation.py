@@ -178,12 +178,11 @@ VARIANTS: Dict[str, tuple] = {
     # The instance level alone with that evaluator (what the class level adds on top of it).
     "+instance_norm_bce_el0": _variant(**_INSTANCE_EL0),
     # The same contrastive loss on the instance level alone (the class level off after it
-    # measured -0.01 / +0.06 on top of the instance level): the shipped defaults.
+    # measured -0.01 / +0.06 on top of the instance level): the shipped defaults until `_proj0`.
     "+instance_norm_bce_windows_c001_el0": _variant(**_INSTANCE_EL0, contrastive_weight="0.01",
                                                     contrastive_sampling="windows"),
     # The same contrastive loss on the unit-norm level-0 features themselves, without the
-    # projection MLP, as the authors' segment-level function compares them.
-    # The shipped defaults since.
+    # projection MLP, as the authors' segment-level function compares them: the shipped defaults.
     "+instance_norm_bce_windows_c001_el0_proj0": _variant(**_INSTANCE_EL0,
                                                           contrastive_weight="0.01",
                                                           contrastive_sampling="windows",

@@ -48,6 +48,14 @@ def _config(name: str, precision: str = "float32"):
   return asl_flags.build_config()
 
 
+def float32_targets(name: str, precision: str):
+  """(target, PyTorch reference) seconds per video of config `name`: float32 figures, so
+  (None, None) for another precision."""
+  if precision != "float32":
+    return None, None
+  return CONFIGS[name][2], CONFIGS[name][3]
+
+
 def _stats(times, warmup):
   t = np.asarray(times)
   return {"median_sec": float(np.median(t)), "mean_sec": float(t.mean()),
@@ -91,7 +99,8 @@ def measure(name: str, repeats: int, warmup: int = 2, lengths=None,
   detect = inference.detect_function(model)
   spec = [tf.TensorSpec([None, None, mc.input_dim], tf.float32), tf.TensorSpec([None, None])]
   forward = tf.function(lambda x, m: model(x, m, training=False), input_signature=spec)
-  flagfile, default_lengths, target, reference = CONFIGS[name]
+  flagfile, default_lengths, _, _ = CONFIGS[name]
+  target, reference = float32_targets(name, precision)
   lengths = lengths or default_lengths
   rows = []
   for length in lengths:
@@ -129,13 +138,10 @@ def measure(name: str, repeats: int, warmup: int = 2, lengths=None,
       "eval": {"pre_nms_topk": ec.pre_nms_topk, "max_seg_num": ec.max_seg_num,
                "multiclass_nms": ec.multiclass_nms, "nms_method": ec.nms_method},
       "weights": "random", "batch": 1, "lengths": rows,
-      # The targets and the reference are float32 figures.
-      "target_sec": target if precision == "float32" else None,
-      "reference_sec": reference if precision == "float32" else None,
+      "target_sec": target, "reference_sec": reference,
       "reference": REFERENCE_NOTE if reference else None,
       "meets_target": (rows[0]["forward_plus_postprocess"]["median_sec"] <= target
-                       if target and precision == "float32"
-                       and rows[0]["num_frames"] == default_lengths[0] else None),
+                       if target and rows[0]["num_frames"] == default_lengths[0] else None),
   }
 
 

@@ -41,7 +41,7 @@ VARIANT_FLAGS = {
 OPTIMIZER_FORMS = {"keras_adamw": "reference", "fused_adamw": "fast"}
 QUICK_FLAGS = ["--input_dim=16", "--embd_dim=16", "--fpn_dim=16", "--head_dim=16",
                "--max_seq_len=64", "--mha_win_size=5", "--backbone_arch=2,1,2",
-               "--regression_range=0,4,4,8,8,10000", "--contrastive_proj_dim=8"]
+               "--regression_range=0,4,4,8,8,10000"]
 
 
 def _config(config_name, quick, extra_flags=()):

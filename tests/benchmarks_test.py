@@ -426,14 +426,32 @@ def test_run_all_names_a_bfloat16_row_and_keeps_float32_rows_as_they_were():
   assert row[1].startswith("thumos mixed_bfloat16: C 2048") and row[4] == ""
 
 
-def test_benchmarks_build_the_model_in_the_precision_asked_for():
+def test_benchmarks_build_the_model_in_the_precision_asked_for(monkeypatch, capsys):
   inference_bench, train_step = _load("inference"), _load("train_step")
+  from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   from asl_tf import inference  # pylint: disable=g-import-not-at-top
-  for precision, compute in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
-    model = inference.build_detector(inference_bench._config("quick", precision))
-    assert model.dtype_policy.compute_dtype == compute
-    config = train_step._config("demo", True, ("--mixed_precision=" + precision,))
-    assert config.train.mixed_precision == precision
+  try:
+    for precision, compute in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+      asl_flags.FLAGS.unparse_flags()
+      model = inference.build_detector(inference_bench._config("quick", precision))
+      assert model.dtype_policy.compute_dtype == compute
+      # The training-step benchmark's main() hands the precision to the measuring child and
+      # keeps the float32 target and reference off other precisions' rows.
+      calls = []
+      monkeypatch.setattr(train_step.common, "run_in_subprocess",
+                          lambda target, kwargs, timeout=None: calls.append(kwargs) or {
+                              "result": {"median_sec": 0.1}, "peak_rss_mb": 1.0})
+      monkeypatch.setattr(sys, "argv", ["train_step.py", "--config=bench", "--modes=graph",
+                                        "--variants=actionformer", f"--precision={precision}"])
+      train_step.main()
+      (row,) = json.loads(capsys.readouterr().out)["results"]
+      assert calls[0]["extra_flags"][-1] == f"--mixed_precision={precision}"
+      assert row["precision"] == precision
+      assert ("target_sec" in row) == (precision == "float32")
+      assert inference_bench.float32_targets("thumos", precision) == (
+          (0.53, 0.75) if precision == "float32" else (None, None))
+  finally:
+    asl_flags.FLAGS.unparse_flags()
 
 
 def test_run_all_formats_model_memory_rows_and_slope():

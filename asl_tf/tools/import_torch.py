@@ -21,8 +21,8 @@ is stored as rho = softplus^-1(sigma - SIGMA_FLOOR)). Strictness:
 - an ActionFormer weight the detector needs but the checkpoint lacks is always an error;
 - a checkpoint tensor that nothing maps (e.g. the authors' extra heads) is an error unless
   `--allow_unused`;
-- a trainable ASL-only variable the checkpoint lacks (instance evaluator, contrastive projection,
-  mu / sigma of a plain ActionFormer checkpoint) is an error unless `--allow_missing`, which keeps
+- a trainable ASL-only variable the checkpoint lacks (instance evaluator, mu / sigma, a contrastive
+  projection, where on, of a plain ActionFormer checkpoint) is an error unless `--allow_missing`, which keeps
   it at its initialization. These parts only shape the training losses, so detections do not
   depend on them; fine-tuning starts them from scratch.
 """
@@ -48,7 +48,7 @@ flags.DEFINE_boolean("use_ema", True, "import state_dict_ema (what ActionFormer 
                      "--nouse_ema imports the raw state_dict.")
 flags.DEFINE_string("output", "", "run folder to write (config.json, checkpoints/).")
 flags.DEFINE_boolean("allow_missing", False, "keep ASL-only variables the source lacks "
-                     "(instance evaluator, contrastive projection, mu / sigma) at their "
+                     "(instance evaluator, mu / sigma, contrastive projection) at their "
                      "initialization instead of failing.")
 flags.DEFINE_boolean("allow_unused", False, "skip checkpoint tensors that nothing maps instead "
                      "of failing.")

@@ -135,7 +135,8 @@ def test_plain_checkpoint_into_asl_model_needs_allow_missing(tmp_path):
   case = load_parity_case("thumos_like")
   run_dir = tmp_path / "run"
   with pytest.raises(SystemExit) as e:
-    _run_cli(str(tmp_path), _case_flags(case) + ["--class_sensitivity", "--contrastive_weight=0.1"],
+    _run_cli(str(tmp_path), _case_flags(case) + ["--class_sensitivity", "--contrastive_weight=0.1",
+                                                 "--contrastive_proj_dim=128"],
              f"--torch_checkpoint={_fixture(case.name)}", f"--output={run_dir}")
   message = str(e.value.code)
   assert message.startswith("asl_tf.tools.import_torch: incomplete mapping; nothing was written")

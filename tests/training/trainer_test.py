@@ -104,7 +104,8 @@ def test_weight_decay_groups_on_the_real_detector(tiny_data, tmp_path, parametri
                                                   sensitivity_decay, mu_decayed):
   config = _config(tiny_data, tmp_path, sensitivity_parametrization=parametrization,
                    sensitivity_weight_decay=sensitivity_decay, warmup_epochs=0, epochs=2,
-                   weight_decay=0.05, ema_decay=0, contrastive_weight=0.1)
+                   weight_decay=0.05, ema_decay=0, contrastive_weight=0.1,
+                   contrastive_proj_dim=8)
   model, optimizer = _detector_and_optimizer(config)
   variables = model.trainable_variables
   use_decay = optimizer._use_weight_decay  # pylint: disable=protected-access

@@ -59,7 +59,7 @@ def tiny_flags(data_root, output_dir, **overrides):
       "feat_stride": FEAT_STRIDE, "num_frames": NUM_FRAMES, "default_fps": FPS,
       "max_seq_len": 32, "backbone_arch": "1,1,1", "regression_range": "0,4,4,10000",
       "mha_win_size": 5, "embd_dim": 16, "fpn_dim": 16, "head_dim": 16, "n_head": 4,
-      "contrastive_proj_dim": 8, "epochs": 2, "warmup_epochs": 1, "batch_size": 2,
+      "epochs": 2, "warmup_epochs": 1, "batch_size": 2,
       "learning_rate": 1e-3, "init_loss_norm": 5, "output_dir": output_dir,
       "train_subset": "training", "eval_subset": "validation", "log_every": 1,
       "dropout": 0.1, "droppath": 0.1, "eval_every": -1, "ema_decay": 0.9,
