@@ -206,11 +206,12 @@ VARIANTS: Dict[str, tuple] = {
     # The default with whole-segment positives: on the dense set's long moments the centre
     # leaves most of an action's frames out, and the Gaussians and q can weigh the rest.
     "class_instance_norm_bce_whole": _variant(**_DEFAULT) + ("--center_sample_radius=0",),
-    # The shipped defaults with whole-segment positives (what the README advises on dense data).
+    # The defaults of the time (projected contrastive loss) with whole-segment positives.
     "+instance_norm_bce_windows_c001_el0_whole": _variant(**_INSTANCE_EL0,
                                                           contrastive_weight="0.01",
                                                           contrastive_sampling="windows")
                                                  + ("--center_sample_radius=0",),
+    # The shipped defaults with whole-segment positives (what the README advises on dense data).
     "+instance_norm_bce_windows_c001_el0_proj0_whole": _variant(**_INSTANCE_EL0,
                                                                 contrastive_weight="0.01",
                                                                 contrastive_sampling="windows",
