@@ -74,6 +74,11 @@ _DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evalua
 # The instance level of the shipped defaults: that base without the class level or hidden layers.
 _INSTANCE_EL0 = {**_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce",
                  "evaluator_layers": "0"}
+# The contrastive loss on the authors' windows at weight 0.01 (on by default since the search).
+_WINDOWS_C001 = {"contrastive_weight": "0.01", "contrastive_sampling": "windows"}
+# Every frame inside a ground truth a positive (ActionFormer's label assignment without centre
+# sampling).
+_WHOLE = ("--center_sample_radius=0",)
 VARIANTS: Dict[str, tuple] = {
     "actionformer": _variant(),
     "+class": _variant(**_CLS),
@@ -114,11 +119,9 @@ VARIANTS: Dict[str, tuple] = {
                                               contrastive_sampling="windows"),
     # The same at temperatures 0.2 and 0.5 (0.07, the authors' config value, above); values
     # fixed before any run.
-    "asl_all_norm_bce_windows_c001_t02": _variant(**_DEFAULT, contrastive_weight="0.01",
-                                                  contrastive_sampling="windows",
+    "asl_all_norm_bce_windows_c001_t02": _variant(**_DEFAULT, **_WINDOWS_C001,
                                                   contrastive_temperature="0.2"),
-    "asl_all_norm_bce_windows_c001_t05": _variant(**_DEFAULT, contrastive_weight="0.01",
-                                                  contrastive_sampling="windows",
+    "asl_all_norm_bce_windows_c001_t05": _variant(**_DEFAULT, **_WINDOWS_C001,
                                                   contrastive_temperature="0.5"),
     # The default trained in bfloat16 (Keras mixed_bfloat16: layers in bfloat16, variables,
     # losses and logits float32), to compare with its float32 runs.
@@ -172,20 +175,16 @@ VARIANTS: Dict[str, tuple] = {
     "class_instance_norm_bce_el3": _variant(**_DEFAULT, evaluator_layers="3"),
     # The contrastive loss on the authors' windows at 0.01 on top of class + instance with that
     # evaluator (the THUMOS14 flagfile's ASL settings until the unprojected default).
-    "asl_all_norm_bce_windows_c001_el0": _variant(**_DEFAULT, contrastive_weight="0.01",
-                                                  contrastive_sampling="windows",
+    "asl_all_norm_bce_windows_c001_el0": _variant(**_DEFAULT, **_WINDOWS_C001,
                                                   evaluator_layers="0"),
     # The instance level alone with that evaluator (what the class level adds on top of it).
     "+instance_norm_bce_el0": _variant(**_INSTANCE_EL0),
     # The same contrastive loss on the instance level alone (the class level off after it
     # measured -0.01 / +0.06 on top of the instance level): the shipped defaults until `_proj0`.
-    "+instance_norm_bce_windows_c001_el0": _variant(**_INSTANCE_EL0, contrastive_weight="0.01",
-                                                    contrastive_sampling="windows"),
+    "+instance_norm_bce_windows_c001_el0": _variant(**_INSTANCE_EL0, **_WINDOWS_C001),
     # The same contrastive loss on the unit-norm level-0 features themselves, without the
     # projection MLP, as the authors' segment-level function compares them: the shipped defaults.
-    "+instance_norm_bce_windows_c001_el0_proj0": _variant(**_INSTANCE_EL0,
-                                                          contrastive_weight="0.01",
-                                                          contrastive_sampling="windows",
+    "+instance_norm_bce_windows_c001_el0_proj0": _variant(**_INSTANCE_EL0, **_WINDOWS_C001,
                                                           contrastive_proj_dim="0"),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
@@ -199,24 +198,20 @@ VARIANTS: Dict[str, tuple] = {
                                           sensitivity_lr_scale="100"),
     # Every frame inside a ground truth is a positive (--center_sample_radius=0, the paper's
     # "ground-truth location sampling" read as the positives the sensitivity weights act on).
-    "actionformer_whole": _variant() + ("--center_sample_radius=0",),
+    "actionformer_whole": _variant() + _WHOLE,
     "class_instance_norm_whole": _variant(**_CLS, **_INST, **_NORM,
-                                          instance_combination="product")
-                                 + ("--center_sample_radius=0",),
+                                          instance_combination="product") + _WHOLE,
     # The default with whole-segment positives: on the dense set's long moments the centre
     # leaves most of an action's frames out, and the Gaussians and q can weigh the rest.
-    "class_instance_norm_bce_whole": _variant(**_DEFAULT) + ("--center_sample_radius=0",),
+    "class_instance_norm_bce_whole": _variant(**_DEFAULT) + _WHOLE,
     # The defaults of the time (projected contrastive loss) with whole-segment positives.
-    "+instance_norm_bce_windows_c001_el0_whole": _variant(**_INSTANCE_EL0,
-                                                          contrastive_weight="0.01",
-                                                          contrastive_sampling="windows")
-                                                 + ("--center_sample_radius=0",),
+    "+instance_norm_bce_windows_c001_el0_whole": _variant(**_INSTANCE_EL0, **_WINDOWS_C001)
+                                                 + _WHOLE,
     # The shipped defaults with whole-segment positives (what the README advises on dense data).
     "+instance_norm_bce_windows_c001_el0_proj0_whole": _variant(**_INSTANCE_EL0,
-                                                                contrastive_weight="0.01",
-                                                                contrastive_sampling="windows",
+                                                                **_WINDOWS_C001,
                                                                 contrastive_proj_dim="0")
-                                                       + ("--center_sample_radius=0",),
+                                                       + _WHOLE,
     # Whole-segment positives span x in [-0.5, 0.5] on level 0, where a class-specific Gaussian
     # can say which part of an action matters: Gaussians that learn (30x learning rate) but
     # cannot collapse onto a few frames (softplus sigma >= 0.1). Values fixed before any run.
@@ -225,7 +220,7 @@ VARIANTS: Dict[str, tuple] = {
                                                   sensitivity_parametrization="stable",
                                                   sensitivity_lr_scale="30",
                                                   sensitivity_sigma_floor="0.1")
-                                         + ("--center_sample_radius=0",),
+                                         + _WHOLE,
 }
 DEFAULT_VARIANTS = ("actionformer", "+class", "+instance", "+contrastive", "asl_all")
 DATASETS = {
