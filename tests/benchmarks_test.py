@@ -85,7 +85,8 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
     flags = dict(flag[2:].split("=") for flag in ablation.VARIANTS[name])
     assert {k for k in off if flags[k] != off[k]} == switched, name
   assert "--instance_combination=product" in ablation.VARIANTS["+instance_product"]
-  assert ablation.VARIANTS["actionformer_whole"][len(off):] == ("--center_sample_radius=0",)
+  whole = dict(flag[2:].split("=") for flag in ablation.VARIANTS["actionformer_whole"])
+  assert {k: v for k, v in whole.items() if off[k] != v} == {"center_sample_radius": "0"}
   assert set(ablation.DEFAULT_VARIANTS) <= set(ablation.VARIANTS)
   with pytest.raises(ValueError, match="unknown switches"):
     ablation._variant(class_sensitivty="true")
@@ -102,6 +103,24 @@ def test_the_shipped_defaults_are_the_ablations_default_variant():
     default = defaults[name]
     parsed = value == "true" if isinstance(default, bool) else type(default)(value)
     assert parsed == default, (name, value, default)
+
+
+@pytest.mark.parametrize("name", ["ego4d", "multithumos", "charades", "thumos_i3d", "anet"])
+def test_the_flagfiles_train_the_ablations_shipped_variant(name):
+  """The densely labelled datasets' flagfiles train the shipped parts with whole-segment
+  positives (`..._proj0_whole`); the others keep ActionFormer's centre sampling (`..._proj0`)."""
+  from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
+  asl_flags.FLAGS.unparse_flags()
+  asl_flags.parse_argv(["prog", f"--flagfile={os.path.join(_REPO, 'configs', name + '.flags')}"])
+  cfg = asl_flags.build_config()
+  asl_flags.FLAGS.unparse_flags()
+  shipped = {**cfg.model.__dict__, **cfg.loss.__dict__}
+  dense = name in ("ego4d", "multithumos", "charades")
+  variant = "+instance_norm_bce_windows_c001_el0_proj0" + ("_whole" if dense else "")
+  for flag in ablation.VARIANTS[variant]:
+    key, value = flag[2:].split("=")
+    parsed = value == "true" if isinstance(shipped[key], bool) else type(shipped[key])(value)
+    assert parsed == shipped[key], (name, key, value, shipped[key])
 
 
 def test_ablation_collects_every_finished_run_under_the_folder(tmp_path):
