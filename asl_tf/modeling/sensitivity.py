@@ -297,7 +297,7 @@ class ActionSensitivityEvaluator(keras.layers.Layer):
     kernel_policy: `kernels.POLICIES` entry of the instance evaluator.
   """
 
-  def __init__(self, num_classes, hidden_dim, class_sensitivity=True,
+  def __init__(self, num_classes, hidden_dim, class_sensitivity=False,
                sensitivity_parametrization="authors", instance_sensitivity=True,
                evaluator_layers=0, contrastive=True, contrastive_proj_dim=0,
                sensitivity_lr_scale=1.0, kernel_policy="auto",

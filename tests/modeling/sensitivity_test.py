@@ -1,5 +1,6 @@
 """Action Sensitivity Evaluator: class-level Gaussians (verified), instance evaluator, ASCL."""
 
+import inspect
 import math
 
 import keras
@@ -44,7 +45,7 @@ def test_class_level_weights_match_authors_formula_golden():
   """
   points, segments, labels, targets = _one_gt_case()
   evaluator = sensitivity.ActionSensitivityEvaluator(
-      2, 8, instance_sensitivity=False, contrastive=False)
+      2, 8, class_sensitivity=True, instance_sensitivity=False, contrastive=False)
   layer = evaluator.class_level
   for name, value in zip(AUTHORS_NAMES, [0.1, 0.5, -0.5, 1.0, 0.5, 2.0]):
     var = next(v for v in layer.weights if v.name == name)
@@ -76,7 +77,7 @@ def test_authors_parameter_names_shapes_and_initial_values():
 def test_gradient_reaches_mu_and_sigma_of_the_gt_class_only():
   points, segments, labels, targets = _one_gt_case()
   evaluator = sensitivity.ActionSensitivityEvaluator(
-      2, 8, instance_sensitivity=False, contrastive=False)
+      2, 8, class_sensitivity=True, instance_sensitivity=False, contrastive=False)
   with tf.GradientTape() as tape:
     out = evaluator([], [], points, segments, labels, targets)
     loss = tf.reduce_sum(out["p_cls"]) + tf.reduce_sum(out["p_loc"])
@@ -332,7 +333,8 @@ def _pyramid_inputs(labels, segments, seed=0):
 def test_full_asl_loss_is_finite_with_zero_or_one_instance(labels, num_anchors, sampling):
   points, feats, masks, outputs, segments, labels = _pyramid_inputs(
       labels, [[[3, 9], [0, 0]], [[0, 0], [0, 0]]])
-  evaluator = sensitivity.ActionSensitivityEvaluator(3, 8, contrastive_proj_dim=4)
+  evaluator = sensitivity.ActionSensitivityEvaluator(3, 8, class_sensitivity=True,
+                                                     contrastive_proj_dim=4)
   cfg = config_lib.LossConfig(contrastive_sampling=sampling)
   targets = targets_lib.assign_targets(points, segments, labels, 3, 1.5, outputs["padding_mask"])
   with tf.GradientTape() as tape:
@@ -373,7 +375,8 @@ def test_switches_select_the_outputs():
   out = off(feats, masks, points, segments, labels, targets)
   assert sorted(out) == ["p_cls", "p_loc"] and not off.weights
   np.testing.assert_array_equal(out["p_cls"].numpy(), np.ones((2, 24)))
-  on = sensitivity.ActionSensitivityEvaluator(3, 8, contrastive_proj_dim=0)
+  on = sensitivity.ActionSensitivityEvaluator(3, 8, class_sensitivity=True,
+                                              contrastive_proj_dim=0)
   out = on(feats, masks, points, segments, labels, targets)
   assert {"q", "embeddings", "rank_cls", "rank_loc"} <= set(out)
   assert tuple(out["embeddings"].shape) == (2, 16, 8)
@@ -381,6 +384,19 @@ def test_switches_select_the_outputs():
   assert len(on.sensitivity_variables) == 6
   assert not set(map(id, on.sensitivity_variables)) & set(
       map(id, on.instance_level.trainable_variables))
+
+
+def test_the_evaluators_defaults_are_the_configs():
+  """A layer built without arguments is the one the shipped config builds (class level off,
+  instance level on, no hidden evaluator layer, no projection, ...)."""
+  params = inspect.signature(sensitivity.ActionSensitivityEvaluator.__init__).parameters
+  shipped = config_lib.ModelConfig()
+  named = [p for p in params
+           if hasattr(shipped, p) and params[p].default is not inspect.Parameter.empty]
+  assert len(named) == 9, named  # the switches and kernel_policy
+  for name in named:
+    assert params[name].default == getattr(shipped, name), name
+  assert params["contrastive"].default == (shipped.contrastive_weight > 0)
 
 
 def test_lr_scale_gives_the_same_weights_and_a_proportionally_larger_adam_step():
