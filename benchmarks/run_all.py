@@ -9,7 +9,9 @@ JSON document; a failing script is recorded with its error (a missing one as ski
 others still run.
 `results.json` holds the machine, the versions, the load average before and after each script
 and every script's JSON; `results.md` is the summary table the README includes (benchmark,
-setting, median, min / max, target, reference).
+setting, median, min / max, target, reference) under a line naming the machine and its CPU
+flags, then the training-step and inference medians with one column per precision (the full run
+times both in float32 and in mixed_bfloat16).
 """
 
 from __future__ import annotations
@@ -34,11 +36,18 @@ BENCHMARKS: Dict[str, tuple] = {
     "train_step_bench": ("train_step.py", ("--config=bench", "--modes=graph")),
     "inference": ("inference.py", ()),
     "inference_bench": ("inference.py", ("--config=bench",)),
+    # The same settings in bfloat16 (the per-dtype table of results.md sets them side by side).
+    "train_step_bf16": ("train_step.py", ("--modes=graph", "--precision=mixed_bfloat16")),
+    "train_step_bench_bf16": ("train_step.py", ("--config=bench", "--modes=graph",
+                                                "--precision=mixed_bfloat16")),
+    "inference_bf16": ("inference.py", ("--precision=mixed_bfloat16",)),
+    "inference_bench_bf16": ("inference.py", ("--config=bench", "--precision=mixed_bfloat16")),
     "evaluation": ("evaluation.py", ()),
     "serving": ("serving.py", ()),
     "model_memory": ("model_memory.py", ()),
 }
-_FULL_ONLY = ("inference_bench", "train_step_bench")
+_FULL_ONLY = ("inference_bench", "train_step_bench", "train_step_bf16", "train_step_bench_bf16",
+              "inference_bf16", "inference_bench_bf16")
 
 
 def _parse_json(stdout: str) -> dict:
@@ -188,9 +197,50 @@ def _rows_generic(name: str, r: dict) -> List[List[str]]:
   return rows
 
 
+def _dtype_cells(name: str, r: dict) -> List[tuple]:
+  """(what, setting without the precision, precision, median sec) of a training-step or
+  inference record's timings."""
+  cells = []
+  if name.startswith("train_step"):
+    for row in r["results"]:
+      cells.append(("train_step", f"{row['config']} {row.get('variant', 'asl')} ({row['mode']}): "
+                    f"T {row['seq_len']}, C {row['input_dim']}, dims {row['embd_dim']}, batch "
+                    f"{row['batch_size']}", row.get("precision", "float32"), row["median_sec"]))
+  elif name.startswith("inference"):
+    m = r["model"]
+    for entry in r["lengths"]:
+      cells.append(("inference", f"{r['config']}: C {m['input_dim']}, dims {m['embd_dim']}, T "
+                    f"{entry['num_frames']}, forward + post-processing",
+                    r.get("precision", "float32"),
+                    entry["forward_plus_postprocess"]["median_sec"]))
+  return cells
+
+
+def dtype_table(records: Sequence[dict]) -> List[str]:
+  """The training-step and inference medians with one column per precision (float32,
+  mixed_bfloat16) and their ratio; no lines unless a record ran in bfloat16."""
+  medians: Dict[tuple, Dict[str, float]] = {}
+  for rec in records:
+    if "result" in rec:
+      for what, setting, precision, sec in _dtype_cells(rec["name"], rec["result"]):
+        medians.setdefault((what, setting), {})[precision] = sec
+  if not any("mixed_bfloat16" in v for v in medians.values()):
+    return []
+  lines = ["", "Per precision (medians):", "",
+           "| benchmark | setting | float32 | mixed_bfloat16 | bfloat16 / float32 |",
+           "|---|---|---|---|---|"]
+  for (what, setting), by in medians.items():
+    f32, bf16 = by.get("float32"), by.get("mixed_bfloat16")
+    ratio = f"{bf16 / f32:.2f}x" if f32 and bf16 else "-"
+    lines.append(f"| {what} | {setting} | {_fmt(f32)} | {_fmt(bf16)} | {ratio} |")
+  return lines
+
+
 _FORMATTERS: Dict[str, Callable[[dict], List[List[str]]]] = {
     "inference": _rows_inference, "inference_bench": _rows_inference,
-    "train_step_bench": _rows_train_step,
+    "inference_bf16": _rows_inference, "inference_bench_bf16": _rows_inference,
+    "train_step_bench": _rows_train_step, "train_step_bf16": _rows_train_step,
+    "train_step_bench_bf16": _rows_train_step,
     "evaluation": _rows_evaluation, "model_memory": _rows_model_memory,
     "serving": _rows_serving, "data_pipeline": _rows_data_pipeline,
     "train_step": _rows_train_step,
@@ -199,8 +249,9 @@ _FORMATTERS: Dict[str, Callable[[dict], List[List[str]]]] = {
 
 def markdown(records: Sequence[dict], machine: dict, quick: bool) -> str:
   """The summary table (one row per measured setting) with the machine line."""
-  lines = [f"Machine: {machine.get('cpu_model')}, {machine.get('cpu_affinity')} usable cores, "
-           f"TensorFlow {machine.get('tensorflow')}, Keras {machine.get('keras')}"
+  flags = ", ".join(machine.get("cpu_flags") or []) or "none of AVX2 / AVX-512 / AMX"
+  lines = [f"Machine: {machine.get('cpu_model')} ({flags}), {machine.get('cpu_affinity')} "
+           f"usable cores, TensorFlow {machine.get('tensorflow')}, Keras {machine.get('keras')}"
            f"{' (--quick sizes: smoke numbers, not results)' if quick else ''}.", "",
            "| benchmark | setting | median | min / max | target | reference |",
            "|---|---|---|---|---|---|"]
@@ -220,7 +271,7 @@ def markdown(records: Sequence[dict], machine: dict, quick: bool) -> str:
       if load:
         row[1] += f" [load {load[0]:.1f}]"
       lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + dtype_table(records)) + "\n"
 
 
 def main():

@@ -445,6 +445,37 @@ def test_run_all_names_a_bfloat16_row_and_keeps_float32_rows_as_they_were():
   assert row[1].startswith("thumos mixed_bfloat16: C 2048") and row[4] == ""
 
 
+def test_run_all_sets_each_setting_side_by_side_per_precision():
+  """results.md pairs a setting's float32 and bfloat16 medians in one row, with their ratio,
+  and names the CPU flags on the machine line."""
+  def step(precision, median):
+    return {"config": "bench", "mode": "graph", "seq_len": 768, "input_dim": 256, "embd_dim": 128,
+            "batch_size": 2, "variant": "asl", "precision": precision, "median_sec": median,
+            "min_sec": median, "max_sec": median}
+  def inference(precision, median):
+    stats = {"median_sec": median, "min_sec": median, "max_sec": median, "p95_sec": median}
+    return {"config": "thumos", "precision": precision, "target_sec": None,
+            "model": {"input_dim": 2048, "embd_dim": 512, "mha_win_size": [19]},
+            "lengths": [{"num_frames": 2304, "forward_plus_postprocess": stats,
+                         "postprocess_share": 0.1}]}
+  records = [{"name": "train_step_bench", "result": {"results": [step("float32", 0.2)]}},
+             {"name": "inference", "result": inference("float32", 0.5)},
+             {"name": "train_step_bench_bf16", "result": {"results": [step("mixed_bfloat16",
+                                                                            0.15)]}},
+             {"name": "inference_bf16", "result": inference("mixed_bfloat16", 0.25)},
+             {"name": "serving", "error": "exit 1: down"}]
+  table = run_all.markdown(records, {"cpu_model": "Xeon", "cpu_affinity": 2,
+                                     "cpu_flags": ["amx_bf16", "avx512f"]}, quick=False)
+  assert table.startswith("Machine: Xeon (amx_bf16, avx512f), 2 usable cores")
+  per_dtype = table[table.index("| benchmark | setting | float32 |"):].splitlines()[2:]
+  assert per_dtype == [
+      "| train_step | bench asl (graph): T 768, C 256, dims 128, batch 2 | 200.0 ms | 150.0 ms "
+      "| 0.75x |",
+      "| inference | thumos: C 2048, dims 512, T 2304, forward + post-processing | 500.0 ms | "
+      "250.0 ms | 0.50x |"]
+  assert run_all.dtype_table(records[:2]) == []  # float32 alone: no per-precision table
+
+
 def test_benchmarks_build_the_model_in_the_precision_asked_for(monkeypatch, capsys):
   inference_bench, train_step = _load("inference"), _load("train_step")
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
