@@ -256,7 +256,8 @@ class LossConfig:
 
   Attributes:
     center_sample_radius: centre sampling radius in level strides (<= 0: every point inside a
-      ground truth is a positive, which the densely labelled datasets' flagfiles set).
+      ground truth at its level is a positive, which the densely labelled datasets' flagfiles
+      set).
     focal_alpha: sigmoid focal loss alpha (weight of the positive targets).
     focal_gamma: sigmoid focal loss gamma (focusing exponent).
     label_smoothing: y <- y (1 - e) + e / (K + 1).

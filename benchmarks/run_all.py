@@ -221,12 +221,17 @@ def dtype_table(records: Sequence[dict]) -> List[str]:
   mixed_bfloat16) and their ratio; no lines unless a record ran in bfloat16."""
   medians: Dict[tuple, Dict[str, float]] = {}
   for rec in records:
-    if "result" in rec:
-      for what, setting, precision, sec in _dtype_cells(rec["name"], rec["result"]):
-        medians.setdefault((what, setting), {})[precision] = sec
+    try:
+      cells = _dtype_cells(rec["name"], rec["result"]) if "result" in rec else []
+    except (KeyError, TypeError, IndexError):
+      cells = []  # the main table names it "unrecognized JSON"
+    for what, setting, precision, sec in cells:
+      medians.setdefault((what, setting), {})[precision] = sec
   if not any("mixed_bfloat16" in v for v in medians.values()):
     return []
-  lines = ["", "Per precision (medians):", "",
+  lines = ["", "Per precision (medians; each precision ran in its own process, one after the other,"
+           " so the ratio carries the machine's drift between them: `benchmarks/ab_step.py "
+           "--compare=dtype` alternates them in one process):", "",
            "| benchmark | setting | float32 | mixed_bfloat16 | bfloat16 / float32 |",
            "|---|---|---|---|---|"]
   for (what, setting), by in medians.items():
@@ -248,9 +253,14 @@ _FORMATTERS: Dict[str, Callable[[dict], List[List[str]]]] = {
 
 
 def markdown(records: Sequence[dict], machine: dict, quick: bool) -> str:
-  """The summary table (one row per measured setting) with the machine line."""
-  flags = ", ".join(machine.get("cpu_flags") or []) or "none of AVX2 / AVX-512 / AMX"
-  lines = [f"Machine: {machine.get('cpu_model')} ({flags}), {machine.get('cpu_affinity')} "
+  """The summary table (one row per measured setting) under the machine line, then the
+  per-precision table (`dtype_table`)."""
+  flags = machine.get("cpu_flags")
+  if flags is None:
+    cpu = ""  # an older results.json: the flags were not recorded
+  else:
+    cpu = f" ({', '.join(flags) or 'none of AVX2 / AVX-512 / AMX'})"
+  lines = [f"Machine: {machine.get('cpu_model')}{cpu}, {machine.get('cpu_affinity')} "
            f"usable cores, TensorFlow {machine.get('tensorflow')}, Keras {machine.get('keras')}"
            f"{' (--quick sizes: smoke numbers, not results)' if quick else ''}.", "",
            "| benchmark | setting | median | min / max | target | reference |",

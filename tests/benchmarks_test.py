@@ -105,17 +105,22 @@ def test_the_shipped_defaults_are_the_ablations_default_variant():
     assert parsed == default, (name, value, default)
 
 
-@pytest.mark.parametrize("name", ["ego4d", "multithumos", "charades", "thumos_i3d", "anet"])
+_DENSE_FLAGFILES = ("ego4d", "multithumos", "charades")
+
+
+@pytest.mark.parametrize("name", sorted(f[:-len(".flags")] for f in os.listdir(
+    os.path.join(_REPO, "configs")) if f.endswith(".flags")))
 def test_the_flagfiles_train_the_ablations_shipped_variant(name):
   """The densely labelled datasets' flagfiles train the shipped parts with whole-segment
-  positives (`..._proj0_whole`); the others keep ActionFormer's centre sampling (`..._proj0`)."""
+  positives (`..._proj0_whole`); every other flagfile keeps ActionFormer's centre sampling
+  (`..._proj0`)."""
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   asl_flags.FLAGS.unparse_flags()
   asl_flags.parse_argv(["prog", f"--flagfile={os.path.join(_REPO, 'configs', name + '.flags')}"])
   cfg = asl_flags.build_config()
   asl_flags.FLAGS.unparse_flags()
   shipped = {**cfg.model.__dict__, **cfg.loss.__dict__}
-  dense = name in ("ego4d", "multithumos", "charades")
+  dense = name in _DENSE_FLAGFILES
   variant = "+instance_norm_bce_windows_c001_el0_proj0" + ("_whole" if dense else "")
   for flag in ablation.VARIANTS[variant]:
     key, value = flag[2:].split("=")
@@ -474,6 +479,13 @@ def test_run_all_sets_each_setting_side_by_side_per_precision():
       "| inference | thumos: C 2048, dims 512, T 2304, forward + post-processing | 500.0 ms | "
       "250.0 ms | 0.50x |"]
   assert run_all.dtype_table(records[:2]) == []  # float32 alone: no per-precision table
+  # A record of unexpected shape gets the main table's "unrecognized" row and no cell here; a
+  # results.json from before the CPU flags were recorded claims none.
+  odd = run_all.markdown(records + [{"name": "inference", "result": {"unexpected": 1}}],
+                         {"cpu_model": "EPYC", "cpu_affinity": 2}, quick=False)
+  assert odd.startswith("Machine: EPYC, 2 usable cores") and "unrecognized JSON" in odd
+  assert odd[odd.index("| benchmark | setting | float32 |"):] == table[
+      table.index("| benchmark | setting | float32 |"):]
 
 
 def test_benchmarks_build_the_model_in_the_precision_asked_for(monkeypatch, capsys):
