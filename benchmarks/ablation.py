@@ -208,7 +208,7 @@ VARIANTS: Dict[str, tuple] = {
     # The defaults of the time (projected contrastive loss) with whole-segment positives.
     "+instance_norm_bce_windows_c001_el0_whole": _variant(**_INSTANCE_EL0, **_WINDOWS_C001,
                                                           **_WHOLE),
-    # The shipped parts with whole-segment positives (the dense flagfiles' setting).
+    # The shipped parts with whole-segment positives.
     "+instance_norm_bce_windows_c001_el0_proj0_whole": _variant(**_SHIPPED, **_WHOLE),
     # Whole-segment positives span x in [-0.5, 0.5] on level 0, where a class-specific Gaussian
     # can say which part of an action matters: Gaussians that learn (30x learning rate) but
@@ -221,7 +221,7 @@ VARIANTS: Dict[str, tuple] = {
     # Candidates on top of the shipped parts with whole-segment positives, aimed at the dense
     # set's gap to ActionFormer given the same positives: the class level as released (its
     # Gaussians are nearly flat over centre-sampled positives, not over whole segments), and a
-    # contrastive weight of 0.03. Fixed before any run.
+    # contrastive weight of 0.03 (the dense flagfiles' setting since). Fixed before any run.
     "asl_all_norm_bce_windows_c001_el0_proj0_whole": _variant(**_SHIPPED, **_CLS, **_WHOLE),
     "+instance_norm_bce_windows_c003_el0_proj0_whole": _variant(**{**_SHIPPED,
                                                                    "contrastive_weight": "0.03"},

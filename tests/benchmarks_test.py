@@ -112,8 +112,8 @@ _DENSE_FLAGFILES = ("ego4d", "multithumos", "charades")
     os.path.join(_REPO, "configs")) if f.endswith(".flags")))
 def test_the_flagfiles_train_the_ablations_shipped_variant(name):
   """The densely labelled datasets' flagfiles train the shipped parts with whole-segment
-  positives (`..._proj0_whole`); every other flagfile keeps ActionFormer's centre sampling
-  (`..._proj0`)."""
+  positives and the contrastive loss at 0.03 (`..._c003_el0_proj0_whole`); every other flagfile
+  trains the defaults (`..._c001_el0_proj0`: ActionFormer's centre sampling, weight 0.01)."""
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   asl_flags.FLAGS.unparse_flags()
   asl_flags.parse_argv(["prog", f"--flagfile={os.path.join(_REPO, 'configs', name + '.flags')}"])
@@ -121,7 +121,8 @@ def test_the_flagfiles_train_the_ablations_shipped_variant(name):
   asl_flags.FLAGS.unparse_flags()
   shipped = {**cfg.model.__dict__, **cfg.loss.__dict__}
   dense = name in _DENSE_FLAGFILES
-  variant = "+instance_norm_bce_windows_c001_el0_proj0" + ("_whole" if dense else "")
+  variant = ("+instance_norm_bce_windows_c003_el0_proj0_whole" if dense
+             else "+instance_norm_bce_windows_c001_el0_proj0")
   for flag in ablation.VARIANTS[variant]:
     key, value = flag[2:].split("=")
     parsed = value == "true" if isinstance(shipped[key], bool) else type(shipped[key])(value)
