@@ -174,7 +174,8 @@ class ModelConfig:
       it (an auxiliary task on the shared features); False = stop-gradient features, so it
       learns only its own weights.
     contrastive_weight: weight of the action-sensitive contrastive loss (0 = off; 0.01, with
-      the authors' windows, the default the ablation chose).
+      the authors' windows, the default the ablation chose; 0.03 in the densely labelled
+      datasets' flagfiles).
     contrastive_proj_dim: output channels of a projection MLP for the contrastive loss; 0 (the
       default: +0.13 / +0.20 average mAP over a 128-d MLP, 6 seeds, docs/ablation.md) compares
       the unit-normalised level-0 features themselves, as the authors' function does.
