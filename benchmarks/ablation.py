@@ -226,6 +226,10 @@ VARIANTS: Dict[str, tuple] = {
     "+instance_norm_bce_windows_c003_el0_proj0_whole": _variant(**{**_SHIPPED,
                                                                    "contrastive_weight": "0.03"},
                                                                 **_WHOLE),
+    # The dense flagfiles' setting without one of its two ASL parts: is each >= 0 there?
+    "+instance_norm_bce_el0_whole": _variant(**_INSTANCE_EL0, **_WHOLE),
+    "+windows_c003_proj0_whole": _variant(**{**_WINDOWS_C001, "contrastive_weight": "0.03"},
+                                          contrastive_proj_dim="0", **_WHOLE),
     # Weight 0.03 with the default's centre sampling (it was +0.35 over 0.01 at THUMOS-shaped
     # seeds 1-2 with whole-segment positives).
     "+instance_norm_bce_windows_c003_el0_proj0": _variant(**{**_SHIPPED,
