@@ -110,7 +110,8 @@ def machine_info() -> Dict[str, Any]:
 
   Returns:
     `cpu_count`, `cpu_affinity` (cores this process may use), `cgroup_cpu_limit`, `cpu_model`,
-    `cpu_flags` (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension,
+    `cpu_family_model` (/proc/cpuinfo's "family.model", which tells generations apart when the
+    model name does not, e.g. "AMD EPYC" family 25 Zen 4, 26 Zen 5), `cpu_flags` (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension,
     AMX), `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
     `malloc_env` (the environment's glibc allocator settings, `MALLOC_*`) and
     `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
@@ -123,6 +124,8 @@ def machine_info() -> Dict[str, Any]:
       "cpu_affinity": affinity,
       "cgroup_cpu_limit": _cgroup_cpu_limit(),
       "cpu_model": cpuinfo.get("model name") or platform.processor() or None,
+      "cpu_family_model": (f"{cpuinfo['cpu family']}.{cpuinfo['model']}"
+                           if "cpu family" in cpuinfo and "model" in cpuinfo else None),
       "cpu_flags": sorted(f for f in cpuinfo.get("flags", "").split()
                           if f.startswith(("avx512", "amx", "avx2", "fma"))),
       "memory_total_mb": int(mem_kb.split()[0]) / 1024 if mem_kb else None,

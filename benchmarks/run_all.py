@@ -260,7 +260,9 @@ def markdown(records: Sequence[dict], machine: dict, quick: bool) -> str:
     cpu = ""  # an older results.json: the flags were not recorded
   else:
     cpu = f" ({', '.join(flags) or 'none of AVX2 / AVX-512 / AMX'})"
-  lines = [f"Machine: {machine.get('cpu_model')}{cpu}, {machine.get('cpu_affinity')} "
+  family = machine.get("cpu_family_model")
+  model = f"{machine.get('cpu_model')}" + (f" (family.model {family})" if family else "")
+  lines = [f"Machine: {model}{cpu}, {machine.get('cpu_affinity')} "
            f"usable cores, TensorFlow {machine.get('tensorflow')}, Keras {machine.get('keras')}"
            f"{' (--quick sizes: smoke numbers, not results)' if quick else ''}.", "",
            "| benchmark | setting | median | min / max | target | reference |",

@@ -56,6 +56,11 @@ def test_machine_info_reports_this_machine():
   assert info["cpu_flags"] == sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2",
                                                                       "fma")))
   assert ("avx2" in flags) == ("avx2" in info["cpu_flags"]) and "sse2" not in info["cpu_flags"]
+  with open("/proc/cpuinfo", encoding="utf-8") as f:
+    lines = [l.split(":", 1) for l in f if l.startswith(("cpu family", "model\t", "model "))]
+  family = next(v.strip() for k, v in lines if k.strip() == "cpu family")
+  model = next(v.strip() for k, v in lines if k.strip() == "model")
+  assert info["cpu_family_model"] == f"{family}.{model}"
   json.dumps(info)
 
 
