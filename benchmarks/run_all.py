@@ -261,7 +261,7 @@ def markdown(records: Sequence[dict], machine: dict, quick: bool) -> str:
   else:
     cpu = f" ({', '.join(flags) or 'none of AVX2 / AVX-512 / AMX'})"
   family = machine.get("cpu_family_model")
-  model = f"{machine.get('cpu_model')}" + (f" (family.model {family})" if family else "")
+  model = f"{machine.get('cpu_model')}" + (f", family.model {family}" if family else "")
   lines = [f"Machine: {model}{cpu}, {machine.get('cpu_affinity')} "
            f"usable cores, TensorFlow {machine.get('tensorflow')}, Keras {machine.get('keras')}"
            f"{' (--quick sizes: smoke numbers, not results)' if quick else ''}.", "",

@@ -471,8 +471,9 @@ def test_run_all_sets_each_setting_side_by_side_per_precision():
              {"name": "inference_bf16", "result": inference("mixed_bfloat16", 0.25)},
              {"name": "serving", "error": "exit 1: down"}]
   table = run_all.markdown(records, {"cpu_model": "Xeon", "cpu_affinity": 2,
+                                     "cpu_family_model": "6.143",
                                      "cpu_flags": ["amx_bf16", "avx512f"]}, quick=False)
-  assert table.startswith("Machine: Xeon (amx_bf16, avx512f), 2 usable cores")
+  assert table.startswith("Machine: Xeon, family.model 6.143 (amx_bf16, avx512f), 2 usable")
   per_dtype = table[table.index("| benchmark | setting | float32 |"):].splitlines()[2:]
   assert per_dtype == [
       "| train_step | bench asl (graph): T 768, C 256, dims 128, batch 2 | 200.0 ms | 150.0 ms "
