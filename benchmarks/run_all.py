@@ -229,7 +229,7 @@ def dtype_table(records: Sequence[dict]) -> List[str]:
       medians.setdefault((what, setting), {})[precision] = sec
   if not any("mixed_bfloat16" in v for v in medians.values()):
     return []
-  lines = ["", "Per precision (medians; each precision ran in its own process, one after the other,"
+  lines = ["", "Per precision (medians; each row ran in its own process, one after the other,"
            " so the ratio carries the machine's drift between them: `benchmarks/ab_step.py "
            "--compare=dtype` alternates them in one process):", "",
            "| benchmark | setting | float32 | mixed_bfloat16 | bfloat16 / float32 |",
