@@ -112,7 +112,8 @@ def machine_info() -> Dict[str, Any]:
     `cpu_count`, `cpu_affinity` (cores this process may use), `cgroup_cpu_limit`, `cpu_model`,
     `cpu_family_model` (/proc/cpuinfo's "family.model", which tells generations apart when the
     model name does not: "AMD EPYC" is family 25 on Zen 3 / Zen 4, 26 on Zen 5), `cpu_flags`
-    (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension, AMX), `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
+    (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension, AMX),
+    `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
     `malloc_env` (the environment's glibc allocator settings, `MALLOC_*`) and
     `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
   """
