@@ -109,16 +109,27 @@ def _row(benchmark, setting, median, lo=None, hi=None, target="", reference="") 
           target, reference]
 
 
+def _inference_setting(r: dict, entry: dict, precision: str = "") -> str:
+  """An inference record's setting at one length: config, precision (if given), sizes."""
+  m = r["model"]
+  return (f"{r['config']}{precision}: C {m['input_dim']}, dims {m['embd_dim']}, window "
+          f"{m['mha_win_size'][0]}, T {entry['num_frames']}")
+
+
+def _train_step_setting(row: dict, mode: str) -> str:
+  """A training-step row's setting: config, variant, mode (with precision if given), sizes."""
+  return (f"{row['config']} {row.get('variant', 'asl')} ({mode}): T {row['seq_len']}, C "
+          f"{row['input_dim']}, dims {row['embd_dim']}, batch {row['batch_size']}")
+
+
 def _rows_inference(r: dict) -> List[List[str]]:
   rows = []
-  m = r["model"]
   for i, entry in enumerate(r["lengths"]):
     t = entry["forward_plus_postprocess"]
     target = f"<= {_fmt(r['target_sec'])}" if r.get("target_sec") and i == 0 else ""
     ref = f"{_fmt(r['reference_sec'])} (PyTorch)" if r.get("reference_sec") and i == 0 else ""
     precision = "" if r.get("precision", "float32") == "float32" else f" {r['precision']}"
-    setting = (f"{r['config']}{precision}: C {m['input_dim']}, dims {m['embd_dim']}, window "
-               f"{m['mha_win_size'][0]}, T {entry['num_frames']}, per video (postproc "
+    setting = (_inference_setting(r, entry, precision) + ", per video (postproc "
                f"{100 * entry['postprocess_share']:.0f}%, p95 {_fmt(t['p95_sec'])}"
                + (f", CPU {_fmt(entry['cpu_sec_per_video'])}" if "cpu_sec_per_video" in entry
                   else "") + ")")
@@ -174,9 +185,7 @@ def _rows_train_step(r: dict) -> List[List[str]]:
     ref = f"{_fmt(row['reference_sec'])} (PyTorch)" if row.get("reference_sec") else ""
     precision = row.get("precision", "float32")
     mode = row["mode"] if precision == "float32" else f"{row['mode']}, {precision}"
-    rows.append(_row("train_step", f"{row['config']} {row.get('variant', 'asl')} "
-                     f"({mode}): T {row['seq_len']}, C {row['input_dim']}, dims "
-                     f"{row['embd_dim']}, batch {row['batch_size']}, per step",
+    rows.append(_row("train_step", _train_step_setting(row, mode) + ", per step",
                      row["median_sec"], row.get("min_sec"), row.get("max_sec"), target, ref))
   return rows
 
@@ -203,14 +212,11 @@ def _dtype_cells(name: str, r: dict) -> List[tuple]:
   cells = []
   if name.startswith("train_step"):
     for row in r["results"]:
-      cells.append(("train_step", f"{row['config']} {row.get('variant', 'asl')} ({row['mode']}): "
-                    f"T {row['seq_len']}, C {row['input_dim']}, dims {row['embd_dim']}, batch "
-                    f"{row['batch_size']}", row.get("precision", "float32"), row["median_sec"]))
+      cells.append(("train_step", _train_step_setting(row, row["mode"]),
+                    row.get("precision", "float32"), row["median_sec"]))
   elif name.startswith("inference"):
-    m = r["model"]
     for entry in r["lengths"]:
-      cells.append(("inference", f"{r['config']}: C {m['input_dim']}, dims {m['embd_dim']}, T "
-                    f"{entry['num_frames']}, forward + post-processing",
+      cells.append(("inference", _inference_setting(r, entry) + ", forward + post-processing",
                     r.get("precision", "float32"),
                     entry["forward_plus_postprocess"]["median_sec"]))
   return cells
@@ -309,13 +315,14 @@ def main():
   timeout = args.timeout or (300.0 if args.quick else 3600.0)
   machine = common.machine_info()
   records = []
+  started = time.strftime("%Y-%m-%d %H:%M")
   start = time.perf_counter()
   for name in names:
     rec = run_benchmark(name, args.quick, timeout)
     status = (rec.get("error") or rec.get("skipped") or "ok").splitlines()[0][:100]
     print(f"{name}: {rec.get('wall_sec', 0):.0f} s, {status}", file=sys.stderr, flush=True)
     records.append(rec)
-  result = {"quick": args.quick, "machine": machine, "started": time.strftime("%Y-%m-%d %H:%M"),
+  result = {"quick": args.quick, "machine": machine, "started": started,
             "total_wall_sec": round(time.perf_counter() - start, 1), "benchmarks": records}
   os.makedirs(args.output_dir, exist_ok=True)
   common.emit(result, os.path.join(args.output_dir, "results.json"))

@@ -97,12 +97,17 @@ def test_the_shipped_defaults_are_the_ablations_default_variant():
   and contrastive loss on the unprojected features) is what the dataclasses ship: each of its
   switches equals the default of its config field."""
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-  defaults = {**config_lib.ModelConfig().__dict__, **config_lib.LossConfig().__dict__}
-  for flag in ablation.VARIANTS["+instance_norm_bce_windows_c001_el0_proj0"]:
-    name, value = flag[2:].split("=")
-    default = defaults[name]
-    parsed = value == "true" if isinstance(default, bool) else type(default)(value)
-    assert parsed == default, (name, value, default)
+  _assert_trains_variant(config_lib.ModelConfig(), config_lib.LossConfig(),
+                         "+instance_norm_bce_windows_c001_el0_proj0", "defaults")
+
+
+def _assert_trains_variant(model_cfg, loss_cfg, variant: str, where: str):
+  """Every switch the ablation's `variant` sets equals the configs' field of that name."""
+  fields = {**model_cfg.__dict__, **loss_cfg.__dict__}
+  for flag in ablation.VARIANTS[variant]:
+    key, value = flag[2:].split("=")
+    parsed = value == "true" if isinstance(fields[key], bool) else type(fields[key])(value)
+    assert parsed == fields[key], (where, key, value, fields[key])
 
 
 _DENSE_FLAGFILES = ("ego4d", "multithumos", "charades")
@@ -119,14 +124,9 @@ def test_the_flagfiles_train_the_ablations_shipped_variant(name):
   asl_flags.parse_argv(["prog", f"--flagfile={os.path.join(_REPO, 'configs', name + '.flags')}"])
   cfg = asl_flags.build_config()
   asl_flags.FLAGS.unparse_flags()
-  shipped = {**cfg.model.__dict__, **cfg.loss.__dict__}
-  dense = name in _DENSE_FLAGFILES
-  variant = ("+instance_norm_bce_windows_c003_el0_proj0_whole" if dense
+  variant = ("+instance_norm_bce_windows_c003_el0_proj0_whole" if name in _DENSE_FLAGFILES
              else "+instance_norm_bce_windows_c001_el0_proj0")
-  for flag in ablation.VARIANTS[variant]:
-    key, value = flag[2:].split("=")
-    parsed = value == "true" if isinstance(shipped[key], bool) else type(shipped[key])(value)
-    assert parsed == shipped[key], (name, key, value, shipped[key])
+  _assert_trains_variant(cfg.model, cfg.loss, variant, name)
 
 
 def test_ablation_collects_every_finished_run_under_the_folder(tmp_path):
@@ -478,8 +478,8 @@ def test_run_all_sets_each_setting_side_by_side_per_precision():
   assert per_dtype == [
       "| train_step | bench asl (graph): T 768, C 256, dims 128, batch 2 | 200.0 ms | 150.0 ms "
       "| 0.75x |",
-      "| inference | thumos: C 2048, dims 512, T 2304, forward + post-processing | 500.0 ms | "
-      "250.0 ms | 0.50x |"]
+      "| inference | thumos: C 2048, dims 512, window 19, T 2304, forward + post-processing | "
+      "500.0 ms | 250.0 ms | 0.50x |"]
   assert run_all.dtype_table(records[:2]) == []  # float32 alone: no per-precision table
   # A record of unexpected shape gets the main table's "unrecognized" row and no cell here; a
   # results.json from before the CPU flags were recorded claims none.
@@ -488,6 +488,24 @@ def test_run_all_sets_each_setting_side_by_side_per_precision():
   assert odd.startswith("Machine: EPYC, 2 usable cores") and "unrecognized JSON" in odd
   assert odd[odd.index("| benchmark | setting | float32 |"):] == table[
       table.index("| benchmark | setting | float32 |"):]
+
+
+def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
+  """`started` is the wall time before the first benchmark, not when the last one ended."""
+  clock = {"now": 1_700_000_000.0}
+  def fake_run(name, quick, timeout):
+    clock["now"] += 7200.0  # each benchmark takes two hours
+    return {"name": name, "skipped": "fake"}
+  monkeypatch.setattr(run_all, "run_benchmark", fake_run)
+  real_strftime, gmtime = run_all.time.strftime, run_all.time.gmtime
+  monkeypatch.setattr(run_all.time, "strftime",
+                      lambda fmt: real_strftime(fmt, gmtime(clock["now"])))
+  monkeypatch.setattr(run_all.common, "machine_info", lambda: {"cpu_model": "test"})
+  monkeypatch.setattr(sys, "argv", ["run_all.py", "--only=evaluation,serving",
+                                    f"--output_dir={tmp_path}"])
+  run_all.main()
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["started"] == "2023-11-14 22:13"  # 1_700_000_000 s, UTC
 
 
 def test_benchmarks_build_the_model_in_the_precision_asked_for(monkeypatch, capsys):
