@@ -490,6 +490,31 @@ def test_run_all_sets_each_setting_side_by_side_per_precision():
       table.index("| benchmark | setting | float32 |"):]
 
 
+def test_side_by_side_ratios_are_per_round_then_their_median():
+  """asl_tf / PyTorch is taken within each round (same machine state), then summarised."""
+  sbs = _load("side_by_side_pytorch")
+  rounds = [{"pt_train_median_sec": pt, "tf_train_median_sec": tf, "pt_infer_median_sec": 2.0,
+             "tf_infer_median_sec": ti} for pt, tf, ti in ((4.0, 2.0, 1.0), (2.0, 1.8, 1.6),
+                                                          (3.0, 2.1, 1.2))]
+  for record in rounds:
+    record.update(sbs.round_ratios(record))
+  summary = sbs.summarize(rounds)
+  assert summary["ratio_train_tf_over_pt"]["values"] == pytest.approx([0.5, 0.9, 0.7])
+  assert summary["ratio_train_tf_over_pt"]["median"] == pytest.approx(0.7)
+  assert summary["ratio_infer_tf_over_pt"]["median"] == pytest.approx(0.6)
+  assert summary["pt_train_median_sec"] == {"median": 3.0, "min": 2.0, "max": 4.0,
+                                            "values": [4.0, 2.0, 3.0]}
+  # Both sides train on one batch of the same videos, in feature steps inside each video.
+  train, infer = sbs.synthetic_videos()
+  again, _ = sbs.synthetic_videos()
+  assert [f.shape for f, _, _ in train] == [(2304, 2048), (1800, 2048)] and infer.shape == (
+      2304, 2048)
+  for (f, segments, labels), (f2, _, _) in zip(train, again):
+    np.testing.assert_array_equal(f, f2)
+    assert (segments[:, 0] < segments[:, 1]).all() and segments.max() <= len(f) - 1
+    assert ((labels >= 0) & (labels < 20)).all()
+
+
 def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
   """`started` is the wall time before the first benchmark, not when the last one ended."""
   clock = {"now": 1_700_000_000.0}

@@ -1,0 +1,301 @@
+"""asl_tf against the public PyTorch ActionFormer, same inputs, alternating rounds; JSON.
+
+  python benchmarks/side_by_side_pytorch.py --actionformer_dir=DIR --torch_python=PY \\
+      --rounds=5 --output=benchmarks/results/side_by_side_pytorch_thumos.json
+
+DIR is a checkout of the public ActionFormer (github.com/happyharrycn/actionformer_release) with
+its NMS extension built in place (`cd DIR/libs/utils && PY setup.py build_ext --inplace`); PY is
+a Python with torch, numpy and pyyaml. Neither is part of this repository or its dependencies.
+
+Two long-lived workers, one per framework, each free to use every core, never running at the
+same time: each round asks them in turn (the order alternates between rounds) for `--calls`
+training steps and then `--calls` inference calls, and records their medians; the summary gives
+per-round ratios asl_tf / PyTorch and their median. Workers warm up with two calls of each.
+
+Both sides run the same float32 workload, ActionFormer's THUMOS14 I3D geometry
+(`configs/thumos_i3d.flags`, ActionFormer's `configs/thumos_i3d.yaml`): the ActionFormer model
+(every ASL part off on our side), random weights, training on one fixed batch of two videos
+(2304 and 1800 features of 2048 channels, four random segments each) with AdamW, gradient
+clipping at 1.0 and the EMA update; inference on one 2304-feature video, NMS included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+_REPLY = "@@side_by_side "  # prefix of a worker's reply line; other output is logging
+TRAIN_LENGTHS, INFER_LENGTH, NUM_SEGMENTS = (2304, 1800), 2304, 4
+# ActionFormer's thumos_i3d.yaml / our thumos_i3d.flags: features, classes, geometry.
+INPUT_DIM, NUM_CLASSES, FPS, FEAT_STRIDE, NUM_FRAMES = 2048, 20, 30.0, 4, 16
+
+
+def synthetic_videos(seed: int = 0):
+  """The shared workload: `(train, infer)`; train is two (features [T, C], segments [N, 2] in
+  feature steps, labels [N]), infer one features [T, C]."""
+  rng = np.random.default_rng(seed)
+  train = []
+  for length in TRAIN_LENGTHS:
+    starts = rng.uniform(0, length * 0.8, NUM_SEGMENTS)
+    ends = np.minimum(length - 1, starts + rng.uniform(2, length * 0.2, NUM_SEGMENTS))
+    train.append((rng.normal(size=[length, INPUT_DIM]).astype(np.float32),
+                  np.stack([starts, ends], -1).astype(np.float32),
+                  rng.integers(NUM_CLASSES, size=NUM_SEGMENTS)))
+  return train, rng.normal(size=[INFER_LENGTH, INPUT_DIM]).astype(np.float32)
+
+
+def _duration_sec(length: int) -> float:
+  return ((length - 1) * FEAT_STRIDE + NUM_FRAMES) / FPS
+
+
+class TorchSide:
+  """The public ActionFormer as its `train.py` trains it (no DataParallel: CPU)."""
+
+  def __init__(self, actionformer_dir: str):
+    import torch  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, actionformer_dir)
+    sys.path.insert(0, os.path.join(actionformer_dir, "libs", "utils"))  # nms_1d_cpu
+    from libs.core import load_config  # pylint: disable=g-import-not-at-top
+    from libs.modeling import make_meta_arch  # pylint: disable=g-import-not-at-top
+    from libs.utils import make_optimizer, make_scheduler, ModelEma  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    cfg = load_config(os.path.join(actionformer_dir, "configs", "thumos_i3d.yaml"))
+    torch.manual_seed(0)
+    self.model = make_meta_arch(cfg["model_name"], **cfg["model"])
+    self.optimizer = make_optimizer(self.model, cfg["opt"])
+    self.scheduler = make_scheduler(self.optimizer, cfg["opt"], 100)
+    self.ema = ModelEma(self.model)
+    self.clip = cfg["train_cfg"]["clip_grad_l2norm"]
+    train, infer = synthetic_videos()
+    self.train_list = [self._video(i, f, s, l) for i, (f, s, l) in enumerate(train)]
+    self.infer_list = [self._video(9, infer, None, None)]
+    self.info = {"torch": torch.__version__, "num_threads": torch.get_num_threads(),
+                 "num_params": sum(p.numel() for p in self.model.parameters()),
+                 "clip_grad_l2norm": self.clip}
+
+  def _video(self, i, feats, segments, labels):
+    torch = self.torch
+    return {"video_id": f"v{i}", "feats": torch.from_numpy(np.ascontiguousarray(feats.T)),
+            "segments": None if segments is None else torch.from_numpy(segments),
+            "labels": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+            "fps": FPS, "duration": _duration_sec(len(feats)), "feat_stride": FEAT_STRIDE,
+            "feat_num_frames": NUM_FRAMES}
+
+  def train(self) -> float:
+    self.model.train()
+    self.optimizer.zero_grad(set_to_none=True)
+    losses = self.model(self.train_list)
+    losses["final_loss"].backward()
+    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+    self.optimizer.step()
+    self.scheduler.step()
+    self.ema.update(self.model)
+    return float(losses["final_loss"].detach())
+
+  def infer(self) -> int:
+    self.model.eval()
+    with self.torch.no_grad():
+      return int(len(self.model(self.infer_list)[0]["segments"]))
+
+
+class TensorFlowSide:
+  """asl_tf's ActionFormer (every ASL part off): the training-step benchmark's step and the
+  inference benchmark's detection function."""
+
+  def __init__(self):
+    sys.path.insert(0, _HERE)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import train_step  # pylint: disable=g-import-not-at-top
+    from asl_tf import inference  # pylint: disable=g-import-not-at-top
+    self.tf = tf
+    setup = train_step.build_step("thumos_i3d", quick=False, jit_compile=False,
+                                  extra_flags=train_step.VARIANT_FLAGS["actionformer"])
+    config = setup.config
+    train, infer = synthetic_videos()
+    seq_len, max_segments = config.model.max_seq_len, config.data.max_segments
+    features = np.zeros([len(train), seq_len, INPUT_DIM], np.float32)
+    mask = np.zeros([len(train), seq_len], np.float32)
+    segments = np.zeros([len(train), max_segments, 2], np.float32)
+    labels = np.full([len(train), max_segments], -1, np.int32)
+    for b, (f, s, l) in enumerate(train):
+      features[b, :len(f)], mask[b, :len(f)] = f, 1.0
+      segments[b, :len(s)], labels[b, :len(l)] = s, l
+    setup.batch = {"features": tf.constant(features), "padding_mask": tf.constant(mask),
+                   "gt_segments": tf.constant(segments), "gt_labels": tf.constant(labels)}
+    self.setup = setup
+    model = inference.build_detector(config)
+    self.detect = inference.detect_function(model)
+    feats, pad = inference.features_for_inference(infer, config.data.max_seq_len,
+                                                  config.model.max_div_factor)
+    self.infer_args = [tf.constant(feats), tf.constant(pad)] + [
+        tf.constant([v], tf.float32)
+        for v in (FPS, _duration_sec(len(infer)), FEAT_STRIDE, NUM_FRAMES)]
+    assert (config.data.feat_stride, config.data.num_frames, config.model.input_dim,
+            config.model.num_classes) == (FEAT_STRIDE, NUM_FRAMES, INPUT_DIM, NUM_CLASSES)
+    self.info = {"tensorflow": tf.__version__, "kernel_policy": config.model.kernel_policy,
+                 "mixed_precision": config.train.mixed_precision,
+                 "clip_grad_norm": config.train.clip_grad_norm,
+                 "ema_decay": config.train.ema_decay,
+                 "num_params": int(sum(v.numpy().size
+                                       for v in setup.model.trainable_variables))}
+
+  def train(self) -> float:
+    return float(self.setup.step(self.setup.batch, self.setup.epoch)["total_loss"])
+
+  def infer(self) -> int:
+    return int(self.detect(*self.infer_args)["num_detections"].numpy()[0])
+
+
+def _timed(fn, calls: int) -> dict:
+  wall, cpu, out = [], [], None
+  for _ in range(calls):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return {"wall": wall, "cpu": cpu, "out": out}
+
+
+def worker(side: str, actionformer_dir: str) -> None:
+  """Serves `{"cmd": "train" | "infer", "calls": n}` lines on stdin until `quit`."""
+  start = time.perf_counter()
+  impl = TorchSide(actionformer_dir) if side == "pt" else TensorFlowSide()
+  ready = {"side": side, "pid": os.getpid(), "info": impl.info,
+           "setup_sec": time.perf_counter() - start,
+           "warmup": {"train": _timed(impl.train, 2), "infer": _timed(impl.infer, 2)}}
+  print(_REPLY + json.dumps(ready), flush=True)
+  for line in sys.stdin:
+    request = json.loads(line)
+    if request["cmd"] == "quit":
+      return
+    fn = impl.train if request["cmd"] == "train" else impl.infer
+    print(_REPLY + json.dumps(_timed(fn, request["calls"])), flush=True)
+
+
+class _Worker:
+  def __init__(self, python: str, side: str, actionformer_dir: str, log_path: str):
+    self.log = open(log_path, "w")  # pylint: disable=consider-using-with
+    self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        [python, os.path.abspath(__file__), f"--side={side}",
+         f"--actionformer_dir={actionformer_dir}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=_REPO)
+
+  def reply(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(_REPLY):
+        return json.loads(line[len(_REPLY):])
+    raise RuntimeError(f"worker exited with {self.proc.wait()}; see {self.log.name}")
+
+  def ask(self, cmd: str, calls: int) -> dict:
+    self.proc.stdin.write(json.dumps({"cmd": cmd, "calls": calls}) + "\n")
+    self.proc.stdin.flush()
+    return self.reply()
+
+  def close(self):
+    self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+    self.proc.stdin.close()
+    self.proc.wait()
+    self.log.close()
+
+
+def _spread(values):
+  return {"median": float(np.median(values)), "min": float(min(values)),
+          "max": float(max(values)), "values": values}
+
+
+def round_ratios(record: dict) -> dict:
+  """A round's ratios asl_tf / PyTorch of its medians: `ratio_<train|infer>_tf_over_pt`."""
+  return {f"ratio_{cmd}_tf_over_pt": record[f"tf_{cmd}_median_sec"]
+                                     / record[f"pt_{cmd}_median_sec"]
+          for cmd in ("train", "infer")}
+
+
+def summarize(rounds) -> dict:
+  """Median / min / max over the rounds of each side's medians and of the ratios."""
+  return {key: _spread([r[key] for r in rounds])
+          for key in ("pt_train_median_sec", "tf_train_median_sec", "pt_infer_median_sec",
+                      "tf_infer_median_sec", "ratio_train_tf_over_pt", "ratio_infer_tf_over_pt")}
+
+
+def drive(args) -> dict:
+  """Starts both workers, runs the rounds and returns the JSON record (with a `warning` when
+  the machine was busy at the start: PyTorch's OpenMP threads slow down badly on taken cores)."""
+  sys.path.insert(0, _HERE)
+  import common  # pylint: disable=g-import-not-at-top
+  load_start = os.getloadavg()
+  log_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else "."
+  os.makedirs(log_dir, exist_ok=True)
+  workers = {}
+  for side, python in (("pt", args.torch_python), ("tf", sys.executable)):
+    workers[side] = _Worker(python, side, args.actionformer_dir,
+                            os.path.join(log_dir, f"side_by_side_{side}.log"))
+    workers[side].ready = workers[side].reply()  # one at a time: setup and warm-up alone
+  rounds = []
+  started = time.time()
+  for r in range(args.rounds):
+    order = ("pt", "tf") if r % 2 == 0 else ("tf", "pt")
+    record = {"order": list(order)}
+    for side in order:
+      for cmd in ("train", "infer"):
+        timed = workers[side].ask(cmd, args.calls)
+        record[f"{side}_{cmd}"] = timed
+        record[f"{side}_{cmd}_median_sec"] = float(np.median(timed["wall"]))
+    record.update(round_ratios(record))
+    rounds.append(record)
+    print(f"round {r + 1}: train {record['ratio_train_tf_over_pt']:.3f}, infer "
+          f"{record['ratio_infer_tf_over_pt']:.3f}", file=sys.stderr, flush=True)
+  for w in workers.values():
+    w.close()
+  summary = summarize(rounds)
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
+                        text=True, check=False).stdout.strip()
+  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
+                         capture_output=True, text=True, check=False).stdout.splitlines()
+  reference = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.actionformer_dir,
+                             capture_output=True, text=True, check=False).stdout.strip()
+  return {"command": sys.argv, "machine": common.machine_info(),
+          "code": {"asl_tf_head": head, "asl_tf_modified_tracked_files": len(dirty),
+                   "actionformer_release_commit": reference},
+          "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+          "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
+          "rounds": args.rounds, "calls_per_round": args.calls,
+          "workload": {"train_lengths": list(TRAIN_LENGTHS), "infer_length": INFER_LENGTH,
+                       "input_dim": INPUT_DIM, "num_classes": NUM_CLASSES,
+                       "precision": "float32"},
+          "sides": {side: w.ready for side, w in workers.items()},
+          "per_round": rounds, "summary": summary,
+          **({"warning": f"1-minute load {load_start[0]:.2f} at the start: other processes "
+                         "ran, the times are not valid"} if load_start[0] > 0.5 else {})}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--actionformer_dir", required=True,
+                      help="checkout of the public ActionFormer with nms_1d_cpu built")
+  parser.add_argument("--torch_python", default="",
+                      help="Python with torch for the PyTorch worker (required to drive)")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--calls", type=int, default=3, help="calls of each kind per round")
+  parser.add_argument("--output", default="", help="JSON path (default: stdout only)")
+  parser.add_argument("--side", choices=("pt", "tf"), help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.side:
+    worker(args.side, args.actionformer_dir)
+    return
+  if not args.torch_python:
+    parser.error("--torch_python is required: a Python with torch, numpy and pyyaml")
+  sys.path.insert(0, _HERE)
+  import common  # pylint: disable=g-import-not-at-top
+  common.emit(drive(args), args.output or None)
+
+
+if __name__ == "__main__":
+  main()
