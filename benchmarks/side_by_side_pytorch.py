@@ -12,11 +12,15 @@ same time: each round asks them in turn (the order alternates between rounds) fo
 training steps and then `--calls` inference calls, and records their medians; the summary gives
 per-round ratios asl_tf / PyTorch and their median. Workers warm up with two calls of each.
 
-Both sides run the same float32 workload, ActionFormer's THUMOS14 I3D geometry
-(`configs/thumos_i3d.flags`, ActionFormer's `configs/thumos_i3d.yaml`): the ActionFormer model
-(every ASL part off on our side), random weights, training on one fixed batch of two videos
-(2304 and 1800 features of 2048 channels, four random segments each) with AdamW, gradient
-clipping at 1.0 and the EMA update; inference on one 2304-feature video, NMS included.
+Both sides run the same float32 workload in the THUMOS14 I3D geometry both projects ship
+(`configs/thumos_i3d.flags`: 2048 channels, 20 classes, stride 4, windows of 19, up to 2304
+features): the ActionFormer model (every ASL part off on our side), training on one fixed batch
+of two videos (2304 and 1800 features, four random segments each) with AdamW, its schedule,
+gradient clipping at 1.0 and the EMA update; inference on one 2304-feature video, NMS included,
+with the untrained random weights on both sides. The PyTorch side is seeded and set up as its
+training script does (deterministic algorithms on, as that script sets them), and pads its
+batch inside the timed step, as its model does; ours is padded before, as our input pipeline
+does.
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_HERE)
 _REPLY = "@@side_by_side "  # prefix of a worker's reply line; other output is logging
 TRAIN_LENGTHS, INFER_LENGTH, NUM_SEGMENTS = (2304, 1800), 2304, 4
-# ActionFormer's thumos_i3d.yaml / our thumos_i3d.flags: features, classes, geometry.
+# The THUMOS14 I3D geometry of both projects' configs (asserted against ours by the worker).
 INPUT_DIM, NUM_CLASSES, FPS, FEAT_STRIDE, NUM_FRAMES = 2048, 20, 30.0, 4, 16
 
 
-def synthetic_videos(seed: int = 0):
+def synthetic_videos():
   """The shared workload: `(train, infer)`; train is two (features [T, C], segments [N, 2] in
   feature steps, labels [N]), infer one features [T, C]."""
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(0)
   train = []
   for length in TRAIN_LENGTHS:
     starts = rng.uniform(0, length * 0.8, NUM_SEGMENTS)
@@ -56,54 +60,77 @@ def _duration_sec(length: int) -> float:
   return ((length - 1) * FEAT_STRIDE + NUM_FRAMES) / FPS
 
 
+def padded_batch(train, seq_len: int, max_segments: int) -> dict:
+  """asl_tf's training batch of `train`: features [B, seq_len, C], padding_mask [B, seq_len],
+  gt_segments [B, max_segments, 2] (feature steps), gt_labels [B, max_segments] (-1 = none)."""
+  features = np.zeros([len(train), seq_len, INPUT_DIM], np.float32)
+  mask = np.zeros([len(train), seq_len], np.float32)
+  segments = np.zeros([len(train), max_segments, 2], np.float32)
+  labels = np.full([len(train), max_segments], -1, np.int32)
+  for b, (f, s, l) in enumerate(train):
+    features[b, :len(f)], mask[b, :len(f)] = f, 1.0
+    segments[b, :len(s)], labels[b, :len(l)] = s, l
+  return {"features": features, "padding_mask": mask, "gt_segments": segments,
+          "gt_labels": labels}
+
+
+def actionformer_video(index: int, features, segments=None, labels=None) -> dict:
+  """A video as the PyTorch ActionFormer's data loader hands it over, in numpy: feats [C, T],
+  segments [N, 2] (feature steps), labels [N] int64, and its timing fields."""
+  return {"video_id": f"v{index}", "feats": np.ascontiguousarray(features.T),
+          "segments": segments, "labels": None if labels is None else labels.astype(np.int64),
+          "fps": FPS, "duration": _duration_sec(len(features)), "feat_stride": FEAT_STRIDE,
+          "feat_num_frames": NUM_FRAMES}
+
+
 class TorchSide:
-  """The public ActionFormer as its `train.py` trains it (no DataParallel: CPU)."""
+  """The public ActionFormer, set up as its training script sets it up (without DataParallel:
+  this is a CPU)."""
 
   def __init__(self, actionformer_dir: str):
+    import copy  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     sys.path.insert(0, actionformer_dir)
     sys.path.insert(0, os.path.join(actionformer_dir, "libs", "utils"))  # nms_1d_cpu
     from libs.core import load_config  # pylint: disable=g-import-not-at-top
     from libs.modeling import make_meta_arch  # pylint: disable=g-import-not-at-top
-    from libs.utils import make_optimizer, make_scheduler, ModelEma  # pylint: disable=g-import-not-at-top
+    from libs.utils import fix_random_seed, make_optimizer, make_scheduler, ModelEma  # pylint: disable=g-import-not-at-top
     self.torch = torch
     cfg = load_config(os.path.join(actionformer_dir, "configs", "thumos_i3d.yaml"))
-    torch.manual_seed(0)
+    fix_random_seed(cfg["init_rand_seed"], include_cuda=True)
     self.model = make_meta_arch(cfg["model_name"], **cfg["model"])
+    self.infer_model = copy.deepcopy(self.model).eval()  # untrained, like ours
     self.optimizer = make_optimizer(self.model, cfg["opt"])
     self.scheduler = make_scheduler(self.optimizer, cfg["opt"], 100)
     self.ema = ModelEma(self.model)
     self.clip = cfg["train_cfg"]["clip_grad_l2norm"]
     train, infer = synthetic_videos()
-    self.train_list = [self._video(i, f, s, l) for i, (f, s, l) in enumerate(train)]
-    self.infer_list = [self._video(9, infer, None, None)]
+    self.train_list = [self._tensors(actionformer_video(i, *v)) for i, v in enumerate(train)]
+    self.infer_list = [self._tensors(actionformer_video(len(train), infer))]
     self.info = {"torch": torch.__version__, "num_threads": torch.get_num_threads(),
+                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                  "num_params": sum(p.numel() for p in self.model.parameters()),
                  "clip_grad_l2norm": self.clip}
 
-  def _video(self, i, feats, segments, labels):
-    torch = self.torch
-    return {"video_id": f"v{i}", "feats": torch.from_numpy(np.ascontiguousarray(feats.T)),
-            "segments": None if segments is None else torch.from_numpy(segments),
-            "labels": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
-            "fps": FPS, "duration": _duration_sec(len(feats)), "feat_stride": FEAT_STRIDE,
-            "feat_num_frames": NUM_FRAMES}
+  def _tensors(self, video: dict) -> dict:
+    return {k: self.torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            for k, v in video.items()}
 
   def train(self) -> float:
     self.model.train()
     self.optimizer.zero_grad(set_to_none=True)
     losses = self.model(self.train_list)
     losses["final_loss"].backward()
-    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+    if self.clip > 0.0:
+      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
     self.optimizer.step()
     self.scheduler.step()
     self.ema.update(self.model)
     return float(losses["final_loss"].detach())
 
   def infer(self) -> int:
-    self.model.eval()
     with self.torch.no_grad():
-      return int(len(self.model(self.infer_list)[0]["segments"]))
+      return int(len(self.infer_model(self.infer_list)[0]["segments"]))
 
 
 class TensorFlowSide:
@@ -112,6 +139,7 @@ class TensorFlowSide:
 
   def __init__(self):
     sys.path.insert(0, _HERE)
+    import common  # pylint: disable=g-import-not-at-top,unused-import  # sets oneDNN first
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import train_step  # pylint: disable=g-import-not-at-top
     from asl_tf import inference  # pylint: disable=g-import-not-at-top
@@ -120,16 +148,8 @@ class TensorFlowSide:
                                   extra_flags=train_step.VARIANT_FLAGS["actionformer"])
     config = setup.config
     train, infer = synthetic_videos()
-    seq_len, max_segments = config.model.max_seq_len, config.data.max_segments
-    features = np.zeros([len(train), seq_len, INPUT_DIM], np.float32)
-    mask = np.zeros([len(train), seq_len], np.float32)
-    segments = np.zeros([len(train), max_segments, 2], np.float32)
-    labels = np.full([len(train), max_segments], -1, np.int32)
-    for b, (f, s, l) in enumerate(train):
-      features[b, :len(f)], mask[b, :len(f)] = f, 1.0
-      segments[b, :len(s)], labels[b, :len(l)] = s, l
-    setup.batch = {"features": tf.constant(features), "padding_mask": tf.constant(mask),
-                   "gt_segments": tf.constant(segments), "gt_labels": tf.constant(labels)}
+    batch = padded_batch(train, config.model.max_seq_len, config.data.max_segments)
+    setup.batch = {k: tf.constant(v) for k, v in batch.items()}
     self.setup = setup
     model = inference.build_detector(config)
     self.detect = inference.detect_function(model)
@@ -155,38 +175,47 @@ class TensorFlowSide:
 
 
 def _timed(fn, calls: int) -> dict:
-  wall, cpu, out = [], [], None
+  """Calls `fn` `calls` times: wall and process CPU seconds of each call, the last output."""
+  wall_sec, cpu_sec, out = [], [], None
   for _ in range(calls):
     start, start_cpu = time.perf_counter(), time.process_time()
     out = fn()
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  return {"wall": wall, "cpu": cpu, "out": out}
+    wall_sec.append(time.perf_counter() - start)
+    cpu_sec.append(time.process_time() - start_cpu)
+  return {"wall_sec": wall_sec, "cpu_sec": cpu_sec, "out": out}
 
 
 def worker(side: str, actionformer_dir: str) -> None:
-  """Serves `{"cmd": "train" | "infer", "calls": n}` lines on stdin until `quit`."""
+  """Serves `{"cmd": "train" | "infer", "calls": n}` lines on stdin until `quit`; replies on
+  the original stdout, everything else printed goes to stderr."""
+  replies = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)
   start = time.perf_counter()
   impl = TorchSide(actionformer_dir) if side == "pt" else TensorFlowSide()
   ready = {"side": side, "pid": os.getpid(), "info": impl.info,
            "setup_sec": time.perf_counter() - start,
            "warmup": {"train": _timed(impl.train, 2), "infer": _timed(impl.infer, 2)}}
-  print(_REPLY + json.dumps(ready), flush=True)
+  replies.write(_REPLY + json.dumps(ready) + "\n")
+  replies.flush()
+  calls = {"train": impl.train, "infer": impl.infer}
   for line in sys.stdin:
     request = json.loads(line)
     if request["cmd"] == "quit":
       return
-    fn = impl.train if request["cmd"] == "train" else impl.infer
-    print(_REPLY + json.dumps(_timed(fn, request["calls"])), flush=True)
+    if request["cmd"] not in calls:
+      raise ValueError(f"unknown command {request['cmd']!r}; expected train, infer or quit")
+    replies.write(_REPLY + json.dumps(_timed(calls[request["cmd"]], request["calls"])) + "\n")
+    replies.flush()
 
 
-class _Worker:
-  def __init__(self, python: str, side: str, actionformer_dir: str, log_path: str):
+class Worker:
+  """A worker process (`argv`), its stderr in `log_path`; `reply` reads its next reply."""
+
+  def __init__(self, argv, log_path: str):
     self.log = open(log_path, "w")  # pylint: disable=consider-using-with
     self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-        [python, os.path.abspath(__file__), f"--side={side}",
-         f"--actionformer_dir={actionformer_dir}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=_REPO)
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+        cwd=_REPO)
 
   def reply(self) -> dict:
     for line in self.proc.stdout:
@@ -226,35 +255,43 @@ def summarize(rounds) -> dict:
 
 
 def drive(args) -> dict:
-  """Starts both workers, runs the rounds and returns the JSON record (with a `warning` when
-  the machine was busy at the start: PyTorch's OpenMP threads slow down badly on taken cores)."""
+  """Starts both workers, runs the rounds and returns the JSON record: `error` names a worker
+  that failed (the rounds before it are kept), `warning` a machine busy at the start (PyTorch's
+  OpenMP threads slow down badly on taken cores)."""
   sys.path.insert(0, _HERE)
   import common  # pylint: disable=g-import-not-at-top
-  load_start = os.getloadavg()
+  started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
   log_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else "."
   os.makedirs(log_dir, exist_ok=True)
-  workers = {}
-  for side, python in (("pt", args.torch_python), ("tf", sys.executable)):
-    workers[side] = _Worker(python, side, args.actionformer_dir,
-                            os.path.join(log_dir, f"side_by_side_{side}.log"))
-    workers[side].ready = workers[side].reply()  # one at a time: setup and warm-up alone
-  rounds = []
-  started = time.time()
-  for r in range(args.rounds):
-    order = ("pt", "tf") if r % 2 == 0 else ("tf", "pt")
-    record = {"order": list(order)}
-    for side in order:
-      for cmd in ("train", "infer"):
-        timed = workers[side].ask(cmd, args.calls)
-        record[f"{side}_{cmd}"] = timed
-        record[f"{side}_{cmd}_median_sec"] = float(np.median(timed["wall"]))
-    record.update(round_ratios(record))
-    rounds.append(record)
-    print(f"round {r + 1}: train {record['ratio_train_tf_over_pt']:.3f}, infer "
-          f"{record['ratio_infer_tf_over_pt']:.3f}", file=sys.stderr, flush=True)
-  for w in workers.values():
-    w.close()
-  summary = summarize(rounds)
+  workers, rounds, record = {}, [], {}
+  try:
+    for side, python in (("pt", args.torch_python), ("tf", sys.executable)):
+      workers[side] = Worker([python, os.path.abspath(__file__), f"--side={side}",
+                              f"--actionformer_dir={args.actionformer_dir}"],
+                             os.path.join(log_dir, f"side_by_side_{side}.log"))
+      workers[side].ready = workers[side].reply()  # one at a time: setup and warm-up alone
+    params = {side: w.ready["info"]["num_params"] for side, w in workers.items()}
+    if params["pt"] != params["tf"]:
+      raise RuntimeError(f"the two models differ: {params} parameters")
+    for r in range(args.rounds):
+      order = ("pt", "tf") if r % 2 == 0 else ("tf", "pt")
+      record = {"order": list(order)}
+      for side in order:
+        for cmd in ("train", "infer"):
+          timed = workers[side].ask(cmd, args.calls)
+          record[f"{side}_{cmd}"] = timed
+          record[f"{side}_{cmd}_median_sec"] = float(np.median(timed["wall_sec"]))
+      record.update(round_ratios(record))
+      rounds.append(record)
+      print(f"round {r + 1}: train {record['ratio_train_tf_over_pt']:.3f}, infer "
+            f"{record['ratio_infer_tf_over_pt']:.3f}", file=sys.stderr, flush=True)
+    for w in workers.values():
+      w.close()
+    outcome = {"summary": summarize(rounds)}
+  except (RuntimeError, OSError, ValueError) as e:
+    for w in workers.values():
+      w.proc.kill()
+    outcome = {"error": str(e), "summary": summarize(rounds) if rounds else None}
   head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
                         text=True, check=False).stdout.strip()
   dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
@@ -264,14 +301,14 @@ def drive(args) -> dict:
   return {"command": sys.argv, "machine": common.machine_info(),
           "code": {"asl_tf_head": head, "asl_tf_modified_tracked_files": len(dirty),
                    "actionformer_release_commit": reference},
-          "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-          "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
-          "rounds": args.rounds, "calls_per_round": args.calls,
+          "started": started, "loadavg_start": list(load_start),
+          "loadavg_end": list(os.getloadavg()), "rounds": args.rounds,
+          "calls_per_round": args.calls,
           "workload": {"train_lengths": list(TRAIN_LENGTHS), "infer_length": INFER_LENGTH,
                        "input_dim": INPUT_DIM, "num_classes": NUM_CLASSES,
                        "precision": "float32"},
-          "sides": {side: w.ready for side, w in workers.items()},
-          "per_round": rounds, "summary": summary,
+          "sides": {side: getattr(w, "ready", None) for side, w in workers.items()},
+          "per_round": rounds, **outcome,
           **({"warning": f"1-minute load {load_start[0]:.2f} at the start: other processes "
                          "ran, the times are not valid"} if load_start[0] > 0.5 else {})}
 
@@ -292,9 +329,14 @@ def main():
     return
   if not args.torch_python:
     parser.error("--torch_python is required: a Python with torch, numpy and pyyaml")
+  args.torch_python = os.path.abspath(args.torch_python)
+  args.actionformer_dir = os.path.abspath(args.actionformer_dir)
   sys.path.insert(0, _HERE)
   import common  # pylint: disable=g-import-not-at-top
-  common.emit(drive(args), args.output or None)
+  result = drive(args)
+  common.emit(result, args.output or None)
+  if "error" in result:
+    sys.exit(f"side_by_side_pytorch: {result['error']}")
 
 
 if __name__ == "__main__":

@@ -93,12 +93,12 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
 
 
 def test_the_shipped_defaults_are_the_ablations_default_variant():
-  """The README's "the default" (`+instance_norm_bce_windows_c001_el0_proj0`: instance level
-  and contrastive loss on the unprojected features) is what the dataclasses ship: each of its
-  switches equals the default of its config field."""
+  """The README's "the default" (`+instance_norm_bce_windows_c003_el0_proj0`: instance level
+  and contrastive loss at 0.03 on the unprojected features) is what the dataclasses ship: each
+  of its switches equals the default of its config field."""
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   _assert_trains_variant(config_lib.ModelConfig(), config_lib.LossConfig(),
-                         "+instance_norm_bce_windows_c001_el0_proj0", "defaults")
+                         "+instance_norm_bce_windows_c003_el0_proj0", "defaults")
 
 
 def _assert_trains_variant(model_cfg, loss_cfg, variant: str, where: str):
@@ -116,16 +116,16 @@ _DENSE_FLAGFILES = ("ego4d", "multithumos", "charades")
 @pytest.mark.parametrize("name", sorted(f[:-len(".flags")] for f in os.listdir(
     os.path.join(_REPO, "configs")) if f.endswith(".flags")))
 def test_the_flagfiles_train_the_ablations_shipped_variant(name):
-  """The densely labelled datasets' flagfiles train the shipped parts with whole-segment
-  positives and the contrastive loss at 0.03 (`..._c003_el0_proj0_whole`); every other flagfile
-  trains the defaults (`..._c001_el0_proj0`: ActionFormer's centre sampling, weight 0.01)."""
+  """The densely labelled datasets' flagfiles train the default ASL parts with whole-segment
+  positives (`..._c003_el0_proj0_whole`); every other flagfile trains the defaults
+  (`..._c003_el0_proj0`: ActionFormer's centre sampling)."""
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   asl_flags.FLAGS.unparse_flags()
   asl_flags.parse_argv(["prog", f"--flagfile={os.path.join(_REPO, 'configs', name + '.flags')}"])
   cfg = asl_flags.build_config()
   asl_flags.FLAGS.unparse_flags()
   variant = ("+instance_norm_bce_windows_c003_el0_proj0_whole" if name in _DENSE_FLAGFILES
-             else "+instance_norm_bce_windows_c001_el0_proj0")
+             else "+instance_norm_bce_windows_c003_el0_proj0")
   _assert_trains_variant(cfg.model, cfg.loss, variant, name)
 
 
@@ -504,15 +504,28 @@ def test_side_by_side_ratios_are_per_round_then_their_median():
   assert summary["ratio_infer_tf_over_pt"]["median"] == pytest.approx(0.6)
   assert summary["pt_train_median_sec"] == {"median": 3.0, "min": 2.0, "max": 4.0,
                                             "values": [4.0, 2.0, 3.0]}
-  # Both sides train on one batch of the same videos, in feature steps inside each video.
-  train, infer = sbs.synthetic_videos()
-  again, _ = sbs.synthetic_videos()
-  assert [f.shape for f, _, _ in train] == [(2304, 2048), (1800, 2048)] and infer.shape == (
-      2304, 2048)
-  for (f, segments, labels), (f2, _, _) in zip(train, again):
-    np.testing.assert_array_equal(f, f2)
-    assert (segments[:, 0] < segments[:, 1]).all() and segments.max() <= len(f) - 1
-    assert ((labels >= 0) & (labels < 20)).all()
+
+
+def test_side_by_side_both_sides_get_the_same_videos(tmp_path):
+  """asl_tf's padded batch and the PyTorch loader's dicts hold the same features, segments and
+  labels; a worker that dies before replying is reported with its log, not waited for."""
+  sbs = _load("side_by_side_pytorch")
+  train, _ = sbs.synthetic_videos()
+  batch = sbs.padded_batch(train, 2304, 100)
+  videos = [sbs.actionformer_video(i, *v) for i, v in enumerate(train)]
+  for b, video in enumerate(videos):
+    length = video["feats"].shape[1]  # [C, T]
+    np.testing.assert_array_equal(batch["features"][b, :length], video["feats"].T)
+    assert batch["padding_mask"][b].sum() == length and not batch["features"][b, length:].any()
+    n = len(video["labels"])
+    np.testing.assert_array_equal(batch["gt_segments"][b, :n], video["segments"])
+    np.testing.assert_array_equal(batch["gt_labels"][b, :n], video["labels"])
+    assert (batch["gt_labels"][b, n:] == -1).all() and video["labels"].dtype == np.int64
+  assert [v["feats"].shape for v in videos] == [(2048, 2304), (2048, 1800)]
+  worker = sbs.Worker([sys.executable, "-c", "print('noise', end=''); raise SystemExit(3)"],
+                      str(tmp_path / "w.log"))
+  with pytest.raises(RuntimeError, match=r"exited with 3; see .*w\.log"):
+    worker.reply()
 
 
 def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
@@ -641,6 +654,7 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
   difference is that field's."""
   ab_step = _load("ab_step")
   train_step = _load("train_step")
+  from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   compared = {"kernel_policy": {"kernel_policy"},
               "asl": {"class_sensitivity", "instance_sensitivity", "contrastive_weight",
@@ -663,7 +677,8 @@ def test_ab_step_comparisons_differ_only_in_what_they_compare():
       # every one but `asl_class_level` without the class level.
       for name, model in models.items():
         want = {"actionformer": (0.0, "windows"), "asl_no_contrastive": (0.0, "windows"),
-                "asl_contrastive_topk": (0.1, "sensitivity_topk")}.get(name, (0.01, "windows"))
+                "asl_contrastive_topk": (0.1, "sensitivity_topk")}.get(
+                    name, (config_lib.ModelConfig().contrastive_weight, "windows"))
         assert (model["contrastive_weight"], model["contrastive_sampling"]) == want, (name,
                                                                                       flagfile)
         assert model["class_sensitivity"] == (name == "asl_class_level"), (name, flagfile)
