@@ -187,7 +187,8 @@ VARIANTS: Dict[str, tuple] = {
     # measured -0.01 / +0.06 on top of the instance level): the shipped defaults until `_proj0`.
     "+instance_norm_bce_windows_c001_el0": _variant(**_INSTANCE_EL0, **_WINDOWS_C001),
     # The same contrastive loss on the unit-norm level-0 features themselves, without the
-    # projection MLP, as the authors' segment-level function compares them: the shipped defaults.
+    # projection MLP, as the authors' segment-level function compares them: the shipped defaults
+    # until `_c003_el0_proj0`.
     "+instance_norm_bce_windows_c001_el0_proj0": _variant(**_SHIPPED),
     # The label-involved loss of the authors' Ego4D code at their weight 0.2, on the default
     # and on ActionFormer alone.
@@ -210,7 +211,7 @@ VARIANTS: Dict[str, tuple] = {
     # The defaults of the time (projected contrastive loss) with whole-segment positives.
     "+instance_norm_bce_windows_c001_el0_whole": _variant(**_INSTANCE_EL0, **_WINDOWS_C001,
                                                           **_WHOLE),
-    # The shipped parts with whole-segment positives.
+    # The shipped parts (at weight 0.01) with whole-segment positives.
     "+instance_norm_bce_windows_c001_el0_proj0_whole": _variant(**_SHIPPED, **_WHOLE),
     # Whole-segment positives span x in [-0.5, 0.5] on level 0, where a class-specific Gaussian
     # can say which part of an action matters: Gaussians that learn (30x learning rate) but
