@@ -1,7 +1,7 @@
 """asl_tf against the public PyTorch ActionFormer, same inputs, alternating rounds; JSON.
 
   python benchmarks/side_by_side_pytorch.py --actionformer_dir=DIR --torch_python=PY \\
-      --rounds=5 --output=benchmarks/results/side_by_side_pytorch_thumos.json
+      --rounds=5 --output=benchmarks/results/side_by_side_pytorch_thumos_<host>.json
 
 DIR is a checkout of the public ActionFormer (github.com/happyharrycn/actionformer_release) with
 its NMS extension built in place (`cd DIR/libs/utils && PY setup.py build_ext --inplace`); PY is
@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -117,6 +118,7 @@ class TorchSide:
             for k, v in video.items()}
 
   def train(self) -> float:
+    """One training step; returns its loss."""
     self.model.train()
     self.optimizer.zero_grad(set_to_none=True)
     losses = self.model(self.train_list)
@@ -129,6 +131,7 @@ class TorchSide:
     return float(losses["final_loss"].detach())
 
   def infer(self) -> int:
+    """Detects on the inference video; returns the number of detections."""
     with self.torch.no_grad():
       return int(len(self.infer_model(self.infer_list)[0]["segments"]))
 
@@ -168,9 +171,11 @@ class TensorFlowSide:
                                        for v in setup.model.trainable_variables))}
 
   def train(self) -> float:
+    """One training step; returns its loss."""
     return float(self.setup.step(self.setup.batch, self.setup.epoch)["total_loss"])
 
   def infer(self) -> int:
+    """Detects on the inference video; returns the number of detections."""
     return int(self.detect(*self.infer_args)["num_detections"].numpy()[0])
 
 
@@ -224,11 +229,13 @@ class Worker:
     raise RuntimeError(f"worker exited with {self.proc.wait()}; see {self.log.name}")
 
   def ask(self, cmd: str, calls: int) -> dict:
+    """Sends one request and returns its reply."""
     self.proc.stdin.write(json.dumps({"cmd": cmd, "calls": calls}) + "\n")
     self.proc.stdin.flush()
     return self.reply()
 
   def close(self):
+    """Asks the worker to quit and waits for it."""
     self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
     self.proc.stdin.close()
     self.proc.wait()
@@ -254,31 +261,30 @@ def summarize(rounds) -> dict:
                       "tf_infer_median_sec", "ratio_train_tf_over_pt", "ratio_infer_tf_over_pt")}
 
 
-def drive(args) -> dict:
-  """Starts both workers, runs the rounds and returns the JSON record: `error` names a worker
-  that failed (the rounds before it are kept), `warning` a machine busy at the start (PyTorch's
-  OpenMP threads slow down badly on taken cores)."""
+def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: int) -> dict:
+  """Starts both workers (their stderr in a temporary folder), runs the rounds and returns the
+  JSON record: `error` names a worker that failed (the rounds before it are kept), `warning` a
+  machine busy at the start (PyTorch's OpenMP threads slow down badly on taken cores)."""
   sys.path.insert(0, _HERE)
   import common  # pylint: disable=g-import-not-at-top
   started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
-  log_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else "."
-  os.makedirs(log_dir, exist_ok=True)
+  log_dir = tempfile.mkdtemp(prefix="side_by_side_")
   workers, rounds, record = {}, [], {}
   try:
-    for side, python in (("pt", args.torch_python), ("tf", sys.executable)):
+    for side, python in (("pt", torch_python), ("tf", sys.executable)):
       workers[side] = Worker([python, os.path.abspath(__file__), f"--side={side}",
-                              f"--actionformer_dir={args.actionformer_dir}"],
-                             os.path.join(log_dir, f"side_by_side_{side}.log"))
+                              f"--actionformer_dir={actionformer_dir}"],
+                             os.path.join(log_dir, f"{side}.log"))
       workers[side].ready = workers[side].reply()  # one at a time: setup and warm-up alone
     params = {side: w.ready["info"]["num_params"] for side, w in workers.items()}
     if params["pt"] != params["tf"]:
       raise RuntimeError(f"the two models differ: {params} parameters")
-    for r in range(args.rounds):
+    for r in range(rounds_total):
       order = ("pt", "tf") if r % 2 == 0 else ("tf", "pt")
       record = {"order": list(order)}
       for side in order:
         for cmd in ("train", "infer"):
-          timed = workers[side].ask(cmd, args.calls)
+          timed = workers[side].ask(cmd, calls)
           record[f"{side}_{cmd}"] = timed
           record[f"{side}_{cmd}_median_sec"] = float(np.median(timed["wall_sec"]))
       record.update(round_ratios(record))
@@ -296,14 +302,14 @@ def drive(args) -> dict:
                         text=True, check=False).stdout.strip()
   dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
                          capture_output=True, text=True, check=False).stdout.splitlines()
-  reference = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.actionformer_dir,
+  reference = subprocess.run(["git", "rev-parse", "HEAD"], cwd=actionformer_dir,
                              capture_output=True, text=True, check=False).stdout.strip()
   return {"command": sys.argv, "machine": common.machine_info(),
           "code": {"asl_tf_head": head, "asl_tf_modified_tracked_files": len(dirty),
                    "actionformer_release_commit": reference},
           "started": started, "loadavg_start": list(load_start),
-          "loadavg_end": list(os.getloadavg()), "rounds": args.rounds,
-          "calls_per_round": args.calls,
+          "loadavg_end": list(os.getloadavg()), "rounds": rounds_total,
+          "calls_per_round": calls, "worker_logs": log_dir,
           "workload": {"train_lengths": list(TRAIN_LENGTHS), "infer_length": INFER_LENGTH,
                        "input_dim": INPUT_DIM, "num_classes": NUM_CLASSES,
                        "precision": "float32"},
@@ -329,11 +335,10 @@ def main():
     return
   if not args.torch_python:
     parser.error("--torch_python is required: a Python with torch, numpy and pyyaml")
-  args.torch_python = os.path.abspath(args.torch_python)
-  args.actionformer_dir = os.path.abspath(args.actionformer_dir)
   sys.path.insert(0, _HERE)
   import common  # pylint: disable=g-import-not-at-top
-  result = drive(args)
+  result = drive(os.path.abspath(args.actionformer_dir), os.path.abspath(args.torch_python),
+                 args.rounds, args.calls)
   common.emit(result, args.output or None)
   if "error" in result:
     sys.exit(f"side_by_side_pytorch: {result['error']}")

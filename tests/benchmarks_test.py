@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -535,9 +536,11 @@ def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
     clock["now"] += 7200.0  # each benchmark takes two hours
     return {"name": name, "skipped": "fake"}
   monkeypatch.setattr(run_all, "run_benchmark", fake_run)
-  real_strftime, gmtime = run_all.time.strftime, run_all.time.gmtime
-  monkeypatch.setattr(run_all.time, "strftime",
-                      lambda fmt: real_strftime(fmt, gmtime(clock["now"])))
+  real_time = run_all.time
+  fake_time = types.SimpleNamespace(
+      strftime=lambda fmt: real_time.strftime(fmt, real_time.gmtime(clock["now"])),
+      perf_counter=lambda: clock["now"])
+  monkeypatch.setattr(run_all, "time", fake_time)  # run_all's clock only
   monkeypatch.setattr(run_all.common, "machine_info", lambda: {"cpu_model": "test"})
   monkeypatch.setattr(sys, "argv", ["run_all.py", "--only=evaluation,serving",
                                     f"--output_dir={tmp_path}"])
