@@ -92,10 +92,12 @@ def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides,
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_bfloat16_conv_takes_its_kernel_gradient_as_one_gemm(kernel_size, jit_compile):
-  """Wide bfloat16 convolutions under `fast` / `portable`: the forward pass and the input
-  gradient are TensorFlow's convolutions (the same values as `reference`), the kernel gradient
-  one GEMM over the taps (equal to `reference`'s to bfloat16 rounding, and as close to the
-  float32 gradient)."""
+  """Wide bfloat16 convolutions under `fast` / `portable`: the forward pass is TensorFlow's
+  convolution (the same values as `reference`); the input gradient a forward convolution with
+  the reversed kernel (`reference`: TensorFlow's backward-input convolution; bit-equal where
+  oneDNN runs both in bfloat16, as on AVX-512, equal to bfloat16 rounding and no farther from
+  the float32 gradient elsewhere); the kernel gradient one GEMM over the taps (equal to
+  `reference`'s to bfloat16 rounding)."""
   rng = np.random.default_rng(kernel_size)
   x32 = rng.normal(size=(2, 9, 64)).astype(np.float32)
   kernel32 = (rng.normal(size=(kernel_size, 64, 72)) / 8).astype(np.float32)
@@ -121,7 +123,11 @@ def test_bfloat16_conv_takes_its_kernel_gradient_as_one_gemm(kernel_size, jit_co
     (y, dx, dk), ops = value_and_grads(policy, tf.bfloat16)
     assert "Conv2DBackpropFilter" not in ops and "MatMul" in ops, policy
     np.testing.assert_array_equal(y, want_y)
-    np.testing.assert_array_equal(dx, want_dx)
+    # On AVX2 TensorFlow's bfloat16 backward-input convolution rounds more (1.1-1.4% of the
+    # largest gradient against float32) than the forward one (0.4%).
+    dx_error, want_dx_error = np.abs(dx - dx32).max(), np.abs(want_dx - dx32).max()
+    assert dx_error <= 1.05 * want_dx_error, (policy, dx_error, want_dx_error)
+    assert np.abs(dx - want_dx).max() < 0.03 * np.abs(dx32).max(), policy
     scale = np.abs(dk32).max()
     assert np.abs(dk - want_dk).max() < 0.02 * scale, policy
     assert np.abs(dk - dk32).max() < 0.02 * scale
