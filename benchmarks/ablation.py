@@ -80,6 +80,8 @@ _WINDOWS_C001 = {"contrastive_weight": "0.01", "contrastive_sampling": "windows"
 # The parts shipped on every set (instance level, unprojected contrastive loss on the windows),
 # at the weight 0.01 of the search; `..._c003_...` variants raise it to the default's 0.03.
 _SHIPPED = {**_INSTANCE_EL0, **_WINDOWS_C001, "contrastive_proj_dim": "0"}
+# The same parts at weight 0.03: the shipped defaults since its measurement.
+_SHIPPED_C003 = {**_SHIPPED, "contrastive_weight": "0.03"}
 # Every frame inside a ground truth a positive (ActionFormer's label assignment without centre
 # sampling).
 _WHOLE = {"center_sample_radius": "0"}
@@ -226,22 +228,18 @@ VARIANTS: Dict[str, tuple] = {
     # Gaussians are nearly flat over centre-sampled positives, not over whole segments), and a
     # contrastive weight of 0.03 (the dense flagfiles' setting since). Fixed before any run.
     "asl_all_norm_bce_windows_c001_el0_proj0_whole": _variant(**_SHIPPED, **_CLS, **_WHOLE),
-    "+instance_norm_bce_windows_c003_el0_proj0_whole": _variant(**{**_SHIPPED,
-                                                                   "contrastive_weight": "0.03"},
-                                                                **_WHOLE),
+    "+instance_norm_bce_windows_c003_el0_proj0_whole": _variant(**_SHIPPED_C003, **_WHOLE),
     # The dense flagfiles' setting without one of its two ASL parts: is each >= 0 there?
     "+instance_norm_bce_el0_whole": _variant(**_INSTANCE_EL0, **_WHOLE),
     "+windows_c003_proj0_whole": _variant(**{**_WINDOWS_C001, "contrastive_weight": "0.03"},
                                           contrastive_proj_dim="0", **_WHOLE),
     # Weight 0.03 with the default's centre sampling (it was +0.35 over 0.01 at THUMOS-shaped
     # seeds 1-2 with whole-segment positives).
-    "+instance_norm_bce_windows_c003_el0_proj0": _variant(**{**_SHIPPED,
-                                                             "contrastive_weight": "0.03"}),
+    "+instance_norm_bce_windows_c003_el0_proj0": _variant(**_SHIPPED_C003),
     # Both (class level +0.08, weight 0.03 +0.07 over the shipped parts at dense seeds 1-3,
     # no seed below -0.01).
-    "asl_all_norm_bce_windows_c003_el0_proj0_whole": _variant(**{**_SHIPPED,
-                                                                 "contrastive_weight": "0.03"},
-                                                              **_CLS, **_WHOLE),
+    "asl_all_norm_bce_windows_c003_el0_proj0_whole": _variant(**_SHIPPED_C003, **_CLS,
+                                                              **_WHOLE),
     # The default's weight, 0.03, was the larger of two tried on this base: does a larger one
     # (0.1 lowered both sets on older bases) keep going up?
     "+instance_norm_bce_windows_c010_el0_proj0": _variant(**{**_SHIPPED,
