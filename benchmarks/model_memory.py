@@ -47,10 +47,14 @@ def _measure(model_kwargs, seq_len, batch_size):
 
   model_config = config_lib.ModelConfig(**model_kwargs)
   detector = detector_lib.ASLDetector(model_config)
+  small = model_config.max_div_factor
+  # Weights created eagerly, as the command-line tools create them: created inside the traced
+  # function, each weight's initialisation is traced as a conditional and the function traced
+  # twice (10x the tracing time of the tiny --quick model).
+  detector.build_for_length(small, batch_size)
   spec = [tf.TensorSpec([None, None, model_config.input_dim], tf.float32),
           tf.TensorSpec([None, None], tf.bool)]
   forward = tf.function(lambda x, m: detector(x, m)["cls_logits"], input_signature=spec)
-  small = model_config.max_div_factor
   forward(tf.zeros([batch_size, small, model_config.input_dim]), tf.ones([batch_size, small],
                                                                           tf.bool))
   baseline = _vm_hwm_mb()

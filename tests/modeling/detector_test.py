@@ -70,6 +70,7 @@ def test_bad_inputs_give_clear_errors():
 
 def test_dynamic_length_checked_in_graph():
   detector = detector_lib.ASLDetector(SMALL)
+  detector.build_for_length(64)  # weights created eagerly: one trace instead of two
   fn = tf.function(lambda f, m: detector(f, m)["cls_logits"],
                    input_signature=[tf.TensorSpec([None, None, 12]),
                                     tf.TensorSpec([None, None], tf.bool)])
