@@ -68,8 +68,8 @@ _NORM = {"sensitivity_normalization": "instance"}
 _CONTRA = {"contrastive_weight": "0.1"}
 # The search's base (class + instance level, normalised, BCE evaluator), the defaults as it
 # ran them, with a two-layer evaluator. The shipped defaults since are
-# `+instance_norm_bce_windows_c003_el0_proj0` (no hidden evaluator layer, class level off, the
-# contrastive loss on the authors' windows at 0.03, on the unprojected level-0 features).
+# `+instance_norm_bce_windows_c010_el0_proj0` (no hidden evaluator layer, class level off, the
+# contrastive loss on the authors' windows at 0.1, on the unprojected level-0 features).
 _DEFAULT = {**_CLS, **_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce"}
 # The instance level of the shipped defaults: that base without the class level or hidden layers.
 _INSTANCE_EL0 = {**_INST, **_NORM, "instance_combination": "product", "evaluator_loss": "bce",
@@ -78,10 +78,13 @@ _INSTANCE_EL0 = {**_INST, **_NORM, "instance_combination": "product", "evaluator
 # weight 0.03).
 _WINDOWS_C001 = {"contrastive_weight": "0.01", "contrastive_sampling": "windows"}
 # The parts shipped on every set (instance level, unprojected contrastive loss on the windows),
-# at the weight 0.01 of the search; `..._c003_...` variants raise it to the default's 0.03.
+# at the weight 0.01 of the search; `..._c003_...` / `..._c010_...` variants raise it to 0.03 (the
+# default before) / 0.1 (the default, and the dense flagfiles' 0.03).
 _SHIPPED = {**_INSTANCE_EL0, **_WINDOWS_C001, "contrastive_proj_dim": "0"}
-# The same parts at weight 0.03: the shipped defaults since its measurement.
+# The same parts at weight 0.03 (the default from its measurement until 0.1's; the dense
+# flagfiles' weight) and at 0.1 (the shipped defaults).
 _SHIPPED_C003 = {**_SHIPPED, "contrastive_weight": "0.03"}
+_SHIPPED_C010 = {**_SHIPPED, "contrastive_weight": "0.1"}
 # Every frame inside a ground truth a positive (ActionFormer's label assignment without centre
 # sampling).
 _WHOLE = {"center_sample_radius": "0"}
@@ -242,12 +245,16 @@ VARIANTS: Dict[str, tuple] = {
                                                               **_WHOLE),
     # The default's weight, 0.03, was the larger of two tried on this base: does a larger one
     # (0.1 lowered both sets on older bases) keep going up?
-    "+instance_norm_bce_windows_c010_el0_proj0": _variant(**{**_SHIPPED,
-                                                             "contrastive_weight": "0.1"}),
+    "+instance_norm_bce_windows_c010_el0_proj0": _variant(**_SHIPPED_C010),
     # Halfway to 0.1, which was +0.67 on the THUMOS-shaped set (4 seeds) and -0.10 on the dense
     # one (3 seeds) over 0.03: does a smaller step keep the first without the second?
     "+instance_norm_bce_windows_c005_el0_proj0": _variant(**{**_SHIPPED,
                                                              "contrastive_weight": "0.05"}),
+    # After 0.1 passed the rule over 0.03 (+0.63 / +0.13, 6 seeds): does the rise go on (0.3),
+    # and do the dense flagfiles' whole-segment positives take 0.1 as well? Fixed before any run.
+    "+instance_norm_bce_windows_c030_el0_proj0": _variant(**{**_SHIPPED,
+                                                             "contrastive_weight": "0.3"}),
+    "+instance_norm_bce_windows_c010_el0_proj0_whole": _variant(**_SHIPPED_C010, **_WHOLE),
 }
 DEFAULT_VARIANTS = ("actionformer", "+class", "+instance", "+contrastive", "asl_all")
 DATASETS = {
