@@ -94,12 +94,12 @@ def test_ablation_variants_set_every_switch_and_add_one_part_each():
 
 
 def test_the_shipped_defaults_are_the_ablations_default_variant():
-  """The README's "the default" (`+instance_norm_bce_windows_c003_el0_proj0`: instance level
-  and contrastive loss at 0.03 on the unprojected features) is what the dataclasses ship: each
+  """The README's "the default" (`+instance_norm_bce_windows_c010_el0_proj0`: instance level
+  and contrastive loss at 0.1 on the unprojected features) is what the dataclasses ship: each
   of its switches equals the default of its config field."""
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   _assert_trains_variant(config_lib.ModelConfig(), config_lib.LossConfig(),
-                         "+instance_norm_bce_windows_c003_el0_proj0", "defaults")
+                         "+instance_norm_bce_windows_c010_el0_proj0", "defaults")
 
 
 def _assert_trains_variant(model_cfg, loss_cfg, variant: str, where: str):
@@ -118,15 +118,15 @@ _DENSE_FLAGFILES = ("ego4d", "multithumos", "charades")
     os.path.join(_REPO, "configs")) if f.endswith(".flags")))
 def test_the_flagfiles_train_the_ablations_shipped_variant(name):
   """The densely labelled datasets' flagfiles train the default ASL parts with whole-segment
-  positives (`..._c003_el0_proj0_whole`); every other flagfile trains the defaults
-  (`..._c003_el0_proj0`: ActionFormer's centre sampling)."""
+  positives and the contrastive weight measured with them (`..._c003_el0_proj0_whole`); every
+  other flagfile trains the defaults (`..._c010_el0_proj0`: ActionFormer's centre sampling)."""
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
   asl_flags.FLAGS.unparse_flags()
   asl_flags.parse_argv(["prog", f"--flagfile={os.path.join(_REPO, 'configs', name + '.flags')}"])
   cfg = asl_flags.build_config()
   asl_flags.FLAGS.unparse_flags()
   variant = ("+instance_norm_bce_windows_c003_el0_proj0_whole" if name in _DENSE_FLAGFILES
-             else "+instance_norm_bce_windows_c003_el0_proj0")
+             else "+instance_norm_bce_windows_c010_el0_proj0")
   _assert_trains_variant(cfg.model, cfg.loss, variant, name)
 
 
