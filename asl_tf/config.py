@@ -175,7 +175,8 @@ class ModelConfig:
       learns only its own weights.
     contrastive_weight: weight of the action-sensitive contrastive loss (0 = off; 0.1, with
       the authors' windows, the default the ablation chose: +0.63 / +0.13 average mAP over
-      0.03 on the THUMOS-shaped / dense set, 6 seeds, docs/ablation.md).
+      0.03 on the THUMOS-shaped / dense set, 6 seeds, the dense one within the seeds' noise;
+      docs/ablation.md).
     contrastive_proj_dim: output channels of a projection MLP for the contrastive loss; 0 (the
       default: +0.13 / +0.20 average mAP over a 128-d MLP, 6 seeds, docs/ablation.md) compares
       the unit-normalised level-0 features themselves, as the authors' function does.

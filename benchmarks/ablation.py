@@ -78,8 +78,8 @@ _INSTANCE_EL0 = {**_INST, **_NORM, "instance_combination": "product", "evaluator
 # weight 0.03).
 _WINDOWS_C001 = {"contrastive_weight": "0.01", "contrastive_sampling": "windows"}
 # The parts shipped on every set (instance level, unprojected contrastive loss on the windows),
-# at the weight 0.01 of the search; `..._c003_...` / `..._c010_...` variants raise it to 0.03 (the
-# default before) / 0.1 (the default, and the dense flagfiles' 0.03).
+# at the weight 0.01 of the search; `..._c003_...` variants raise it to 0.03 (the default before
+# 0.1; the dense flagfiles' weight), `..._c010_...` to 0.1 (the default).
 _SHIPPED = {**_INSTANCE_EL0, **_WINDOWS_C001, "contrastive_proj_dim": "0"}
 # The same parts at weight 0.03 (the default from its measurement until 0.1's; the dense
 # flagfiles' weight) and at 0.1 (the shipped defaults).
