@@ -255,6 +255,9 @@ VARIANTS: Dict[str, tuple] = {
     "+instance_norm_bce_windows_c030_el0_proj0": _variant(**{**_SHIPPED,
                                                              "contrastive_weight": "0.3"}),
     "+instance_norm_bce_windows_c010_el0_proj0_whole": _variant(**_SHIPPED_C010, **_WHOLE),
+    # The default without its instance level: is that part still >= 0 at weight 0.1? Fixed
+    # before any run.
+    "+windows_c010_proj0": _variant(**{**_SHIPPED_C010, "instance_sensitivity": "false"}),
 }
 DEFAULT_VARIANTS = ("actionformer", "+class", "+instance", "+contrastive", "asl_all")
 DATASETS = {
