@@ -413,6 +413,17 @@ def test_ab_attention_forms_agree_and_the_block_gather_takes_fewer_ops(tmp_path)
 
 
 @pytest.mark.slow
+def test_ab_bf16_layer_norm_forms_agree(tmp_path):
+  """The A/B's two bfloat16 detectors (LayerNorm input cast to float32 first, or fed to the
+  oneDNN pattern as bfloat16) give the same class logits to bfloat16 rounding."""
+  out = tmp_path / "ab_bf16_layer_norm.json"
+  _run([os.path.join(_BENCH, "ab_bf16_layer_norm.py"), "--quick", f"--output={out}"])
+  result = json.loads(out.read_text())
+  assert set(result["results"]) == {"cast_to_float32_first", "bfloat16_pattern"}
+  assert 0.0 <= result["max_abs_logit_difference"] < 0.1
+
+
+@pytest.mark.slow
 def test_run_all_quick_evaluation_only(tmp_path):
   _run([os.path.join(_BENCH, "run_all.py"), "--quick", "--only=evaluation",
         f"--output_dir={tmp_path}"])

@@ -17,9 +17,9 @@ Policies (`ModelConfig.kernel_policy`):
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
   Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
   wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
-  the inference LayerNorm (graphs with a dynamic batch or length) as the FusedBatchNorm pattern
-  that oneDNN's remapper turns into one kernel; the MLP on the valid frames only, as rows; the
-  head levels joined into one sequence.
+  the inference LayerNorm (graphs with a dynamic batch or length; float32 or bfloat16) as the
+  FusedBatchNorm pattern that oneDNN's remapper turns into one kernel; the MLP on the valid
+  frames only, as rows; the head levels joined into one sequence.
 * `portable`: `fast` without the LayerNorm pattern, which is 3x slower where oneDNN is off.
   SavedModels are traced with it (a server may run without oneDNN).
 * `auto`: `reference` when a GPU or TPU is visible, else `fast` with oneDNN on, else `portable`.
@@ -194,18 +194,26 @@ def conv1d_with_gemm_filter_grad(x, kernel):
 def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
   """LayerNorm over the last axis with biased variance: (x - mean) / sqrt(var + eps) * g + b.
 
+  Statistics are float32 whatever the dtype of `x`.
+
   Args:
-    x: float32 [..., C]; gamma, beta: [C] (variables or tensors; read as float32).
+    x: [..., C] float32, or float16 / bfloat16 (mixed precision).
+    gamma, beta: [C] (variables or tensors).
     epsilon: added to the variance.
     training: the training step (always the element-wise form).
     policy: a kernel policy.
 
   Returns:
-    float32 [..., C].
+    [..., C]: float32, or bfloat16 where a bfloat16 `x` takes the oneDNN kernel.
   """
   if not training and _fusable_layer_norm(x, policy):
+    # bfloat16 enters the pattern as it is (oneDNN's kernel keeps float32 statistics): behind
+    # a cast to float32 the remapper leaves the pattern unfused.
+    if x.dtype != tf.bfloat16:
+      x = tf.cast(x, tf.float32)
     y = _normalize_as_batch_norm(x, epsilon, name="a_normalized")
   else:
+    x = tf.cast(x, tf.float32)
     mean = tf.reduce_mean(x, axis=-1, keepdims=True)
     centred = x - mean
     var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
@@ -213,9 +221,9 @@ def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
   # The remapper's pattern is AddV2(beta, Mul(Reshape(FusedBatchNorm), gamma)) with inputs in
   # this order; Grappler sorts the inputs of commutative ops by name, hence the names.
   with tf.name_scope("b_beta"):
-    beta = tf.cast(beta, tf.float32)
+    beta = tf.cast(beta, y.dtype)
   with tf.name_scope("c_gamma"):
-    gamma = tf.cast(gamma, tf.float32)
+    gamma = tf.cast(gamma, y.dtype)
   return tf.add(beta, tf.multiply(y, gamma, name="d_scaled"), name="e_shifted")
 
 

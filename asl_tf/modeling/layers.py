@@ -137,8 +137,8 @@ class ChannelLayerNorm(keras.layers.Layer):
     self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
   def call(self, x, training=False):
-    y = kernels.layer_norm(tf.cast(x, tf.float32), self.gamma, self.beta, self.epsilon,
-                           training=training, policy=self.kernel_policy)
+    y = kernels.layer_norm(x, self.gamma, self.beta, self.epsilon, training=training,
+                           policy=self.kernel_policy)
     return tf.cast(y, x.dtype)
 
   def get_config(self):

@@ -161,25 +161,62 @@ def test_layer_norm_inference_form_only_under_fast():
   assert "FusedBatchNormV3" not in _graph_op_types(norm("fast", False), static)
 
 
-def test_layer_norm_fast_form_fuses_into_one_onednn_kernel(tmp_path):
-  """Grappler's oneDNN remapper turns the inference form into `_MklLayerNorm` (the speed-up)."""
-  if not kernels.onednn_enabled():
-    pytest.skip("oneDNN is off in this process")
+def _run_ops(fn, x, tmp_path):
+  """Op types the runtime executed for `fn(x)` (after Grappler's rewrites), from a profile."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  norm = layers.ChannelLayerNorm(kernel_policy="fast")
-  forward = tf.function(lambda x: norm(x, training=False) * 2.0,
-                        input_signature=[tf.TensorSpec([None, None, 32], tf.float32)])
-  x = tf.ones([1, 64, 32])
-  forward(x)
+  fn(x)
   tf.profiler.experimental.start(str(tmp_path))
-  forward(x).numpy()
+  fn(x).numpy()
   tf.profiler.experimental.stop()
   space = xplane_pb2.XSpace()
   space.ParseFromString(next(tmp_path.rglob("*.xplane.pb")).read_bytes())
-  ops = {plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
-         for plane in space.planes for line in plane.lines for event in line.events}
+  return {plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
+          for plane in space.planes for line in plane.lines for event in line.events}
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_layer_norm_fast_form_fuses_into_one_onednn_kernel(dtype, tmp_path):
+  """Grappler's oneDNN remapper turns the inference form into `_MklLayerNorm` (the speed-up),
+  also for bfloat16 layers (mixed_bfloat16), whose input once reached it behind a cast to
+  float32 and stayed unfused."""
+  if not kernels.onednn_enabled():
+    pytest.skip("oneDNN is off in this process")
+  norm = layers.ChannelLayerNorm(kernel_policy="fast", dtype=_policy(dtype))
+  forward = tf.function(lambda x: norm(x, training=False) * 2.0,
+                        input_signature=[tf.TensorSpec([None, None, 32], dtype)])
+  ops = _run_ops(forward, tf.ones([1, 64, 32], dtype), tmp_path)
   assert "_MklLayerNorm" in ops
   assert not {"FusedBatchNormV3", "_MklNativeFusedBatchNormV3", "Mean"} & ops
+
+
+def _policy(dtype):
+  return "float32" if dtype == tf.float32 else "mixed_bfloat16"
+
+
+def test_bfloat16_layer_norm_fast_form_equals_float32_statistics():
+  """bfloat16 layers' inference LayerNorm under `fast` (the fused form) equals the float32
+  LayerNorm of the same (bfloat16) input to bfloat16 rounding of gamma, beta and the output,
+  as the element-wise form (`portable`, statistics after a cast to float32) does."""
+  rng = np.random.default_rng(3)
+  x = tf.constant(rng.normal(2.0, 3.0, size=(2, 40, 64)), tf.bfloat16)
+  gamma = rng.normal(1.0, 0.5, size=64).astype(np.float32)
+  beta = rng.normal(0.0, 0.5, size=64).astype(np.float32)
+  x64 = x.numpy().astype(np.float64)
+  centred = x64 - x64.mean(-1, keepdims=True)
+  want = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * gamma + beta
+  for policy in ("fast", "portable"):
+    norm = layers.ChannelLayerNorm(kernel_policy=policy, dtype="mixed_bfloat16")
+    norm.build((None, None, 64))
+    norm.gamma.assign(gamma)
+    norm.beta.assign(beta)
+    forward = tf.function(lambda x, norm=norm: norm(x, training=False),
+                          input_signature=[tf.TensorSpec([None, None, 64], tf.bfloat16)])
+    got = forward(x)
+    assert got.dtype == tf.bfloat16
+    # |y| < 8 here: one bfloat16 rounding is up to 2^-6 there (8-bit significand); measured
+    # 0.029 for both forms (gamma and beta rounded too).
+    np.testing.assert_allclose(got.numpy().astype(np.float64), want, rtol=0, atol=0.05,
+                               err_msg=policy)
 
 
 @pytest.mark.parametrize("policy,jit_compile", [("fast", False), ("fast", True),
