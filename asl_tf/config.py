@@ -181,8 +181,9 @@ class ModelConfig:
       default: +0.13 / +0.20 average mAP over a 128-d MLP, 6 seeds, docs/ablation.md) compares
       the unit-normalised level-0 features themselves, as the authors' function does.
     kernel_policy: how the layers compute (`reference`, `fast`, `portable` or `auto`; see
-      asl_tf/modeling/kernels.py). The same values under each, so it can differ between
-      training and evaluation.
+      asl_tf/modeling/kernels.py). The same values under each (to float32 rounding; to
+      bfloat16 rounding for bfloat16 inference), so it can differ between training and
+      evaluation.
   """
   input_dim: int = 2048
   stream_dims: Tuple[int, ...] = ()

@@ -1,12 +1,14 @@
 """In-process A/B of the bfloat16 inference LayerNorm: one detector whose norms take bfloat16
 into the oneDNN pattern, one with the cast to float32 in front patched back in (which the
-remapper leaves unfused), same weights, forward passes alternating call by call.
+remapper leaves unfused), same weights, forward passes alternating call by call (the order
+reversed every other round).
 
   python benchmarks/ab_bf16_layer_norm.py [--config=thumos] [--repeats=20]
 
 Both run `--inference_precision=mixed_bfloat16 --kernel_policy=fast` on one video of T random
 features (the config's first length), as `benchmarks/inference.py` does. Never run it beside
-other work. `max_abs_logit_difference` compares the two forms' class logits.
+other work. `max_abs_logit_difference` compares the two forms' class logits;
+`layer_norm_pattern_dtypes` names the input dtypes of each form's FusedBatchNorm patterns.
 """
 
 import dataclasses
@@ -43,7 +45,7 @@ def main():
   def cast_first(x, *a, **k):
     return bf16_pattern(tf.cast(x, tf.float32), *a, **k)
 
-  forwards, weights = {}, None
+  forwards, pattern_dtypes, weights = {}, {}, None
   try:
     for variant, norm in (("cast_to_float32_first", cast_first),
                           ("bfloat16_pattern", bf16_pattern)):
@@ -59,11 +61,15 @@ def main():
       for _ in range(2):
         forward(feats, mask).numpy()
       forwards[variant] = forward
+      graph = forward.get_concrete_function().graph
+      pattern_dtypes[variant] = sorted({op.get_attr("T").name for op in graph.get_operations()
+                                        if op.type == "FusedBatchNormV3"})
   finally:
     kernels.layer_norm = bf16_pattern
   times = {variant: [] for variant in forwards}
-  for _ in range(2 if args.quick else args.repeats):
-    for variant, forward in forwards.items():
+  for round_index in range(2 if args.quick else args.repeats):
+    order = list(forwards.items())
+    for variant, forward in order[::-1] if round_index % 2 else order:
       start = time.perf_counter()
       forward(feats, mask).numpy()
       times[variant].append(time.perf_counter() - start)
@@ -72,6 +78,7 @@ def main():
   common.emit({"benchmark": "ab_bf16_layer_norm", "command": " ".join(["python"] + sys.argv),
                "config": name, "num_frames": length, "machine": common.machine_info(),
                "max_abs_logit_difference": float(np.abs(logits[0] - logits[1]).max()),
+               "layer_norm_pattern_dtypes": pattern_dtypes,
                "results": {variant: {"forward_median_sec": round(float(np.median(v)), 4),
                                      "ratio_to_cast_to_float32_first": round(
                                          float(np.median(v)) / first, 3),

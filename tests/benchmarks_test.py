@@ -414,12 +414,14 @@ def test_ab_attention_forms_agree_and_the_block_gather_takes_fewer_ops(tmp_path)
 
 @pytest.mark.slow
 def test_ab_bf16_layer_norm_forms_agree(tmp_path):
-  """The A/B's two bfloat16 detectors (LayerNorm input cast to float32 first, or fed to the
-  oneDNN pattern as bfloat16) give the same class logits to bfloat16 rounding."""
+  """The A/B's two bfloat16 detectors differ in what they compare (the LayerNorm pattern fed
+  float32 after a cast, or bfloat16) and give the same class logits to bfloat16 rounding."""
   out = tmp_path / "ab_bf16_layer_norm.json"
   _run([os.path.join(_BENCH, "ab_bf16_layer_norm.py"), "--quick", f"--output={out}"])
   result = json.loads(out.read_text())
   assert set(result["results"]) == {"cast_to_float32_first", "bfloat16_pattern"}
+  assert result["layer_norm_pattern_dtypes"] == {"cast_to_float32_first": ["float32"],
+                                                 "bfloat16_pattern": ["bfloat16"]}
   assert 0.0 <= result["max_abs_logit_difference"] < 0.1
 
 

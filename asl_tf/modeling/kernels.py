@@ -3,7 +3,9 @@ and level-shared heads, each under an explicit kernel policy (which also picks t
 form: Keras' AdamW under `reference`, else `training.optimizer.FusedAdamW`, the same updates).
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
-tests run under each). Dropout inside `per_frame` draws its random masks over rows or over the
+tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
+to the other policies' to bfloat16 rounding, so an export (`portable`) and `fast` evaluation in
+bfloat16 differ by that rounding). Dropout inside `per_frame` draws its random masks over rows or over the
 grid, so training with dropout > 0 takes different random draws under different policies. The
 layers call these functions and read like ActionFormer's blocks; what differs between policies
 lives here only.
@@ -204,7 +206,8 @@ def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
     policy: a kernel policy.
 
   Returns:
-    [..., C]: float32, or bfloat16 where a bfloat16 `x` takes the oneDNN kernel.
+    [..., C]: bfloat16 when `x` is bfloat16 and takes the FusedBatchNorm form (`fast`, a
+    graph with a dynamic batch or length, inference), else float32.
   """
   if not training and _fusable_layer_norm(x, policy):
     # bfloat16 enters the pattern as it is (oneDNN's kernel keeps float32 statistics): behind
