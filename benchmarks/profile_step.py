@@ -1,8 +1,10 @@
-"""Where a training step's time goes: a TensorBoard profile of a few steps, summed; prints JSON.
+"""Where a training step's (or the inference forward's) time goes: a TensorBoard profile of a
+few steps, summed; prints JSON.
 
   python benchmarks/profile_step.py                                  # THUMOS config, ActionFormer
   python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, ASL (the flagfile)
   python benchmarks/profile_step.py --mixed_precision=mixed_bfloat16  # the bfloat16 step
+  python benchmarks/profile_step.py --forward [--mixed_precision=mixed_bfloat16]  # inference
   python benchmarks/profile_step.py --quick                          # tiny model (seconds)
 
 The step is built exactly as in `benchmarks/train_step.py` (same synthetic batch), warmed up,
@@ -12,7 +14,13 @@ summed per step by op type, by category (`gemm`: MatMul, BatchMatMul, Einsum, Co
 gradients, Eigen or oneDNN; `other`) and by model part (`forward backbone`, `backward cls_head`,
 `optimizer`, ...). Op events sit on the executor threads, so two ops running at once both count:
 `op_thread_sec` can exceed the wall time, and `gemm_thread_sec / 2` on 2 cores is a floor for the
-step no scheduling can beat.
+step no scheduling can beat. `busy_sec` is the time per step during which at least one op ran
+(the union of the op events' intervals): close to the wall time, the executor is never idle.
+
+`--forward` profiles the inference forward instead (`model(x, mask, training=False)` in a
+tf.function with a dynamic batch and length, as `benchmarks/inference.py` times it): one video
+of `max_seq_len` random features, the layers in `--mixed_precision` (the flag
+`--inference_precision`), the config's kernel policy.
 """
 
 from __future__ import annotations
@@ -63,12 +71,13 @@ def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
     steps: how many steps the trace holds (the sums are divided by it).
 
   Returns:
-    `op_thread_sec`, `gemm_thread_sec`, `gemm_share` and `by_type` / `by_part` (seconds, largest
-    first, op types with their event count per step).
+    `op_thread_sec`, `gemm_thread_sec`, `gemm_share`, `busy_sec` and `by_type` / `by_part`
+    (seconds, largest first, op types with their event count per step).
   """
   by_type: Dict[str, float] = collections.Counter()
   count: Dict[str, int] = collections.Counter()
   by_part: Dict[str, float] = collections.Counter()
+  intervals = []  # (start, end) in ps
   for plane in xspace.planes:
     for line in plane.lines:
       for event in line.events:
@@ -76,20 +85,49 @@ def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
         if not match:
           continue
         op_name, op_type = match.groups()
+        start = line.timestamp_ns * 1000 + event.offset_ps
+        intervals.append((start, start + event.duration_ps))
         sec = event.duration_ps * 1e-12 / steps
         by_type[op_type] += sec
         count[op_type] += 1
         by_part[model_part(op_name)] += sec
   total = sum(by_type.values())
   gemm = sum(v for k, v in by_type.items() if k in GEMM_OPS)
+  busy, end = 0, None
+  for start, stop in sorted(intervals):
+    if end is None or start > end:
+      busy, end = busy + stop - start, stop
+    elif stop > end:
+      busy, end = busy + stop - end, stop
   return {
       "op_thread_sec": total, "gemm_thread_sec": gemm,
-      "gemm_share": gemm / total if total else 0.0,
+      "gemm_share": gemm / total if total else 0.0, "busy_sec": busy * 1e-12 / steps,
       "by_type": [{"op": k, "sec": v, "events": count[k] // steps}
                   for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])],
       "by_part": [{"part": k, "sec": v}
                   for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])],
   }
+
+
+def _forward(config_name, quick, variant, precision):
+  """(config, run): the inference forward of one video of `max_seq_len` random features."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from asl_tf import inference  # pylint: disable=g-import-not-at-top
+  config = train_step._config(  # pylint: disable=protected-access
+      config_name, quick,
+      train_step.VARIANT_FLAGS[variant] + (f"--inference_precision={precision}",))
+  model = inference.build_detector(config)
+  raw = np.random.default_rng(0).normal(
+      size=[config.model.max_seq_len, config.model.input_dim]).astype(np.float32)
+  feats, mask = inference.features_for_inference(raw, config.data.max_seq_len,
+                                                 config.model.max_div_factor)
+  feats, mask = tf.constant(feats), tf.constant(mask)
+  # Every output leaves the function (one alone would let Grappler prune the other head).
+  forward = tf.function(lambda x, m: model(x, m, training=False),
+                        input_signature=[tf.TensorSpec([None, None, config.model.input_dim]),
+                                         tf.TensorSpec([None, None])])
+  return config, lambda: forward(feats, mask)["cls_logits"].numpy()
 
 
 def main():
@@ -102,13 +140,18 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="profiled steps")
   parser.add_argument("--logdir", default="", help="profile folder (default: a temporary one)")
   parser.add_argument("--top", type=int, default=25, help="op types / parts kept in the JSON")
+  parser.add_argument("--forward", action="store_true",
+                      help="profile the inference forward of one video instead of a training step")
   args = parser.parse_args()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  setup = train_step.build_step(
-      args.config, args.quick, False,
-      train_step.VARIANT_FLAGS[args.variant] + (f"--mixed_precision={args.mixed_precision}",))
-  config, run = setup.config, setup.run
+  if args.forward:
+    config, run = _forward(args.config, args.quick, args.variant, args.mixed_precision)
+  else:
+    setup = train_step.build_step(
+        args.config, args.quick, False,
+        train_step.VARIANT_FLAGS[args.variant] + (f"--mixed_precision={args.mixed_precision}",))
+    config, run = setup.config, setup.run
   timing = common.time_repeated(run, repeats=2 if args.quick else args.repeats, warmup=2)
   logdir = args.logdir or tempfile.mkdtemp(prefix="asl_profile_")
   tf.profiler.experimental.start(logdir)
@@ -125,7 +168,9 @@ def main():
   summary = summarize_xspace(xspace, args.steps)
   summary["by_type"] = summary["by_type"][:args.top]
   summary["by_part"] = summary["by_part"][:args.top]
-  common.emit({"benchmark": "profile_step", "config": args.config, "variant": args.variant,
+  common.emit({"benchmark": "profile_step", "command": " ".join(["python"] + sys.argv),
+               "config": args.config, "variant": args.variant,
+               "what": "inference forward, one video" if args.forward else "training step",
                "mixed_precision": args.mixed_precision,
                "seq_len": config.model.max_seq_len, "step": timing, "profile": summary,
                "trace": path, "machine": common.machine_info()}, args.output)

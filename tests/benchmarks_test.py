@@ -650,19 +650,43 @@ def test_profile_summary_sums_op_events_per_step_by_type_category_and_part():
                    "optimizer": pytest.approx(0.02), "other": pytest.approx(0.03)}
 
 
+def test_profile_summary_busy_time_is_the_union_of_op_intervals():
+  """`busy_sec`: time with at least one op running, overlaps across threads counted once."""
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  profile_step = _load("profile_step")
+  space = xplane_pb2.XSpace()
+  plane = space.planes.add(name="/host:CPU")
+  plane.event_metadata[1].name = "asl_detector/backbone/embd_0/MatMul:MatMul"
+  plane.event_metadata[2].name = "ExecutorState::Process"
+  ms = int(1e9)  # picoseconds
+  first = plane.lines.add(name="tf_Compute", timestamp_ns=0)
+  for offset, duration in [(0, 100), (300, 100)]:
+    first.events.add(metadata_id=1, offset_ps=offset * ms, duration_ps=duration * ms)
+  second = plane.lines.add(name="tf_Compute", timestamp_ns=20_000_000)  # starts at 20 ms
+  second.events.add(metadata_id=1, offset_ps=30 * ms, duration_ps=100 * ms)  # 50-150 ms
+  second.events.add(metadata_id=2, offset_ps=480 * ms, duration_ps=400 * ms)  # not an op
+  out = profile_step.summarize_xspace(space, steps=1)
+  assert out["busy_sec"] == pytest.approx(0.25)  # [0, 150) and [300, 400) ms
+  assert out["op_thread_sec"] == pytest.approx(0.3)
+
+
 @pytest.mark.slow
-def test_profile_step_quick(tmp_path):
+@pytest.mark.parametrize("forward", [False, True])
+def test_profile_step_quick(forward, tmp_path):
   out = tmp_path / "profile.json"
   _run([os.path.join(_BENCH, "profile_step.py"), "--quick", "--steps=1", "--top=5",
-        f"--logdir={tmp_path / 'trace'}", f"--output={out}"])
+        f"--logdir={tmp_path / 'trace'}", f"--output={out}"] + (["--forward"] if forward else []))
   result = json.loads(out.read_text())
   profile = result["profile"]
   assert result["step"]["median_sec"] > 0 and os.path.exists(result["trace"])
   assert 0 < profile["gemm_thread_sec"] < profile["op_thread_sec"]
+  assert 0 < profile["busy_sec"] <= profile["op_thread_sec"]
   assert len(profile["by_type"]) == 5
-  for part in profile["by_part"]:
-    assert part["part"] in ("optimizer", "other") or part["part"].split()[0] in (
-        "forward", "backward"), part
+  parts = {part["part"].split()[0] for part in profile["by_part"]}
+  assert parts <= ({"forward", "other"} if forward else {"forward", "backward", "optimizer",
+                                                         "other"}), parts
+  if forward:  # both heads run: none of the outputs is left for Grappler to prune
+    assert {"forward cls_head", "forward reg_head"} <= {p["part"] for p in profile["by_part"]}
 
 
 def test_ab_step_comparisons_differ_only_in_what_they_compare():
