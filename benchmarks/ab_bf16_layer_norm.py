@@ -39,7 +39,6 @@ def main():
   raw = np.random.default_rng(length).normal(size=[length, mc.input_dim]).astype(np.float32)
   feats, mask = inference.features_for_inference(raw, dc.max_seq_len, mc.max_div_factor)
   feats, mask = tf.constant(feats), tf.constant(mask)
-  spec = [tf.TensorSpec([None, None, mc.input_dim], tf.float32), tf.TensorSpec([None, None])]
   bf16_pattern = kernels.layer_norm
 
   def cast_first(x, *a, **k):
@@ -56,9 +55,7 @@ def main():
       if weights is None:
         weights = model.get_weights()
       model.set_weights(weights)
-      # Every output leaves the function (one alone would let Grappler prune the other head).
-      forward = tf.function(lambda x, m, model=model: model(x, m, training=False),
-                            input_signature=spec)
+      forward = common.forward_function(model, mc.input_dim)
       for _ in range(2):
         forward(feats, mask)["cls_logits"].numpy()
       forwards[variant] = forward
@@ -68,12 +65,14 @@ def main():
   finally:
     kernels.layer_norm = bf16_pattern
   times = {variant: [] for variant in forwards}
-  for round_index in range(2 if args.quick else args.repeats):
+  # Round 0 is untimed: a variant's first call after the other was traced is slow.
+  for round_index in range((2 if args.quick else args.repeats) + 1):
     order = list(forwards.items())
     for variant, forward in order[::-1] if round_index % 2 else order:
       start = time.perf_counter()
       forward(feats, mask)["cls_logits"].numpy()
-      times[variant].append(time.perf_counter() - start)
+      if round_index:
+        times[variant].append(time.perf_counter() - start)
   logits = [forward(feats, mask)["cls_logits"].numpy().astype(np.float32)
             for forward in forwards.values()]
   first = np.median(times["cast_to_float32_first"])

@@ -80,10 +80,7 @@ def main():
                                       if args.compare == "optimizer" else None))
     if args.compare in ("kernel_policy", "dtype", "optimizer"):
       weights = weights or setup.model.get_weights()
-    spec = [tf.TensorSpec([None, None, setup.config.model.input_dim]),
-            tf.TensorSpec([None, None])]
-    # Every output leaves the function (one alone would let Grappler prune the other head).
-    forward = tf.function(lambda x, m, model=setup.model: model(x, m), input_signature=spec)
+    forward = common.forward_function(setup.model, setup.config.model.input_dim)
     for _ in range(3):
       setup.run()
       forward(setup.batch["features"], setup.batch["padding_mask"])

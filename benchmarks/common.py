@@ -1,6 +1,6 @@
 """Shared helpers for the benchmark scripts in `benchmarks/`, which all print one JSON document.
 
-Timing (`time_repeated`), the machine the numbers came from (`machine_info`), memory
+Timing (`time_repeated`; `forward_function`, the traced inference forward), the machine the numbers came from (`machine_info`), memory
 (`peak_rss_mb`, `status_mb`, `malloc_trim`, `run_in_subprocess` for a fresh process per
 measurement), a least-squares line for scaling curves (`linear_fit`), output (`emit`) and the
 common command line (`benchmark_parser`).
@@ -39,6 +39,19 @@ wall = common.time.perf_counter() - start
 print({marker!r} + json.dumps({{"result": result, "peak_rss_mb": common.peak_rss_mb(),
     "peak_rss_before_mb": before, "wall_sec": wall}}, default=common.json_default), flush=True)
 """
+
+
+def forward_function(model, input_dim: int, mask_dtype: str = "float32"):
+  """The inference forward `model(x, padding_mask, training=False)` as a tf.function with a
+  dynamic batch and length: (x [B, T, input_dim] float32, padding_mask [B, T]) -> every output.
+
+  Every output leaves the function: with one alone (say the class logits), TensorFlow prunes
+  the head behind the others from what is timed.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  spec = [tf.TensorSpec([None, None, input_dim], tf.float32),
+          tf.TensorSpec([None, None], mask_dtype)]
+  return tf.function(lambda x, m: model(x, m, training=False), input_signature=spec)
 
 
 def time_repeated(fn: Callable[[], Any], repeats: int = 10, warmup: int = 1) -> Dict[str, Any]:

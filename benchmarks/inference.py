@@ -97,8 +97,7 @@ def measure(name: str, repeats: int, warmup: int = 2, lengths=None,
   mc, ec, dc = config.model, config.eval, config.data
   model = inference.build_detector(config)
   detect = inference.detect_function(model)
-  spec = [tf.TensorSpec([None, None, mc.input_dim], tf.float32), tf.TensorSpec([None, None])]
-  forward = tf.function(lambda x, m: model(x, m, training=False), input_signature=spec)
+  forward = common.forward_function(model, mc.input_dim)
   flagfile, default_lengths, _, _ = CONFIGS[name]
   target, reference = float32_targets(name, precision)
   lengths = lengths or default_lengths

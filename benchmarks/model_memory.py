@@ -40,6 +40,9 @@ def _measure(model_kwargs, seq_len, batch_size):
   import time  # pylint: disable=g-import-not-at-top
 
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  # Beside this script; sets oneDNN's flag as the command-line tools do.
+  import common  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -52,10 +55,7 @@ def _measure(model_kwargs, seq_len, batch_size):
   # function, each weight's initialisation is traced as a conditional and the function traced
   # twice (29 s of tracing against 2.5 s for the --quick model, measured beside other work).
   detector.build_for_length(small, batch_size)
-  spec = [tf.TensorSpec([None, None, model_config.input_dim], tf.float32),
-          tf.TensorSpec([None, None], tf.bool)]
-  # Every output leaves the function (one alone would let Grappler prune the other head).
-  forward = tf.function(lambda x, m: detector(x, m), input_signature=spec)
+  forward = common.forward_function(detector, model_config.input_dim, mask_dtype="bool")
   forward(tf.zeros([batch_size, small, model_config.input_dim]), tf.ones([batch_size, small],
                                                                           tf.bool))
   baseline = _vm_hwm_mb()

@@ -1,5 +1,6 @@
-"""Where a training step's (or the inference forward's) time goes: a TensorBoard profile of a
-few steps, summed; prints JSON.
+"""Where a training step's or the inference forward's time goes: a profile, summed; prints JSON.
+
+A TensorBoard profile of a few steps (or forward calls).
 
   python benchmarks/profile_step.py                                  # THUMOS config, ActionFormer
   python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, ASL (the flagfile)
@@ -10,17 +11,19 @@ few steps, summed; prints JSON.
 The step is built exactly as in `benchmarks/train_step.py` (same synthetic batch), warmed up,
 timed, then `--steps` steps are recorded with `tf.profiler` into `--logdir` (open it in
 TensorBoard with the `profile` extra). The durations of the TensorFlow op events in the trace are
-summed per step by op type, by category (`gemm`: MatMul, BatchMatMul, Einsum, Conv2D and their
-gradients, Eigen or oneDNN; `other`) and by model part (`forward backbone`, `backward cls_head`,
-`optimizer`, ...). Op events sit on the executor threads, so two ops running at once both count:
+summed per step by op type, by category (`gemm`: MatMul, BatchMatMul, Einsum, Conv2D, fused or
+not, and their gradients, Eigen or oneDNN; `other`) and by model part (`forward backbone`,
+`backward cls_head`, `optimizer`, ...). Op events sit on the executor threads, so two ops running at once both count:
 `op_thread_sec` can exceed the wall time, and `gemm_thread_sec / 2` on 2 cores is a floor for the
 step no scheduling can beat. `busy_sec` is the time per step during which at least one op ran
-(the union of the op events' intervals): close to the wall time, the executor is never idle.
+(the union of the op events' intervals); when it is close to `profiled_wall_sec` (the profiled
+steps' wall time, per step), the executor was never idle.
 
 `--forward` profiles the inference forward instead (`model(x, mask, training=False)` in a
 tf.function with a dynamic batch and length, as `benchmarks/inference.py` times it): one video
 of `max_seq_len` random features, the layers in `--mixed_precision` (the flag
-`--inference_precision`), the config's kernel policy.
+`--inference_precision`), the config's kernel policy. The forward is the same for every
+`--variant` (the ASL parts act in training only), so the JSON's `variant` is null.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from typing import Dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +46,8 @@ from asl_tf import config as config_lib  # pylint: disable=g-import-not-at-top,w
 
 GEMM_OPS = frozenset({"MatMul", "BatchMatMulV2", "Conv2D", "Conv2DBackpropFilter",
                       "Conv2DBackpropInput", "_MklMatMul", "_MklNativeConv2D",
+                      "_FusedMatMul", "_MklFusedMatMul", "_MklNativeFusedMatMul",
+                      "_FusedConv2D", "_MklNativeFusedConv2D",
                       "_MklNativeConv2DBackpropFilter", "_MklNativeConv2DBackpropInput",
                       "_MklBatchMatMulV2", "_MklEinsum", "Einsum"})
 # "scope/op_name:OpType": exactly one colon, no spaces (executor and function events differ).
@@ -123,10 +129,7 @@ def _forward(config_name, quick, variant, precision):
   feats, mask = inference.features_for_inference(raw, config.data.max_seq_len,
                                                  config.model.max_div_factor)
   feats, mask = tf.constant(feats), tf.constant(mask)
-  # Every output leaves the function (one alone would let Grappler prune the other head).
-  forward = tf.function(lambda x, m: model(x, m, training=False),
-                        input_signature=[tf.TensorSpec([None, None, config.model.input_dim]),
-                                         tf.TensorSpec([None, None])])
+  forward = common.forward_function(model, config.model.input_dim)
   return config, lambda: forward(feats, mask)["cls_logits"].numpy()
 
 
@@ -155,8 +158,10 @@ def main():
   timing = common.time_repeated(run, repeats=2 if args.quick else args.repeats, warmup=2)
   logdir = args.logdir or tempfile.mkdtemp(prefix="asl_profile_")
   tf.profiler.experimental.start(logdir)
+  start = time.perf_counter()
   for _ in range(args.steps):
     run()
+  profiled_wall_sec = (time.perf_counter() - start) / args.steps
   tf.profiler.experimental.stop()
   paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
   if not paths:
@@ -166,10 +171,11 @@ def main():
   with open(path, "rb") as f:
     xspace.ParseFromString(f.read())
   summary = summarize_xspace(xspace, args.steps)
+  summary["profiled_wall_sec"] = profiled_wall_sec
   summary["by_type"] = summary["by_type"][:args.top]
   summary["by_part"] = summary["by_part"][:args.top]
   common.emit({"benchmark": "profile_step", "command": " ".join(["python"] + sys.argv),
-               "config": args.config, "variant": args.variant,
+               "config": args.config, "variant": None if args.forward else args.variant,
                "what": "inference forward, one video" if args.forward else "training step",
                "mixed_precision": args.mixed_precision,
                "seq_len": config.model.max_seq_len, "step": timing, "profile": summary,

@@ -5,10 +5,10 @@ form: Keras' AdamW under `reference`, else `training.optimizer.FusedAdamW`, the 
 Every function returns the same values under every policy (up to float32 rounding; the parity
 tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
 to the other policies' to bfloat16 rounding, so an export (`portable`) and `fast` evaluation in
-bfloat16 differ by that rounding). Dropout inside `per_frame` draws its random masks over rows or over the
-grid, so training with dropout > 0 takes different random draws under different policies. The
-layers call these functions and read like ActionFormer's blocks; what differs between policies
-lives here only.
+bfloat16 differ by that rounding). Dropout inside `per_frame` draws its random masks over rows
+or over the grid, so training with dropout > 0 takes different random draws under different
+policies. The layers call these functions and read like ActionFormer's blocks; what differs
+between policies lives here only.
 
 Policies (`ModelConfig.kernel_policy`):
 
