@@ -1,9 +1,9 @@
 """Shared helpers for the benchmark scripts in `benchmarks/`, which all print one JSON document.
 
-Timing (`time_repeated`; `forward_function`, the traced inference forward), the machine the numbers came from (`machine_info`), memory
-(`peak_rss_mb`, `status_mb`, `malloc_trim`, `run_in_subprocess` for a fresh process per
-measurement), a least-squares line for scaling curves (`linear_fit`), output (`emit`) and the
-common command line (`benchmark_parser`).
+Timing (`time_repeated`; `forward_function`, the traced inference forward), the machine the
+numbers came from (`machine_info`), memory (`peak_rss_mb`, `status_mb`, `malloc_trim`,
+`run_in_subprocess` for a fresh process per measurement), a least-squares line for scaling
+curves (`linear_fit`), output (`emit`) and the common command line (`benchmark_parser`).
 """
 
 from __future__ import annotations

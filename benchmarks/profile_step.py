@@ -13,11 +13,11 @@ timed, then `--steps` steps are recorded with `tf.profiler` into `--logdir` (ope
 TensorBoard with the `profile` extra). The durations of the TensorFlow op events in the trace are
 summed per step by op type, by category (`gemm`: MatMul, BatchMatMul, Einsum, Conv2D, fused or
 not, and their gradients, Eigen or oneDNN; `other`) and by model part (`forward backbone`,
-`backward cls_head`, `optimizer`, ...). Op events sit on the executor threads, so two ops running at once both count:
-`op_thread_sec` can exceed the wall time, and `gemm_thread_sec / 2` on 2 cores is a floor for the
-step no scheduling can beat. `busy_sec` is the time per step during which at least one op ran
-(the union of the op events' intervals); when it is close to `profiled_wall_sec` (the profiled
-steps' wall time, per step), the executor was never idle.
+`backward cls_head`, `optimizer`, ...). Op events sit on the executor threads, so two ops
+running at once both count: `op_thread_sec` can exceed the wall time, and `gemm_thread_sec / 2`
+on 2 cores is a floor for the step no scheduling can beat. `busy_sec` is the time per step
+during which at least one op ran (the union of the op events' intervals); when it is close to
+`profiled_wall_sec` (the profiled steps' wall time, per step), the executor was never idle.
 
 `--forward` profiles the inference forward instead (`model(x, mask, training=False)` in a
 tf.function with a dynamic batch and length, as `benchmarks/inference.py` times it): one video
