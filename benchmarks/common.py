@@ -127,8 +127,9 @@ def machine_info() -> Dict[str, Any]:
     model name does not: "AMD EPYC" is family 25 on Zen 3 / Zen 4, 26 on Zen 5), `cpu_flags`
     (those that decide the fast paths: AVX2, FMA, AVX-512 and its bf16 extension, AMX),
     `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
-    `malloc_env` (the environment's glibc allocator settings, `MALLOC_*`) and
-    `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen).
+    `malloc_env` (the environment's glibc allocator settings, `MALLOC_*`),
+    `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen) and
+    `onednn_env` (oneDNN's own settings of the environment, `ONEDNN_*` / `DNNL_*`).
   """
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   mem_kb = _read_fields("/proc/meminfo").get("MemTotal")
@@ -151,6 +152,8 @@ def machine_info() -> Dict[str, Any]:
       # glibc allocator settings of the environment (they change resident memory).
       "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
       "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+      "onednn_env": {k: v for k, v in sorted(os.environ.items())
+                     if k.startswith(("ONEDNN_", "DNNL_"))},
   }
 
 

@@ -10,9 +10,10 @@ a Python with torch, numpy and pyyaml. Neither is part of this repository or its
 Two long-lived workers, one per framework, each free to use every core, never running at the
 same time: each round asks them in turn (the order alternates between rounds) for `--calls`
 training steps and then `--calls` inference calls, and records their medians; the summary gives
-per-round ratios asl_tf / PyTorch and their median. Workers warm up with two calls of each.
+per-round ratios asl_tf / PyTorch and their median. Workers warm up with `--warmup` calls of
+each.
 
-Both sides run the same float32 workload in the THUMOS14 I3D geometry both projects ship
+Both sides run the same workload in the THUMOS14 I3D geometry both projects ship
 (`configs/thumos_i3d.flags`: 2048 channels, 20 classes, stride 4, windows of 19, up to 2304
 features): the ActionFormer model (every ASL part off on our side), training on one fixed batch
 of two videos (2304 and 1800 features, four random segments each) with AdamW, its schedule,
@@ -20,7 +21,10 @@ gradient clipping at 1.0 and the EMA update; inference on one 2304-feature video
 with the untrained random weights on both sides. The PyTorch side is seeded and set up as its
 training script does (deterministic algorithms on, as that script sets them), and pads its
 batch inside the timed step, as its model does; ours is padded before, as our input pipeline
-does.
+does. `--precision=bfloat16` runs PyTorch's forward (losses included) under CPU autocast to
+bfloat16 and asl_tf under `--mixed_precision` / `--inference_precision=mixed_bfloat16`: each
+framework's own way to ask for bfloat16 (PyTorch's scores and NMS then run in bfloat16, ours in
+float32).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ _REPLY = "@@side_by_side "  # prefix of a worker's reply line; other output is l
 TRAIN_LENGTHS, INFER_LENGTH, NUM_SEGMENTS = (2304, 1800), 2304, 4
 # The THUMOS14 I3D geometry of both projects' configs (asserted against ours by the worker).
 INPUT_DIM, NUM_CLASSES, FPS, FEAT_STRIDE, NUM_FRAMES = 2048, 20, 30.0, 4, 16
+# --precision: asl_tf's Keras policy for training and inference (PyTorch: autocast or not).
+_KERAS_POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 def synthetic_videos():
@@ -88,7 +94,8 @@ class TorchSide:
   """The public ActionFormer, set up as its training script sets it up (without DataParallel:
   this is a CPU)."""
 
-  def __init__(self, actionformer_dir: str):
+  def __init__(self, actionformer_dir: str, precision: str):
+    import contextlib  # pylint: disable=g-import-not-at-top
     import copy  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     sys.path.insert(0, actionformer_dir)
@@ -97,6 +104,10 @@ class TorchSide:
     from libs.modeling import make_meta_arch  # pylint: disable=g-import-not-at-top
     from libs.utils import fix_random_seed, make_optimizer, make_scheduler, ModelEma  # pylint: disable=g-import-not-at-top
     self.torch = torch
+    # bfloat16 as PyTorch users ask for it: autocast around the forward (losses included, as
+    # ActionFormer computes them inside it); backward, optimizer and NMS outside.
+    self.autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+                     if precision == "bfloat16" else contextlib.nullcontext)
     cfg = load_config(os.path.join(actionformer_dir, "configs", "thumos_i3d.yaml"))
     fix_random_seed(cfg["init_rand_seed"], include_cuda=True)
     self.model = make_meta_arch(cfg["model_name"], **cfg["model"])
@@ -121,7 +132,8 @@ class TorchSide:
     """One training step; returns its loss."""
     self.model.train()
     self.optimizer.zero_grad(set_to_none=True)
-    losses = self.model(self.train_list)
+    with self.autocast():
+      losses = self.model(self.train_list)
     losses["final_loss"].backward()
     if self.clip > 0.0:
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -132,15 +144,24 @@ class TorchSide:
 
   def infer(self) -> int:
     """Detects on the inference video; returns the number of detections."""
-    with self.torch.no_grad():
+    with self.torch.no_grad(), self.autocast():
       return int(len(self.infer_model(self.infer_list)[0]["segments"]))
+
+
+def tensorflow_flags(precision: str) -> tuple:
+  """asl_tf's flags for `--precision`: the ActionFormer model (every ASL part off), trained and
+  run for inference in that precision's Keras policy."""
+  import train_step  # pylint: disable=g-import-not-at-top
+  policy = _KERAS_POLICY[precision]
+  return tuple(train_step.VARIANT_FLAGS["actionformer"]) + (
+      f"--mixed_precision={policy}", f"--inference_precision={policy}")
 
 
 class TensorFlowSide:
   """asl_tf's ActionFormer (every ASL part off): the training-step benchmark's step and the
   inference benchmark's detection function."""
 
-  def __init__(self):
+  def __init__(self, precision: str):
     sys.path.insert(0, _HERE)
     import common  # pylint: disable=g-import-not-at-top,unused-import  # sets oneDNN first
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -148,7 +169,7 @@ class TensorFlowSide:
     from asl_tf import inference  # pylint: disable=g-import-not-at-top
     self.tf = tf
     setup = train_step.build_step("thumos_i3d", quick=False, jit_compile=False,
-                                  extra_flags=train_step.VARIANT_FLAGS["actionformer"])
+                                  extra_flags=tensorflow_flags(precision))
     config = setup.config
     train, infer = synthetic_videos()
     batch = padded_batch(train, config.model.max_seq_len, config.data.max_segments)
@@ -165,6 +186,7 @@ class TensorFlowSide:
             config.model.num_classes) == (FEAT_STRIDE, NUM_FRAMES, INPUT_DIM, NUM_CLASSES)
     self.info = {"tensorflow": tf.__version__, "kernel_policy": config.model.kernel_policy,
                  "mixed_precision": config.train.mixed_precision,
+                 "inference_precision": config.eval.inference_precision,
                  "clip_grad_norm": config.train.clip_grad_norm,
                  "ema_decay": config.train.ema_decay,
                  "num_params": int(sum(v.numpy().size
@@ -190,16 +212,16 @@ def _timed(fn, calls: int) -> dict:
   return {"wall_sec": wall_sec, "cpu_sec": cpu_sec, "out": out}
 
 
-def worker(side: str, actionformer_dir: str) -> None:
+def worker(side: str, actionformer_dir: str, precision: str, warmup: int) -> None:
   """Serves `{"cmd": "train" | "infer", "calls": n}` lines on stdin until `quit`; replies on
   the original stdout, everything else printed goes to stderr."""
   replies = os.fdopen(os.dup(1), "w")
   os.dup2(2, 1)
   start = time.perf_counter()
-  impl = TorchSide(actionformer_dir) if side == "pt" else TensorFlowSide()
+  impl = TorchSide(actionformer_dir, precision) if side == "pt" else TensorFlowSide(precision)
   ready = {"side": side, "pid": os.getpid(), "info": impl.info,
            "setup_sec": time.perf_counter() - start,
-           "warmup": {"train": _timed(impl.train, 2), "infer": _timed(impl.infer, 2)}}
+           "warmup": {"train": _timed(impl.train, warmup), "infer": _timed(impl.infer, warmup)}}
   replies.write(_REPLY + json.dumps(ready) + "\n")
   replies.flush()
   calls = {"train": impl.train, "infer": impl.infer}
@@ -261,7 +283,8 @@ def summarize(rounds) -> dict:
                       "tf_infer_median_sec", "ratio_train_tf_over_pt", "ratio_infer_tf_over_pt")}
 
 
-def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: int) -> dict:
+def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: int,
+          precision: str, warmup: int) -> dict:
   """Starts both workers (their stderr in a temporary folder), runs the rounds and returns the
   JSON record: `error` names a worker that failed (the rounds before it are kept), `warning` a
   machine busy at the start (PyTorch's OpenMP threads slow down badly on taken cores)."""
@@ -273,7 +296,8 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
   try:
     for side, python in (("pt", torch_python), ("tf", sys.executable)):
       workers[side] = Worker([python, os.path.abspath(__file__), f"--side={side}",
-                              f"--actionformer_dir={actionformer_dir}"],
+                              f"--actionformer_dir={actionformer_dir}",
+                              f"--precision={precision}", f"--warmup={warmup}"],
                              os.path.join(log_dir, f"{side}.log"))
       workers[side].ready = workers[side].reply()  # one at a time: setup and warm-up alone
     params = {side: w.ready["info"]["num_params"] for side, w in workers.items()}
@@ -309,10 +333,10 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
                    "actionformer_release_commit": reference},
           "started": started, "loadavg_start": list(load_start),
           "loadavg_end": list(os.getloadavg()), "rounds": rounds_total,
-          "calls_per_round": calls, "worker_logs": log_dir,
+          "calls_per_round": calls, "warmup_calls": warmup, "worker_logs": log_dir,
           "workload": {"train_lengths": list(TRAIN_LENGTHS), "infer_length": INFER_LENGTH,
                        "input_dim": INPUT_DIM, "num_classes": NUM_CLASSES,
-                       "precision": "float32"},
+                       "precision": precision},
           "sides": {side: getattr(w, "ready", None) for side, w in workers.items()},
           "per_round": rounds, **outcome,
           **({"warning": f"1-minute load {load_start[0]:.2f} at the start: other processes "
@@ -328,17 +352,22 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3, help="calls of each kind per round")
   parser.add_argument("--output", default="", help="JSON path (default: stdout only)")
+  parser.add_argument("--precision", choices=sorted(_KERAS_POLICY), default="float32",
+                      help="bfloat16: PyTorch autocast against asl_tf's mixed_bfloat16")
+  parser.add_argument("--warmup", type=int, default=4,
+                      help="untimed calls of each kind per worker before the rounds (PyTorch's "
+                      "step took 3 to settle on AMD Zen 4, in float32 and in bfloat16)")
   parser.add_argument("--side", choices=("pt", "tf"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:
-    worker(args.side, args.actionformer_dir)
+    worker(args.side, args.actionformer_dir, args.precision, args.warmup)
     return
   if not args.torch_python:
     parser.error("--torch_python is required: a Python with torch, numpy and pyyaml")
   sys.path.insert(0, _HERE)
   import common  # pylint: disable=g-import-not-at-top
   result = drive(os.path.abspath(args.actionformer_dir), os.path.abspath(args.torch_python),
-                 args.rounds, args.calls)
+                 args.rounds, args.calls, args.precision, args.warmup)
   common.emit(result, args.output or None)
   if "error" in result:
     sys.exit(f"side_by_side_pytorch: {result['error']}")

@@ -44,8 +44,13 @@ def test_linear_fit():
     common.linear_fit([1, 1], [1, 2])
 
 
-def test_machine_info_reports_this_machine():
+def test_machine_info_reports_this_machine(monkeypatch):
+  monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
   info = common.machine_info()
+  assert info["onednn_env"].get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "0"
+  assert info["malloc_env"].get("MALLOC_ARENA_MAX") == "1"
+  assert not {k for k in info["onednn_env"] if not k.startswith(("ONEDNN_", "DNNL_"))}
   assert info["cpu_count"] == os.cpu_count()
   assert info["cpu_affinity"] == len(os.sched_getaffinity(0))
   assert info["numpy"] == np.__version__

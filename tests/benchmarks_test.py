@@ -542,6 +542,18 @@ def test_side_by_side_both_sides_get_the_same_videos(tmp_path):
     worker.reply()
 
 
+@pytest.mark.parametrize("precision,policy", [("float32", "float32"),
+                                              ("bfloat16", "mixed_bfloat16")])
+def test_side_by_side_runs_asl_tf_in_the_asked_precision(precision, policy):
+  """`--precision` reaches asl_tf's training and inference policies, with every ASL part off."""
+  sbs = _load("side_by_side_pytorch")
+  train_step = _load("train_step")
+  config = train_step._config("thumos_i3d", False, sbs.tensorflow_flags(precision))
+  assert (config.train.mixed_precision, config.eval.inference_precision) == (policy, policy)
+  assert not (config.model.class_sensitivity or config.model.instance_sensitivity
+              or config.model.contrastive_weight)
+
+
 def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
   """`started` is the wall time before the first benchmark, not when the last one ended."""
   clock = {"now": 1_700_000_000.0}
