@@ -23,13 +23,16 @@ training script does (deterministic algorithms on, as that script sets them), an
 batch inside the timed step, as its model does; ours is padded before, as our input pipeline
 does. `--precision=bfloat16` runs PyTorch's forward (losses included) under CPU autocast to
 bfloat16 and asl_tf under `--mixed_precision` / `--inference_precision=mixed_bfloat16`: each
-framework's own way to ask for bfloat16 (PyTorch's scores and NMS then run in bfloat16, ours in
-float32).
+framework's own way to ask for bfloat16. Under autocast PyTorch runs its convolutions and
+matmuls in bfloat16; ActionFormer's mask products bring activations and logits back to float32,
+so its scores and NMS run in float32, as ours do. Each worker reports the precision it runs in,
+and the driver stops if that is not the one asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -95,7 +98,6 @@ class TorchSide:
   this is a CPU)."""
 
   def __init__(self, actionformer_dir: str, precision: str):
-    import contextlib  # pylint: disable=g-import-not-at-top
     import copy  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     sys.path.insert(0, actionformer_dir)
@@ -105,7 +107,8 @@ class TorchSide:
     from libs.utils import fix_random_seed, make_optimizer, make_scheduler, ModelEma  # pylint: disable=g-import-not-at-top
     self.torch = torch
     # bfloat16 as PyTorch users ask for it: autocast around the forward (losses included, as
-    # ActionFormer computes them inside it); backward, optimizer and NMS outside.
+    # ActionFormer computes them inside it; at inference its NMS too); backward, optimizer and
+    # EMA outside.
     self.autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16))
                      if precision == "bfloat16" else contextlib.nullcontext)
     cfg = load_config(os.path.join(actionformer_dir, "configs", "thumos_i3d.yaml"))
@@ -122,7 +125,8 @@ class TorchSide:
     self.info = {"torch": torch.__version__, "num_threads": torch.get_num_threads(),
                  "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                  "num_params": sum(p.numel() for p in self.model.parameters()),
-                 "clip_grad_l2norm": self.clip}
+                 "clip_grad_l2norm": self.clip,
+                 "autocast": "bfloat16" if precision == "bfloat16" else None}
 
   def _tensors(self, video: dict) -> dict:
     return {k: self.torch.from_numpy(v) if isinstance(v, np.ndarray) else v
@@ -151,6 +155,7 @@ class TorchSide:
 def tensorflow_flags(precision: str) -> tuple:
   """asl_tf's flags for `--precision`: the ActionFormer model (every ASL part off), trained and
   run for inference in that precision's Keras policy."""
+  sys.path.insert(0, _HERE)
   import train_step  # pylint: disable=g-import-not-at-top
   policy = _KERAS_POLICY[precision]
   return tuple(train_step.VARIANT_FLAGS["actionformer"]) + (
@@ -185,8 +190,9 @@ class TensorFlowSide:
     assert (config.data.feat_stride, config.data.num_frames, config.model.input_dim,
             config.model.num_classes) == (FEAT_STRIDE, NUM_FRAMES, INPUT_DIM, NUM_CLASSES)
     self.info = {"tensorflow": tf.__version__, "kernel_policy": config.model.kernel_policy,
-                 "mixed_precision": config.train.mixed_precision,
-                 "inference_precision": config.eval.inference_precision,
+                 # The built detectors' Keras policies, not the flags: what the steps run in.
+                 "mixed_precision": setup.model.dtype_policy.name,
+                 "inference_precision": model.dtype_policy.name,
                  "clip_grad_norm": config.train.clip_grad_norm,
                  "ema_decay": config.train.ema_decay,
                  "num_params": int(sum(v.numpy().size
@@ -199,6 +205,17 @@ class TensorFlowSide:
   def infer(self) -> int:
     """Detects on the inference video; returns the number of detections."""
     return int(self.detect(*self.infer_args)["num_detections"].numpy()[0])
+
+
+def check_precision(infos: dict, precision: str) -> None:
+  """Raises RuntimeError unless the workers' `info` (by side) report running in `precision`."""
+  want_pt = "bfloat16" if precision == "bfloat16" else None
+  want_tf = _KERAS_POLICY[precision]
+  got_pt = infos["pt"].get("autocast")
+  got_tf = (infos["tf"].get("mixed_precision"), infos["tf"].get("inference_precision"))
+  if got_pt != want_pt or got_tf != (want_tf, want_tf):
+    raise RuntimeError(f"--precision={precision}, but PyTorch runs with autocast {got_pt} and "
+                       f"asl_tf trains / infers in {got_tf[0]} / {got_tf[1]}")
 
 
 def _timed(fn, calls: int) -> dict:
@@ -303,6 +320,7 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
     params = {side: w.ready["info"]["num_params"] for side, w in workers.items()}
     if params["pt"] != params["tf"]:
       raise RuntimeError(f"the two models differ: {params} parameters")
+    check_precision({side: w.ready["info"] for side, w in workers.items()}, precision)
     for r in range(rounds_total):
       order = ("pt", "tf") if r % 2 == 0 else ("tf", "pt")
       record = {"order": list(order)}
@@ -355,8 +373,7 @@ def main():
   parser.add_argument("--precision", choices=sorted(_KERAS_POLICY), default="float32",
                       help="bfloat16: PyTorch autocast against asl_tf's mixed_bfloat16")
   parser.add_argument("--warmup", type=int, default=4,
-                      help="untimed calls of each kind per worker before the rounds (PyTorch's "
-                      "step took 3 to settle on AMD Zen 4, in float32 and in bfloat16)")
+                      help="untimed calls of each kind per worker before the rounds")
   parser.add_argument("--side", choices=("pt", "tf"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:

@@ -554,6 +554,47 @@ def test_side_by_side_runs_asl_tf_in_the_asked_precision(precision, policy):
               or config.model.contrastive_weight)
 
 
+@pytest.mark.parametrize("honoured", [True, False])
+def test_side_by_side_passes_precision_and_warmup_to_its_workers(monkeypatch, tmp_path, honoured):
+  """Both workers are started with `--precision` and `--warmup`; a worker that reports another
+  precision than the one asked for stops the run with an error instead of a table."""
+  sbs = _load("side_by_side_pytorch")
+  started = []
+
+  class FakeWorker:
+    def __init__(self, argv, log_path):
+      args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+      started.append(args)
+      precision = args["precision"] if honoured else "float32"
+      info = ({"autocast": "bfloat16" if precision == "bfloat16" else None}
+              if args["side"] == "pt" else
+              {"mixed_precision": sbs._KERAS_POLICY[precision],
+               "inference_precision": sbs._KERAS_POLICY[precision]})
+      self.ready_reply = {"info": {"num_params": 7, **info}}
+      self.proc = types.SimpleNamespace(kill=lambda: None)
+
+    def reply(self):
+      return self.ready_reply
+
+    def ask(self, cmd, calls):
+      return {"wall_sec": [1.0] * calls, "cpu_sec": [1.0] * calls, "out": 0}
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(sbs, "Worker", FakeWorker)
+  monkeypatch.setattr(sbs.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+  result = sbs.drive(str(tmp_path), sys.executable, rounds_total=2, calls=3,
+                     precision="bfloat16", warmup=5)
+  assert [(a["side"], a["precision"], a["warmup"]) for a in started] == [
+      ("pt", "bfloat16", "5"), ("tf", "bfloat16", "5")]
+  assert result["workload"]["precision"] == "bfloat16" and result["warmup_calls"] == 5
+  if honoured:
+    assert "error" not in result and result["summary"]["ratio_train_tf_over_pt"]["median"] == 1.0
+  else:
+    assert "PyTorch runs with autocast None" in result["error"] and not result["per_round"]
+
+
 def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
   """`started` is the wall time before the first benchmark, not when the last one ended."""
   clock = {"now": 1_700_000_000.0}
