@@ -20,7 +20,6 @@ def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=5)
   parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
   args = parser.parse_args()
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
@@ -52,14 +51,10 @@ def main():
       setup.run()
       if round_index:
         times[name].append(time.perf_counter() - start)
-  first = np.median(times["tf_backward_filter"])
   common.emit({"benchmark": "ab_bf16_filter_grad", "command": " ".join(["python"] + sys.argv),
                "config": args.config, "machine": common.machine_info(),
-               "results": {name: {"train_step_median_sec": round(float(np.median(v)), 4),
-                                  "ratio_to_tf_backward_filter": round(
-                                      float(np.median(v)) / first, 3),
-                                  "rounds_sec": [round(t, 4) for t in v]}
-                           for name, v in times.items()}}, args.output)
+               "results": common.ab_results(times, "tf_backward_filter",
+                                            "train_step_median_sec", "rounds_sec")}, args.output)
 
 
 if __name__ == "__main__":

@@ -75,16 +75,12 @@ def main():
         times[variant].append(time.perf_counter() - start)
   logits = [forward(feats, mask)["cls_logits"].numpy().astype(np.float32)
             for forward in forwards.values()]
-  first = np.median(times["cast_to_float32_first"])
   common.emit({"benchmark": "ab_bf16_layer_norm", "command": " ".join(["python"] + sys.argv),
                "config": name, "num_frames": length, "machine": common.machine_info(),
                "max_abs_logit_difference": float(np.abs(logits[0] - logits[1]).max()),
                "layer_norm_pattern_dtypes": pattern_dtypes,
-               "results": {variant: {"forward_median_sec": round(float(np.median(v)), 4),
-                                     "ratio_to_cast_to_float32_first": round(
-                                         float(np.median(v)) / first, 3),
-                                     "calls_sec": [round(t, 4) for t in v]}
-                           for variant, v in times.items()}}, args.output)
+               "results": common.ab_results(times, "cast_to_float32_first",
+                                            "forward_median_sec", "calls_sec")}, args.output)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,14 @@ def test_linear_fit():
     common.linear_fit([1, 1], [1, 2])
 
 
+def test_ab_results_are_medians_and_ratios_to_the_baseline():
+  results = common.ab_results({"a": [2.0, 4.0, 3.0], "b": [1.5, 1.0, 10.0]}, "a", "step_sec",
+                              "rounds_sec")
+  assert results == {"a": {"step_sec": 3.0, "ratio_to_a": 1.0, "rounds_sec": [2.0, 4.0, 3.0]},
+                     "b": {"step_sec": 1.5, "ratio_to_a": 0.5, "rounds_sec": [1.5, 1.0, 10.0]}}
+  assert common.ab_results({"a": [0.123456]}, "a", "m", "t")["a"]["m"] == 0.1235
+
+
 def test_machine_info_reports_this_machine(monkeypatch):
   for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_VERBOSE", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
                "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE", "XONEDNN_Y", "MALLOC_ARENA_MAX"):
