@@ -129,8 +129,8 @@ def machine_info() -> Dict[str, Any]:
     `memory_total_mb`, `platform`, `python`, the `tensorflow` / `keras` / `numpy` versions
     `malloc_env` (the environment's glibc allocator settings, `MALLOC_*`),
     `tf_enable_onednn_opts` (the TensorFlow CPU kernels: "1" oneDNN, "0" Eigen) and
-    `onednn_env` (oneDNN's settings of the environment, its own `ONEDNN_*` / `DNNL_*` and
-    TensorFlow's `TF_ONEDNN_*` / `TF_MKL_*`).
+    `onednn_env` (oneDNN's settings of the environment: every variable whose name holds
+    ONEDNN, DNNL or MKL, e.g. `ONEDNN_PRIMITIVE_CACHE_CAPACITY`, `TF_SET_ONEDNN_FPMATH_MODE`).
   """
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   mem_kb = _read_fields("/proc/meminfo").get("MemTotal")
@@ -154,7 +154,7 @@ def machine_info() -> Dict[str, Any]:
       "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
       "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
       "onednn_env": {k: v for k, v in sorted(os.environ.items())
-                     if k.startswith(("ONEDNN_", "DNNL_", "TF_ONEDNN_", "TF_MKL_"))},
+                     if any(part in k for part in ("ONEDNN", "DNNL", "MKL"))},
   }
 
 

@@ -25,8 +25,10 @@ does. `--precision=bfloat16` runs PyTorch's forward (losses included) under CPU 
 bfloat16 and asl_tf under `--mixed_precision` / `--inference_precision=mixed_bfloat16`: each
 framework's own way to ask for bfloat16. Under autocast PyTorch runs its convolutions and
 matmuls in bfloat16; ActionFormer's mask products bring activations and logits back to float32,
-so its scores and NMS run in float32, as ours do. Each worker reports the precision it runs in,
-and the driver stops if that is not the one asked for.
+so its scores and NMS run in float32, as ours do. Each worker reports, once built, the precision
+it runs in (PyTorch: the dtype autocast is set to inside its context; asl_tf: the built
+detectors' Keras policies), and the driver stops before any timed round if that is not the one
+asked for.
 """
 
 from __future__ import annotations
@@ -126,7 +128,14 @@ class TorchSide:
                  "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                  "num_params": sum(p.numel() for p in self.model.parameters()),
                  "clip_grad_l2norm": self.clip,
-                 "autocast": "bfloat16" if precision == "bfloat16" else None}
+                 "autocast": self._autocast_dtype()}
+
+  def _autocast_dtype(self):
+    """The dtype CPU autocast computes in inside `self.autocast()` (None: autocast off)."""
+    with self.autocast():
+      if not self.torch.is_autocast_enabled("cpu"):
+        return None
+      return str(self.torch.get_autocast_dtype("cpu")).replace("torch.", "")
 
   def _tensors(self, video: dict) -> dict:
     return {k: self.torch.from_numpy(v) if isinstance(v, np.ndarray) else v
@@ -207,15 +216,17 @@ class TensorFlowSide:
     return int(self.detect(*self.infer_args)["num_detections"].numpy()[0])
 
 
-def check_precision(infos: dict, precision: str) -> None:
-  """Raises RuntimeError unless the workers' `info` (by side) report running in `precision`."""
-  want_pt = "bfloat16" if precision == "bfloat16" else None
-  want_tf = _KERAS_POLICY[precision]
-  got_pt = infos["pt"].get("autocast")
-  got_tf = (infos["tf"].get("mixed_precision"), infos["tf"].get("inference_precision"))
-  if got_pt != want_pt or got_tf != (want_tf, want_tf):
-    raise RuntimeError(f"--precision={precision}, but PyTorch runs with autocast {got_pt} and "
-                       f"asl_tf trains / infers in {got_tf[0]} / {got_tf[1]}")
+def check_precision(side: str, info: dict, precision: str) -> None:
+  """Raises RuntimeError unless worker `side`'s `info` says it runs in `precision`: PyTorch's
+  autocast dtype (None: off), asl_tf's training and inference Keras policies."""
+  if side == "pt":
+    want, got = ("bfloat16" if precision == "bfloat16" else None), info.get("autocast")
+  else:
+    want = (_KERAS_POLICY[precision],) * 2
+    got = (info.get("mixed_precision"), info.get("inference_precision"))
+  if got != want:
+    name = "PyTorch's autocast" if side == "pt" else "asl_tf's training / inference policies"
+    raise RuntimeError(f"--precision={precision} wants {name} {want}, the worker runs {got}")
 
 
 def _timed(fn, calls: int) -> dict:
@@ -236,11 +247,12 @@ def worker(side: str, actionformer_dir: str, precision: str, warmup: int) -> Non
   os.dup2(2, 1)
   start = time.perf_counter()
   impl = TorchSide(actionformer_dir, precision) if side == "pt" else TensorFlowSide(precision)
-  ready = {"side": side, "pid": os.getpid(), "info": impl.info,
-           "setup_sec": time.perf_counter() - start,
-           "warmup": {"train": _timed(impl.train, warmup), "infer": _timed(impl.infer, warmup)}}
-  replies.write(_REPLY + json.dumps(ready) + "\n")
-  replies.flush()
+  built = {"side": side, "pid": os.getpid(), "info": impl.info,
+           "setup_sec": time.perf_counter() - start}
+  warmed = {"warmup": {"train": _timed(impl.train, warmup), "infer": _timed(impl.infer, warmup)}}
+  for reply in (built, warmed):  # the driver checks the first before the warm-up ends
+    replies.write(_REPLY + json.dumps(reply) + "\n")
+    replies.flush()
   calls = {"train": impl.train, "infer": impl.infer}
   for line in sys.stdin:
     request = json.loads(line)
@@ -316,11 +328,12 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
                               f"--actionformer_dir={actionformer_dir}",
                               f"--precision={precision}", f"--warmup={warmup}"],
                              os.path.join(log_dir, f"{side}.log"))
-      workers[side].ready = workers[side].reply()  # one at a time: setup and warm-up alone
+      built = workers[side].reply()  # one at a time: setup and warm-up alone
+      check_precision(side, built["info"], precision)
+      workers[side].ready = {**built, **workers[side].reply()}
     params = {side: w.ready["info"]["num_params"] for side, w in workers.items()}
     if params["pt"] != params["tf"]:
       raise RuntimeError(f"the two models differ: {params} parameters")
-    check_precision({side: w.ready["info"] for side, w in workers.items()}, precision)
     for r in range(rounds_total):
       order = ("pt", "tf") if r % 2 == 0 else ("tf", "pt")
       record = {"order": list(order)}

@@ -49,17 +49,18 @@ def test_ab_results_are_medians_and_ratios_to_the_baseline():
                               "rounds_sec")
   assert results == {"a": {"step_sec": 3.0, "ratio_to_a": 1.0, "rounds_sec": [2.0, 4.0, 3.0]},
                      "b": {"step_sec": 1.5, "ratio_to_a": 0.5, "rounds_sec": [1.5, 1.0, 10.0]}}
-  assert common.ab_results({"a": [0.123456]}, "a", "m", "t")["a"]["m"] == 0.1235
+  assert common.ab_results({"a": [0.123456, 0.2]}, "a", "m", "t")["a"] == {
+      "m": 0.1617, "ratio_to_a": 1.0, "t": [0.1235, 0.2]}
 
 
 def test_machine_info_reports_this_machine(monkeypatch):
-  for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_VERBOSE", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
-               "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE", "XONEDNN_Y", "MALLOC_ARENA_MAX"):
+  onednn = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_VERBOSE", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
+            "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE", "TF_SET_ONEDNN_FPMATH_MODE")
+  for name in onednn + ("MALLOC_ARENA_MAX", "OMP_NUM_THREADS"):
     monkeypatch.setenv(name, "0")
   info = common.machine_info()
-  assert {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_VERBOSE", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
-          "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE"} <= set(info["onednn_env"])
-  assert "XONEDNN_Y" not in info["onednn_env"] and "MALLOC_ARENA_MAX" not in info["onednn_env"]
+  assert set(onednn) <= set(info["onednn_env"])
+  assert not {"MALLOC_ARENA_MAX", "OMP_NUM_THREADS"} & set(info["onednn_env"])
   assert info["malloc_env"].get("MALLOC_ARENA_MAX") == "0"
   assert info["cpu_count"] == os.cpu_count()
   assert info["cpu_affinity"] == len(os.sched_getaffinity(0))

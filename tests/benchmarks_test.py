@@ -554,29 +554,30 @@ def test_side_by_side_runs_asl_tf_in_the_asked_precision(precision, policy):
               or config.model.contrastive_weight)
 
 
-@pytest.mark.parametrize("honoured", [True, False])
-def test_side_by_side_passes_precision_and_warmup_to_its_workers(monkeypatch, tmp_path, honoured):
-  """Both workers are started with `--precision` and `--warmup`; a worker that reports another
-  precision than the one asked for stops the run with an error instead of a table."""
+@pytest.mark.parametrize("wrong", [None, "pt", "tf_train", "tf_infer"])
+def test_side_by_side_passes_precision_and_warmup_to_its_workers(monkeypatch, tmp_path, wrong):
+  """Both workers are started with `--precision` and `--warmup`; a worker whose first reply says
+  it runs in another precision (PyTorch's autocast, asl_tf's training or inference policy)
+  stops the run with an error naming it, before any timed round."""
   sbs = _load("side_by_side_pytorch")
-  started = []
+  started, asked = [], []
 
   class FakeWorker:
     def __init__(self, argv, log_path):
       args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
       started.append(args)
-      precision = args["precision"] if honoured else "float32"
-      info = ({"autocast": "bfloat16" if precision == "bfloat16" else None}
-              if args["side"] == "pt" else
-              {"mixed_precision": sbs._KERAS_POLICY[precision],
-               "inference_precision": sbs._KERAS_POLICY[precision]})
-      self.ready_reply = {"info": {"num_params": 7, **info}}
+      policy = sbs._KERAS_POLICY[args["precision"]]
+      info = ({"autocast": {"pt": "float16"}.get(wrong, "bfloat16")} if args["side"] == "pt" else
+              {"mixed_precision": {"tf_train": "float32"}.get(wrong, policy),
+               "inference_precision": {"tf_infer": "float32"}.get(wrong, policy)})
+      self.replies = iter([{"info": {"num_params": 7, **info}}, {"warmup": {}}])
       self.proc = types.SimpleNamespace(kill=lambda: None)
 
     def reply(self):
-      return self.ready_reply
+      return next(self.replies)
 
     def ask(self, cmd, calls):
+      asked.append(cmd)
       return {"wall_sec": [1.0] * calls, "cpu_sec": [1.0] * calls, "out": 0}
 
     def close(self):
@@ -587,12 +588,19 @@ def test_side_by_side_passes_precision_and_warmup_to_its_workers(monkeypatch, tm
   result = sbs.drive(str(tmp_path), sys.executable, rounds_total=2, calls=3,
                      precision="bfloat16", warmup=5)
   assert [(a["side"], a["precision"], a["warmup"]) for a in started] == [
-      ("pt", "bfloat16", "5"), ("tf", "bfloat16", "5")]
+      ("pt", "bfloat16", "5"), ("tf", "bfloat16", "5")][:len(started)]
   assert result["workload"]["precision"] == "bfloat16" and result["warmup_calls"] == 5
-  if honoured:
+  if wrong is None:
     assert "error" not in result and result["summary"]["ratio_train_tf_over_pt"]["median"] == 1.0
+    assert len(asked) == 2 * 2 * 2  # rounds x sides x (train, infer)
   else:
-    assert "PyTorch runs with autocast None" in result["error"] and not result["per_round"]
+    want = {"pt": "PyTorch's autocast bfloat16, the worker runs float16",
+            "tf_train": "('mixed_bfloat16', 'mixed_bfloat16'), the worker runs ('float32', "
+                        "'mixed_bfloat16')",
+            "tf_infer": "('mixed_bfloat16', 'mixed_bfloat16'), the worker runs "
+                        "('mixed_bfloat16', 'float32')"}[wrong]
+    assert want in result["error"] and not asked and not result["per_round"]
+    assert len(started) == (1 if wrong == "pt" else 2)  # PyTorch's worker fails before ours
 
 
 def test_run_all_records_when_the_run_started(tmp_path, monkeypatch):
@@ -728,7 +736,7 @@ def test_profile_summary_busy_time_is_the_union_of_op_intervals():
 @pytest.mark.parametrize("forward", [False, True])
 def test_profile_step_quick(forward, tmp_path):
   out = tmp_path / "profile.json"
-  _run([os.path.join(_BENCH, "profile_step.py"), "--quick", "--steps=1", "--top=5",
+  _run([os.path.join(_BENCH, "profile_step.py"), "--quick", "--steps=1", "--top=30",
         f"--logdir={tmp_path / 'trace'}", f"--output={out}"] + (["--forward"] if forward else []))
   result = json.loads(out.read_text())
   profile = result["profile"]
@@ -736,13 +744,14 @@ def test_profile_step_quick(forward, tmp_path):
   assert 0 < profile["gemm_thread_sec"] < profile["op_thread_sec"]
   assert 0 < profile["busy_sec"] <= profile["op_thread_sec"]
   assert profile["profiled_wall_sec"] > 0
-  assert len(profile["by_type"]) == 5
+  assert len(profile["by_type"]) == 30  # --top keeps the largest; every part fits in 30
   parts = {part["part"].split()[0] for part in profile["by_part"]}
   assert parts <= ({"forward", "other"} if forward else {"forward", "backward", "optimizer",
                                                          "other"}), parts
-  if forward:  # both heads run: no output is left for TensorFlow to prune
+  if forward:  # both heads run: no output is left for TensorFlow to prune (a pruned head has
+    # no op event at all; how long each head takes varies with the load, so it is not compared)
     sec = {p["part"]: p["sec"] for p in profile["by_part"]}
-    assert sec.get("forward reg_head", 0.0) > 0.3 * sec["forward cls_head"]
+    assert sec.get("forward reg_head", 0.0) > 0 and sec.get("forward cls_head", 0.0) > 0
     assert result["variant"] is None
 
 
