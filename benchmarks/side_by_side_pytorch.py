@@ -247,12 +247,14 @@ def worker(side: str, actionformer_dir: str, precision: str, warmup: int) -> Non
   os.dup2(2, 1)
   start = time.perf_counter()
   impl = TorchSide(actionformer_dir, precision) if side == "pt" else TensorFlowSide(precision)
-  built = {"side": side, "pid": os.getpid(), "info": impl.info,
-           "setup_sec": time.perf_counter() - start}
+  # Two replies: what was built (the driver checks its precision during the warm-up), then
+  # the warm-up's times.
+  replies.write(_REPLY + json.dumps({"side": side, "pid": os.getpid(), "info": impl.info,
+                                     "setup_sec": time.perf_counter() - start}) + "\n")
+  replies.flush()
   warmed = {"warmup": {"train": _timed(impl.train, warmup), "infer": _timed(impl.infer, warmup)}}
-  for reply in (built, warmed):  # the driver checks the first before the warm-up ends
-    replies.write(_REPLY + json.dumps(reply) + "\n")
-    replies.flush()
+  replies.write(_REPLY + json.dumps(warmed) + "\n")
+  replies.flush()
   calls = {"train": impl.train, "infer": impl.infer}
   for line in sys.stdin:
     request = json.loads(line)
