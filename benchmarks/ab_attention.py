@@ -85,6 +85,7 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--steps", type=int, default=10, help="calls per form and round")
   args = parser.parse_args()
+  run = common.run_start()  # before anything is built or timed
   if args.seq_len is None:
     args.seq_len = 96 if args.quick else 2304
   if args.quick:
@@ -139,6 +140,7 @@ def main():
                     "rounds_sec": [round(v, 6) for v in t]}
              for name, t in times.items()}
   common.emit({"benchmark": "ab_attention", "command": " ".join(["python"] + sys.argv),
+               "run": run,
                "shape": {"batch": args.batch, "seq_len": args.seq_len, "dim": args.dim,
                          "heads": args.heads, "window": args.window},
                "max_abs_difference": max_diff, "machine": common.machine_info(),

@@ -20,6 +20,7 @@ def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=5)
   parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
   args = parser.parse_args()
+  run = common.run_start()  # before anything is built or timed
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
@@ -52,6 +53,7 @@ def main():
       if round_index:
         times[name].append(time.perf_counter() - start)
   common.emit({"benchmark": "ab_bf16_filter_grad", "command": " ".join(["python"] + sys.argv),
+               "run": run,
                "config": args.config, "machine": common.machine_info(),
                "results": common.ab_results(times, "tf_backward_filter",
                                             "train_step_median_sec", "rounds_sec")}, args.output)

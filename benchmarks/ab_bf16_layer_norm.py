@@ -27,6 +27,7 @@ def main():
   parser.add_argument("--config", default="", help=f"one of {sorted(inference_benchmark.CONFIGS)}"
                       "; default thumos (quick with --quick)")
   args = parser.parse_args()
+  run = common.run_start()  # before anything is built or timed
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf import inference  # pylint: disable=g-import-not-at-top
@@ -76,6 +77,7 @@ def main():
   logits = [forward(feats, mask)["cls_logits"].numpy().astype(np.float32)
             for forward in forwards.values()]
   common.emit({"benchmark": "ab_bf16_layer_norm", "command": " ".join(["python"] + sys.argv),
+               "run": run,
                "config": name, "num_frames": length, "machine": common.machine_info(),
                "max_abs_logit_difference": float(np.abs(logits[0] - logits[1]).max()),
                "layer_norm_pattern_dtypes": pattern_dtypes,

@@ -61,6 +61,7 @@ def main():
   parser.add_argument("--config", default="bench", help="flagfile name in configs/")
   parser.add_argument("--steps", type=int, default=5, help="steps per variant and round")
   args = parser.parse_args()
+  run = common.run_start()  # before anything is built or timed
   rounds = 2 if args.quick else args.repeats
 
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -112,6 +113,7 @@ def main():
                              "ratio_to_" + first: round(median / np.median(times[first][what]), 3),
                              "rounds_sec": [round(v, 5) for v in values]}
   common.emit({"benchmark": "ab_step", "command": " ".join(["python"] + sys.argv),
+               "run": run,
                "compare": args.compare, "config": args.config, "variants": variants,
                "machine": common.machine_info(),
                "results": results}, args.output)

@@ -158,6 +158,28 @@ def machine_info() -> Dict[str, Any]:
   }
 
 
+def git_state(path: str = _REPO_ROOT) -> Dict[str, Any]:
+  """`{"head": commit, "modified_tracked_files": n}` of the git checkout at `path` (None each
+  where git or the checkout is missing)."""
+  def git(*args):
+    try:
+      done = subprocess.run(["git", *args], cwd=path, capture_output=True, text=True,
+                            check=False)
+    except OSError:
+      return None
+    return done.stdout if done.returncode == 0 else None
+  head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+  return {"head": head.strip() if head else None,
+          "modified_tracked_files": len(status.splitlines()) if status is not None else None}
+
+
+def run_start() -> Dict[str, Any]:
+  """Where a benchmark run starts: `started` (local time, ISO 8601), `load_1min` (1-minute load
+  average; on 2 cores above ~0.5 means other work ran) and the repository's `git_state`."""
+  return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_1min": os.getloadavg()[0],
+          "code": git_state()}
+
+
 def malloc_trim() -> Optional[bool]:
   """Returns the C heap's free pages to the system (glibc `malloc_trim(0)`): whether any were
   returned, None where there is no glibc. Resident memory this releases was freed, not held."""

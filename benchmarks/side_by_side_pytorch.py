@@ -355,15 +355,11 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
     for w in workers.values():
       w.proc.kill()
     outcome = {"error": str(e), "summary": summarize(rounds) if rounds else None}
-  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
-                        text=True, check=False).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
-                         capture_output=True, text=True, check=False).stdout.splitlines()
-  reference = subprocess.run(["git", "rev-parse", "HEAD"], cwd=actionformer_dir,
-                             capture_output=True, text=True, check=False).stdout.strip()
+  ours = common.git_state()
   return {"command": sys.argv, "machine": common.machine_info(),
-          "code": {"asl_tf_head": head, "asl_tf_modified_tracked_files": len(dirty),
-                   "actionformer_release_commit": reference},
+          "code": {"asl_tf_head": ours["head"],
+                   "asl_tf_modified_tracked_files": ours["modified_tracked_files"],
+                   "actionformer_release_commit": common.git_state(actionformer_dir)["head"]},
           "started": started, "loadavg_start": list(load_start),
           "loadavg_end": list(os.getloadavg()), "rounds": rounds_total,
           "calls_per_round": calls, "warmup_calls": warmup, "worker_logs": log_dir,

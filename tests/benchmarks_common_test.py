@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 
 import numpy as np
 import pytest
@@ -51,6 +52,22 @@ def test_ab_results_are_medians_and_ratios_to_the_baseline():
                      "b": {"step_sec": 1.5, "ratio_to_a": 0.5, "rounds_sec": [1.5, 1.0, 10.0]}}
   assert common.ab_results({"a": [0.123456, 0.2]}, "a", "m", "t")["a"] == {
       "m": 0.1617, "ratio_to_a": 1.0, "t": [0.1235, 0.2]}
+
+
+def test_git_state_names_the_commit_and_counts_modified_tracked_files(tmp_path):
+  assert common.git_state(str(tmp_path)) == {"head": None, "modified_tracked_files": None}
+  def git(*args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+  git("init", "-q")
+  for name in ("a.txt", "b.txt"):
+    (tmp_path / name).write_text("1")
+  git("add", "a.txt", "b.txt")
+  git("commit", "-q", "-m", "x")
+  (tmp_path / "a.txt").write_text("2")
+  (tmp_path / "untracked.txt").write_text("3")  # untracked files are not counted
+  assert common.git_state(str(tmp_path)) == {"head": git("rev-parse", "HEAD").strip(),
+                                             "modified_tracked_files": 1}
 
 
 def test_machine_info_reports_this_machine(monkeypatch):

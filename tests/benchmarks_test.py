@@ -410,6 +410,9 @@ def test_ab_attention_forms_agree_and_the_block_gather_takes_fewer_ops(tmp_path)
   ops = {name: r["graph_ops"] for name, r in result["results"].items()}
   assert set(ops) == {"frame", "slices_concat", "gather"}
   assert ops["gather"] < ops["frame"]
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(_BENCH),
+                        capture_output=True, text=True, check=False).stdout.strip() or None
+  assert result["run"]["code"]["head"] == head and result["run"]["load_1min"] >= 0
 
 
 @pytest.mark.slow
