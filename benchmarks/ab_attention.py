@@ -91,7 +91,6 @@ def main():
   if args.quick:
     args.dim, args.repeats, args.steps = 16, 2, 2
 
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import attention  # pylint: disable=g-import-not-at-top
 
@@ -135,10 +134,8 @@ def main():
       y.numpy()
       if round_index:
         times[name].append((time.perf_counter() - start) / args.steps)
-  results = {name: {"graph_ops": forms[name][2], "median_sec": round(float(np.median(t)), 6),
-                    "ratio_to_frame": round(float(np.median(t) / np.median(times["frame"])), 3),
-                    "rounds_sec": [round(v, 6) for v in t]}
-             for name, t in times.items()}
+  results = {name: {"graph_ops": forms[name][2], **timed} for name, timed in
+             common.ab_results(times, "frame", "median_sec", "rounds_sec", digits=6).items()}
   common.emit({"benchmark": "ab_attention", "command": " ".join(["python"] + sys.argv),
                "run": run,
                "shape": {"batch": args.batch, "seq_len": args.seq_len, "dim": args.dim,

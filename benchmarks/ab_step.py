@@ -64,7 +64,6 @@ def main():
   run = common.run_start()  # before anything is built or timed
   rounds = 2 if args.quick else args.repeats
 
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
 
@@ -104,14 +103,11 @@ def main():
         times[name]["train_step"].append(step_sec)
         times[name]["forward"].append((time.perf_counter() - start) / args.steps)
   first = next(iter(runs))
-  results = {}
-  for name, measured in times.items():
-    results[name] = {}
-    for what, values in measured.items():
-      median = float(np.median(values))
-      results[name][what] = {"median_sec": round(median, 5),
-                             "ratio_to_" + first: round(median / np.median(times[first][what]), 3),
-                             "rounds_sec": [round(v, 5) for v in values]}
+  results = {name: {} for name in times}
+  for what in times[first]:
+    for name, timed in common.ab_results({n: m[what] for n, m in times.items()}, first,
+                                         "median_sec", "rounds_sec", digits=5).items():
+      results[name][what] = timed
   common.emit({"benchmark": "ab_step", "command": " ".join(["python"] + sys.argv),
                "run": run,
                "compare": args.compare, "config": args.config, "variants": variants,

@@ -269,13 +269,14 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, 
 
 
 def ab_results(times: Mapping[str, Sequence[float]], baseline: str, median_key: str,
-               times_key: str) -> Dict[str, Dict[str, Any]]:
+               times_key: str, digits: int = 4) -> Dict[str, Dict[str, Any]]:
   """Per variant of an in-process A/B: `{median_key: median, "ratio_to_<baseline>": median /
-  baseline's median, times_key: the times}`, seconds rounded to 0.1 ms, ratios to 0.001."""
+  baseline's median, times_key: the times}`, seconds rounded to `digits` decimals, ratios to
+  0.001."""
   first = float(np.median(times[baseline]))
-  return {variant: {median_key: round(float(np.median(v)), 4),
+  return {variant: {median_key: round(float(np.median(v)), digits),
                     f"ratio_to_{baseline}": round(float(np.median(v)) / first, 3),
-                    times_key: [round(float(t), 4) for t in v]}
+                    times_key: [round(float(t), digits) for t in v]}
           for variant, v in times.items()}
 
 

@@ -52,6 +52,8 @@ def test_ab_results_are_medians_and_ratios_to_the_baseline():
                      "b": {"step_sec": 1.5, "ratio_to_a": 0.5, "rounds_sec": [1.5, 1.0, 10.0]}}
   assert common.ab_results({"a": [0.123456, 0.2]}, "a", "m", "t")["a"] == {
       "m": 0.1617, "ratio_to_a": 1.0, "t": [0.1235, 0.2]}
+  assert common.ab_results({"a": [0.123456, 0.2]}, "a", "m", "t", digits=6)["a"] == {
+      "m": 0.161728, "ratio_to_a": 1.0, "t": [0.123456, 0.2]}
 
 
 def test_git_state_names_the_commit_and_counts_modified_tracked_files(tmp_path):
