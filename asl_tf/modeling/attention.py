@@ -254,7 +254,7 @@ class TransformerBlock(keras.layers.Layer):
 
   def _mlp(self, x, training):
     """LN2 -> fc1 -> GELU -> dropout -> fc2 -> dropout, frame by frame: [..., C] -> [..., C]."""
-    hidden = keras.activations.gelu(self.mlp_fc1(self.ln2(x)), approximate=False)  # [..., 4C]
+    hidden = kernels.gelu(self.mlp_fc1(self.ln2(x)), training, self.kernel_policy)  # [..., 4C]
     hidden = self.mlp_dropout1(hidden, training=training)
     return self.mlp_dropout2(self.mlp_fc2(hidden), training=training)
 

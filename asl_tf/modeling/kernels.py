@@ -1,11 +1,12 @@
-"""The one place where computations are chosen for speed: convolution, LayerNorm, per-frame MLP
-and level-shared heads, each under an explicit kernel policy (which also picks the optimizer's
+"""The one place where computations are chosen for speed: convolution, LayerNorm, GELU, per-frame
+MLP and level-shared heads, each under an explicit kernel policy (which also picks the optimizer's
 form: Keras' AdamW under `reference`, else `training.optimizer.FusedAdamW`, the same updates).
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
 tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
 to the other policies' to bfloat16 rounding, so an export (`portable`) and `fast` evaluation in
-bfloat16 differ by that rounding). Dropout inside `per_frame` draws its random masks over rows
+bfloat16 differ by that rounding; a float16 / bfloat16 training step's GELU under `fast` /
+`portable` is float32's rounded once, under `reference` computed in its own dtype). Dropout inside `per_frame` draws its random masks over rows
 or over the grid, so training with dropout > 0 takes different random draws under different
 policies. The layers call these functions and read like ActionFormer's blocks; what differs
 between policies lives here only.
@@ -19,6 +20,7 @@ Policies (`ModelConfig.kernel_policy`):
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
   Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
   wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
+  the GELU of a float16 / bfloat16 training step in float32;
   the inference LayerNorm (graphs with a dynamic batch or length; float32 or bfloat16) as the
   FusedBatchNorm pattern that oneDNN's remapper turns into one kernel; the MLP on the valid
   frames only, as rows; the head levels joined into one sequence.
@@ -248,6 +250,28 @@ def _normalize_as_batch_norm(x, epsilon, name):
   y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, tf.fill([rows], 1.0), tf.fill([rows], 0.0),
                                              epsilon=epsilon, data_format="NCHW")
   return tf.reshape(y, shape, name=name)
+
+
+# -- activation ------------------------------------------------------------------------------
+def gelu(x, training=False, policy="reference"):
+  """Exact (erf) GELU, `x * Phi(x)`, in the dtype of `x`.
+
+  `fast` / `portable` compute the GELU of a float16 / bfloat16 training step in float32 and
+  round once to the dtype of `x`: TensorFlow's CPU erfc and its gradient in those dtypes take
+  about twice the time of float32's, casts included (benchmarks/README.md). Inference keeps the
+  plain form, which oneDNN fuses into the MatMul before it.
+
+  Args:
+    x: [..., C].
+    training: the training step.
+    policy: a kernel policy.
+
+  Returns:
+    [..., C] in the dtype of `x`.
+  """
+  if training and x.dtype in (tf.float16, tf.bfloat16) and resolve(policy) != "reference":
+    return tf.cast(tf.nn.gelu(tf.cast(x, tf.float32), approximate=False), x.dtype)
+  return tf.nn.gelu(x, approximate=False)
 
 
 # -- per-frame computations ------------------------------------------------------------------

@@ -125,6 +125,21 @@ def test_transformer_block_mlp_uses_exact_gelu():
   assert np.abs(y.numpy() - (mid + tanh.numpy())).max() > 1e-5
 
 
+@pytest.mark.parametrize("kernel_policy,training,gelu_dtype", [
+    ("fast", True, tf.float32), ("fast", False, tf.bfloat16), ("reference", True, tf.bfloat16)])
+def test_bfloat16_block_takes_its_gelu_from_kernels(monkeypatch, kernel_policy, training,
+                                                    gelu_dtype):
+  """The MLP's GELU is `kernels.gelu`: in a bfloat16 training step under `fast` it runs in
+  float32, at inference (fused by oneDNN) and under `reference` in bfloat16."""
+  seen = []
+  gelu = tf.nn.gelu
+  monkeypatch.setattr(tf.nn, "gelu", lambda x, approximate: seen.append(x.dtype) or gelu(
+      x, approximate=approximate))
+  block = attention.TransformerBlock(8, 2, 5, kernel_policy=kernel_policy, dtype="mixed_bfloat16")
+  block(np.ones((1, 8, 8), np.float32), np.ones((1, 8), bool), training=training)
+  assert seen and set(seen) == {gelu_dtype}
+
+
 def test_attention_rejects_bad_geometry():
   with pytest.raises(ValueError, match="not divisible by num_heads"):
     attention.MaskedSelfAttention(10, 4, 9)

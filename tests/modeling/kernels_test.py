@@ -226,6 +226,60 @@ def test_bfloat16_layer_norm_matches_a_float64_reference_under_fast_and_portable
                                err_msg=policy)
 
 
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16])
+def test_reduced_precision_training_gelu_is_float64_rounded_once(dtype):
+  """A float16 / bfloat16 training step's GELU and its gradient under `fast` / `portable` are the
+  float64 values of the same input rounded once to `dtype` (but for a few double roundings);
+  computed in `dtype` itself (`reference`), about half of them are not."""
+  import math  # pylint: disable=g-import-not-at-top
+  x = tf.constant(np.random.default_rng(5).normal(0.0, 3.0, size=(4000,)), dtype)
+  x64 = x.numpy().astype(np.float64)
+  phi = 0.5 * np.vectorize(math.erfc)(-x64 / math.sqrt(2.0))  # exact in the far negative tail
+  want = tf.cast(x64 * phi, dtype).numpy()
+  want_grad = tf.cast(phi + x64 * np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi),
+                      dtype).numpy()
+  exact = {}
+  for policy in ("fast", "portable", "reference"):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = kernels.gelu(x, training=True, policy=policy)
+    grad = tape.gradient(y, x, output_gradients=tf.ones_like(x))
+    assert y.dtype == dtype and grad.dtype == dtype
+    exact[policy] = (np.mean(y.numpy() == want), np.mean(grad.numpy() == want_grad))
+    ulp = np.spacing(np.abs(want).astype(np.float32)) * (2 ** 16 if dtype == tf.bfloat16
+                                                          else 2 ** 13)
+    if policy != "reference":  # off by one ulp at most where a double rounding differs
+      assert np.all(np.abs(y.numpy().astype(np.float64) - want) <= ulp), policy
+  for policy in ("fast", "portable"):
+    assert min(exact[policy]) > 0.99, (policy, exact)
+  assert max(exact["reference"]) < 0.8, exact
+
+
+def test_gelu_float32_and_inference_keep_the_plain_form(tmp_path):
+  """float32, and inference in any dtype, take `tf.nn.gelu` as it is: at inference oneDNN fuses
+  it into the MatMul before it (no Erfc runs); the float32 training form would not fuse."""
+  x = tf.constant(np.random.default_rng(6).normal(0.0, 3.0, size=(64, 8)), tf.float32)
+  for policy in ("fast", "portable"):
+    np.testing.assert_array_equal(kernels.gelu(x, training=True, policy=policy),
+                                  tf.nn.gelu(x, approximate=False))
+    x16 = tf.cast(x, tf.bfloat16)
+    np.testing.assert_array_equal(kernels.gelu(x16, training=False, policy=policy),
+                                  tf.nn.gelu(x16, approximate=False))
+  if not kernels.onednn_enabled():
+    pytest.skip("oneDNN is off in this process")
+  w = tf.constant(np.random.default_rng(7).normal(size=(8, 16)), tf.bfloat16)
+  b = tf.constant(np.random.default_rng(8).normal(size=(16,)), tf.bfloat16)
+  ops = {}
+  for training in (False, True):
+    dense_gelu = tf.function(
+        lambda x, training=training: kernels.gelu(tf.nn.bias_add(tf.matmul(x, w), b), training,
+                                                  "fast"),
+        input_signature=[tf.TensorSpec([None, 8], tf.bfloat16)])
+    ops[training] = _run_ops(dense_gelu, tf.cast(x, tf.bfloat16), tmp_path / str(training))
+  assert "Erfc" not in ops[False] and "_MklNativeFusedMatMul" in ops[False], ops[False]
+  assert "Erfc" in ops[True], ops[True]
+
+
 @pytest.mark.parametrize("policy,jit_compile", [("fast", False), ("fast", True),
                                                 ("reference", False)])
 @pytest.mark.parametrize("padded", [True, False])
