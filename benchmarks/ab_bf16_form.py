@@ -3,16 +3,24 @@ detectors, same weights, alternating rounds (the order reversed every other roun
 
   python benchmarks/ab_bf16_form.py --form=gelu [--config=thumos_i3d] [--repeats=5]
   python benchmarks/ab_bf16_form.py --form=filter_grad
+  python benchmarks/ab_bf16_form.py --form=depthwise
 
 `filter_grad`: the kernel gradient of wide bfloat16 convolutions as one GEMM over the taps
 (`kernels.conv1d_with_gemm_filter_grad`) against TensorFlow's backward-filter convolution.
 `gelu`: the training step's GELU computed in float32 (`kernels.gelu`) against it computed in
-bfloat16 (`tf.nn.gelu` as it is). Both detectors run `--mixed_precision=mixed_bfloat16
---kernel_policy=fast`, the default model at epoch 5. The JSON records each detector's first loss
-and how often its step's trace called the form it was given, and the median over rounds of the
-new form's time over the baseline's. Never run it beside other work.
+bfloat16 (`tf.nn.gelu` as it is). `depthwise`: the strided depthwise convolutions (the attention's
+q / k / v in downsampling blocks) computed in float32 (`kernels.strided_depthwise_in_float32`)
+against TensorFlow's bfloat16 depthwise convolution. Both detectors run
+`--mixed_precision=mixed_bfloat16 --kernel_policy=fast`, the default model at epoch 5.
+
+The JSON records each detector's first loss, the dtypes of the op that tells the two traced
+steps apart (`PROGRAM_OPS`; the script stops when they trace the same program, e.g.
+`filter_grad` at `--quick` sizes, where no convolution is wide), which form ran first in each
+round, and the per-round ratios' median and geometric mean (with the standard error of the mean
+log ratio). Never run it beside other work.
 """
 
+import collections
 import os
 import sys
 import time
@@ -22,6 +30,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+# The op type whose dtypes (or count) tell the two forms' traced steps apart.
+PROGRAM_OPS = {"filter_grad": "Conv2DBackpropFilter", "gelu": "Erfc",
+               "depthwise": "DepthwiseConv2dNative"}
 
 
 def _forms(kernels, tf):
@@ -35,12 +48,26 @@ def _forms(kernels, tf):
           "tf_backward_filter": kernels._same_conv1d,  # pylint: disable=protected-access
           "gemm_filter_grad": kernels.conv1d_with_gemm_filter_grad}),
       "gelu": ("gelu", {"bfloat16_gelu": bfloat16_gelu, "float32_gelu": kernels.gelu}),
+      "depthwise": ("strided_depthwise_in_float32", {
+          "bfloat16_depthwise": kernels._valid_depthwise_conv1d,  # pylint: disable=protected-access
+          "float32_depthwise": kernels.strided_depthwise_in_float32}),
   }
+
+
+def op_dtypes(concrete_function, op_type):
+  """{dtype name: count} of the `op_type` ops of a traced function, nested functions (`tf.cond`
+  branches, gradients) included; a branch also rewritten for its gradient counts twice."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  graph_def = concrete_function.graph.as_graph_def()
+  nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+  counts = collections.Counter(tf.as_dtype(n.attr["T"].type).name
+                               for n in nodes if n.op == op_type)
+  return dict(sorted(counts.items()))
 
 
 def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=5)
-  parser.add_argument("--form", required=True, choices=("filter_grad", "gelu"))
+  parser.add_argument("--form", required=True, choices=sorted(PROGRAM_OPS))
   parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
   args = parser.parse_args()
   run = common.run_start()  # before anything is built or timed
@@ -51,17 +78,11 @@ def main():
 
   attribute, forms = _forms(kernels, tf)[args.form]
   original = getattr(kernels, attribute)
-  runs, first_loss, calls, weights = {}, {}, {}, None
+  runs, first_loss, program, weights = {}, {}, {}, None
   try:
     for name, form in forms.items():
-      calls[name] = 0
-
-      def counted(*a, name=name, form=form, **k):
-        calls[name] += 1
-        return form(*a, **k)
-
       # The step is traced by its first call, with whatever the attribute holds then.
-      setattr(kernels, attribute, counted)
+      setattr(kernels, attribute, form)
       asl_flags.FLAGS.unparse_flags()
       tf.keras.utils.set_random_seed(0)
       setup = train_step.build_step(
@@ -70,26 +91,42 @@ def main():
           epoch=5)
       weights = weights or setup.model.get_weights()
       first_loss[name] = float(setup.step(setup.batch, setup.epoch)["total_loss"])
+      program[name] = op_dtypes(setup.step.get_concrete_function(setup.batch, setup.epoch),
+                                PROGRAM_OPS[args.form])
       setup.run()
       runs[name] = setup
   finally:
     setattr(kernels, attribute, original)
+  if len({str(p) for p in program.values()}) == 1:
+    raise SystemExit(f"--form={args.form}: both detectors trace the same "
+                     f"{PROGRAM_OPS[args.form]} ops ({program}) at --config={args.config}"
+                     f"{' --quick' if args.quick else ''}: nothing to compare")
   times = {name: [] for name in runs}
+  first_in_round = []
   order = list(runs.items())
   for round_index in range((2 if args.quick else args.repeats) + 1):  # round 0: warm-up
-    for name, setup in order[::-1] if round_index % 2 else order:
+    this_round = order[::-1] if round_index % 2 else order
+    for name, setup in this_round:
       start = time.perf_counter()
       setup.run()
       if round_index:
         times[name].append(time.perf_counter() - start)
+    if round_index:
+      first_in_round.append(this_round[0][0])
+  if any(setup.step.experimental_get_tracing_count() != 1 for setup in runs.values()):
+    raise SystemExit("a step was traced again after its form was set: the timings may mix forms")
   baseline, changed = times
-  per_round = [b / a for a, b in zip(times[baseline], times[changed])]
+  log_ratios = np.log(np.array(times[changed]) / np.array(times[baseline]))
   common.emit({"benchmark": f"ab_bf16_{args.form}", "command": " ".join(["python"] + sys.argv),
                "run": run, "config": args.config, "machine": common.machine_info(),
-               "first_loss": first_loss, "form_calls_in_trace": calls,
+               "first_loss": first_loss, f"{PROGRAM_OPS[args.form]}_op_dtypes": program,
+               "first_in_round": first_in_round,
                "results": common.ab_results(times, baseline, "train_step_median_sec",
                                             "rounds_sec"),
-               "median_of_per_round_ratios": round(float(np.median(per_round)), 3)},
+               "median_of_per_round_ratios": round(float(np.exp(np.median(log_ratios))), 3),
+               "geometric_mean_of_per_round_ratios": round(float(np.exp(log_ratios.mean())), 3),
+               "standard_error_of_mean_log_ratio": round(
+                   float(log_ratios.std(ddof=1) / np.sqrt(len(log_ratios))), 4)},
               args.output)
 
 

@@ -415,6 +415,31 @@ def test_ab_attention_forms_agree_and_the_block_gather_takes_fewer_ops(tmp_path)
   assert result["run"]["code"]["head"] == head and result["run"]["load_1min"] >= 0
 
 
+def test_ab_bf16_form_reads_op_dtypes_inside_nested_functions():
+  """The A/B tells its two traced steps apart by an op's dtypes, counted in `tf.cond` branches
+  and gradient functions too (where the MLP's GELU and the convolutions' gradients live)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ab_form = _load("ab_bf16_form")
+
+  def step(x, flag):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = tf.cond(flag, lambda: tf.nn.gelu(x, approximate=False),
+                  lambda: tf.cast(tf.nn.gelu(tf.cast(x, tf.float32), approximate=False), x.dtype))
+    return tape.gradient(y, x)
+
+  traced = tf.function(step).get_concrete_function(tf.TensorSpec([4], tf.bfloat16),
+                                                   tf.TensorSpec([], tf.bool))
+  # Each branch once, and again where it was rewritten for its gradient.
+  dtypes = ab_form.op_dtypes(traced, "Erfc")
+  assert set(dtypes) == {"bfloat16", "float32"}
+  assert dtypes["bfloat16"] == dtypes["float32"] >= 1
+  assert ab_form.op_dtypes(traced, "Conv2DBackpropFilter") == {}
+  plain = tf.function(lambda x: tf.nn.gelu(x, approximate=False)).get_concrete_function(
+      tf.TensorSpec([4], tf.float16))
+  assert ab_form.op_dtypes(plain, "Erfc") == {"float16": 1}
+
+
 @pytest.mark.slow
 def test_ab_bf16_layer_norm_forms_agree(tmp_path):
   """The A/B's two bfloat16 detectors differ in what they compare (the LayerNorm pattern fed

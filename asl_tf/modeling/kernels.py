@@ -6,9 +6,9 @@ Every function returns the same values under every policy (up to float32 roundin
 tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
 to the other policies' to bfloat16 rounding, so an export (`portable`) and `fast` evaluation in
 bfloat16 differ by that rounding; a float16 / bfloat16 training step's GELU under `fast` /
-`portable` is float32's rounded once, under `reference` computed in its own dtype). Dropout inside `per_frame` draws its random masks over rows
-or over the grid, so training with dropout > 0 takes different random draws under different
-policies. The layers call these functions and read like ActionFormer's blocks; what differs
+`portable` is float32's rounded once, under `reference` computed in its own dtype). Dropout
+inside `per_frame` draws its random masks over rows or over the grid, so training with
+dropout > 0 takes different random draws under different policies. The layers call these functions and read like ActionFormer's blocks; what differs
 between policies lives here only.
 
 Policies (`ModelConfig.kernel_policy`):
@@ -20,6 +20,7 @@ Policies (`ModelConfig.kernel_policy`):
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
   Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
   wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
+  strided bfloat16 depthwise ones in float32;
   the GELU of a float16 / bfloat16 training step in float32;
   the inference LayerNorm (graphs with a dynamic batch or length; float32 or bfloat16) as the
   FusedBatchNorm pattern that oneDNN's remapper turns into one kernel; the MLP on the valid
@@ -119,15 +120,41 @@ def conv1d(x, kernel, strides=1, groups=1, policy="reference"):
   if groups == 1:
     return tf.nn.conv1d(x, kernel, stride=strides, padding="VALID")
   if groups == in_channels and out_channels == in_channels:
-    # Depthwise: kernel [k, 1, C] -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis,
-    # which a height stride leaves at 1: TF needs equal row and column strides).
-    y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
-                               strides=[1, strides, strides, 1], padding="VALID")
-    return y[:, 0]
+    if strides > 1 and x.dtype == tf.bfloat16 and resolve(policy) != "reference":
+      return strided_depthwise_in_float32(x, kernel, strides)
+    return _valid_depthwise_conv1d(x, kernel, strides)
   xs = tf.split(x, groups, axis=-1)
   ks = tf.split(kernel, groups, axis=-1)
   return tf.concat([tf.nn.conv1d(xg, kg, stride=strides, padding="VALID")
                     for xg, kg in zip(xs, ks)], axis=-1)
+
+
+def _valid_depthwise_conv1d(x, kernel, strides):
+  """Depthwise 'valid' convolution: x [B, T, C], kernel [k, 1, C] -> [B, (T - k) // s + 1, C]."""
+  # kernel -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis, which a height stride
+  # leaves at 1: TF needs equal row and column strides).
+  y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
+                             strides=[1, strides, strides, 1], padding="VALID")
+  return y[:, 0]
+
+
+def strided_depthwise_in_float32(x, kernel, strides):
+  """`_valid_depthwise_conv1d` of bfloat16 `x` and `kernel` computed in float32, rounded once.
+
+  oneDNN's strided bfloat16 depthwise convolution (its input gradient) is slower than float32's
+  with the casts (benchmarks/README.md); bfloat16 products are exact in float32, so the result
+  equals the bfloat16 kernel's, which also sums in float32.
+
+  Args:
+    x: [B, T, C] bfloat16, already padded.
+    kernel: [k, 1, C] bfloat16.
+    strides: temporal stride.
+
+  Returns:
+    [B, (T - k) // strides + 1, C] bfloat16.
+  """
+  return tf.cast(_valid_depthwise_conv1d(tf.cast(x, tf.float32), tf.cast(kernel, tf.float32),
+                                         strides), x.dtype)
 
 
 def conv1d_as_tap_gemm(x, kernel):
@@ -257,9 +284,10 @@ def gelu(x, training=False, policy="reference"):
   """Exact (erf) GELU, `x * Phi(x)`, in the dtype of `x`.
 
   `fast` / `portable` compute the GELU of a float16 / bfloat16 training step in float32 and
-  round once to the dtype of `x`: TensorFlow's CPU erfc and its gradient in those dtypes take
-  about twice the time of float32's, casts included (benchmarks/README.md). Inference keeps the
-  plain form, which oneDNN fuses into the MatMul before it.
+  round once to the dtype of `x`: TensorFlow's CPU erfc and its gradient take 1.5x (float16) to
+  1.9x (bfloat16) the time of float32's with the casts (benchmarks/README.md), and the rounded
+  float32 result is the more exact one. Inference keeps the plain form, which oneDNN fuses into
+  the MatMul before it.
 
   Args:
     x: [..., C].

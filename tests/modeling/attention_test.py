@@ -126,11 +126,12 @@ def test_transformer_block_mlp_uses_exact_gelu():
 
 
 @pytest.mark.parametrize("kernel_policy,training,gelu_dtype", [
-    ("fast", True, tf.float32), ("fast", False, tf.bfloat16), ("reference", True, tf.bfloat16)])
+    ("fast", True, tf.float32), ("portable", True, tf.float32), ("fast", False, tf.bfloat16),
+    ("reference", True, tf.bfloat16)])
 def test_bfloat16_block_takes_its_gelu_from_kernels(monkeypatch, kernel_policy, training,
                                                     gelu_dtype):
-  """The MLP's GELU is `kernels.gelu`: in a bfloat16 training step under `fast` it runs in
-  float32, at inference (fused by oneDNN) and under `reference` in bfloat16."""
+  """The MLP's GELU is `kernels.gelu`: in a bfloat16 training step under `fast` / `portable` it
+  runs in float32, at inference (fused by oneDNN) and under `reference` in bfloat16."""
   seen = []
   gelu = tf.nn.gelu
   monkeypatch.setattr(tf.nn, "gelu", lambda x, approximate: seen.append(x.dtype) or gelu(

@@ -89,6 +89,35 @@ def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides,
     np.testing.assert_allclose(outputs[policy], outputs["reference"], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("strides,float32_under_fast", [(1, False), (2, True), (4, True)])
+def test_strided_bfloat16_depthwise_runs_in_float32(strides, float32_under_fast):
+  """Under `fast` / `portable` a strided bfloat16 depthwise convolution runs in float32 (stride 1
+  and `reference` in bfloat16); values and gradients equal the bfloat16 kernel's to its
+  rounding."""
+  kernel_size = 3 if strides == 1 else strides + 1
+  rng = np.random.default_rng(9)
+  kernel = tf.constant(rng.normal(size=(kernel_size, 1, 16)), tf.bfloat16)
+  x = tf.constant(rng.normal(size=(2, 24, 16)), tf.bfloat16)
+  dy = tf.constant(rng.normal(size=(2, -(-24 // strides), 16)), tf.bfloat16)
+  results = {}
+  for policy in ("reference", "fast", "portable"):
+    def fn(x, kernel, policy=policy):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = kernels.conv1d(x, kernel, strides, 16, policy)
+      return [y] + tape.gradient(y, [x, kernel], output_gradients=dy)
+    graph = tf.function(fn).get_concrete_function(x, kernel).graph
+    dtypes = {op.get_attr("T") for op in graph.get_operations()
+              if op.type == "DepthwiseConv2dNative"}
+    float32 = float32_under_fast and policy != "reference"
+    assert dtypes == {tf.float32 if float32 else tf.bfloat16}, policy
+    results[policy] = [t.numpy().astype(np.float64) for t in tf.function(fn)(x, kernel)]
+    assert all(t.dtype == tf.bfloat16 for t in tf.function(fn)(x, kernel)), policy
+  for policy in ("fast", "portable"):
+    for got, want in zip(results[policy], results["reference"]):
+      np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_bfloat16_conv_takes_its_kernel_gradient_as_one_gemm(kernel_size, jit_compile):
@@ -226,11 +255,18 @@ def test_bfloat16_layer_norm_matches_a_float64_reference_under_fast_and_portable
                                err_msg=policy)
 
 
+def _op_dtypes(fn, op_type, *specs):
+  """The `T` of every `op_type` op in the traced `fn`, its nested functions included."""
+  graph_def = tf.function(fn).get_concrete_function(*specs).graph.as_graph_def()
+  nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+  return {tf.as_dtype(n.attr["T"].type) for n in nodes if n.op == op_type}
+
+
 @pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16])
 def test_reduced_precision_training_gelu_is_float64_rounded_once(dtype):
   """A float16 / bfloat16 training step's GELU and its gradient under `fast` / `portable` are the
-  float64 values of the same input rounded once to `dtype` (but for a few double roundings);
-  computed in `dtype` itself (`reference`), about half of them are not."""
+  float64 values of the same input rounded once to `dtype` (measured: all of 4,000, but 2
+  float16 gradients); computed in `dtype` itself (`reference`), 54-63% are."""
   import math  # pylint: disable=g-import-not-at-top
   x = tf.constant(np.random.default_rng(5).normal(0.0, 3.0, size=(4000,)), dtype)
   x64 = x.numpy().astype(np.float64)
@@ -246,38 +282,32 @@ def test_reduced_precision_training_gelu_is_float64_rounded_once(dtype):
     grad = tape.gradient(y, x, output_gradients=tf.ones_like(x))
     assert y.dtype == dtype and grad.dtype == dtype
     exact[policy] = (np.mean(y.numpy() == want), np.mean(grad.numpy() == want_grad))
-    ulp = np.spacing(np.abs(want).astype(np.float32)) * (2 ** 16 if dtype == tf.bfloat16
-                                                          else 2 ** 13)
-    if policy != "reference":  # off by one ulp at most where a double rounding differs
-      assert np.all(np.abs(y.numpy().astype(np.float64) - want) <= ulp), policy
   for policy in ("fast", "portable"):
-    assert min(exact[policy]) > 0.99, (policy, exact)
+    assert min(exact[policy]) >= 0.999, (policy, exact)
   assert max(exact["reference"]) < 0.8, exact
 
 
-def test_gelu_float32_and_inference_keep_the_plain_form(tmp_path):
-  """float32, and inference in any dtype, take `tf.nn.gelu` as it is: at inference oneDNN fuses
-  it into the MatMul before it (no Erfc runs); the float32 training form would not fuse."""
+def test_gelu_inference_keeps_the_form_onednn_fuses(tmp_path):
+  """At inference (float16 / bfloat16 as float32) `kernels.gelu` is `tf.nn.gelu` as it is, which
+  oneDNN fuses into the MatMul + BiasAdd before it (no Erfc runs); the training form computes
+  its Erfc in float32."""
   x = tf.constant(np.random.default_rng(6).normal(0.0, 3.0, size=(64, 8)), tf.float32)
   for policy in ("fast", "portable"):
-    np.testing.assert_array_equal(kernels.gelu(x, training=True, policy=policy),
-                                  tf.nn.gelu(x, approximate=False))
-    x16 = tf.cast(x, tf.bfloat16)
-    np.testing.assert_array_equal(kernels.gelu(x16, training=False, policy=policy),
-                                  tf.nn.gelu(x16, approximate=False))
-  if not kernels.onednn_enabled():
-    pytest.skip("oneDNN is off in this process")
+    for dtype in (tf.bfloat16, tf.float16):
+      np.testing.assert_array_equal(kernels.gelu(tf.cast(x, dtype), training=False, policy=policy),
+                                    tf.nn.gelu(tf.cast(x, dtype), approximate=False))
   w = tf.constant(np.random.default_rng(7).normal(size=(8, 16)), tf.bfloat16)
   b = tf.constant(np.random.default_rng(8).normal(size=(16,)), tf.bfloat16)
-  ops = {}
-  for training in (False, True):
-    dense_gelu = tf.function(
-        lambda x, training=training: kernels.gelu(tf.nn.bias_add(tf.matmul(x, w), b), training,
-                                                  "fast"),
-        input_signature=[tf.TensorSpec([None, 8], tf.bfloat16)])
-    ops[training] = _run_ops(dense_gelu, tf.cast(x, tf.bfloat16), tmp_path / str(training))
-  assert "Erfc" not in ops[False] and "_MklNativeFusedMatMul" in ops[False], ops[False]
-  assert "Erfc" in ops[True], ops[True]
+  spec = tf.TensorSpec([None, 8], tf.bfloat16)
+  dense_gelu = {training: (lambda x, training=training: kernels.gelu(
+      tf.nn.bias_add(tf.matmul(x, w), b), training, "fast")) for training in (False, True)}
+  assert _op_dtypes(dense_gelu[True], "Erfc", spec) == {tf.float32}
+  assert _op_dtypes(dense_gelu[False], "Erfc", spec) == {tf.bfloat16}
+  if not kernels.onednn_enabled():
+    pytest.skip("oneDNN is off in this process")
+  ops = _run_ops(tf.function(dense_gelu[False], input_signature=[spec]), tf.cast(x, tf.bfloat16),
+                 tmp_path)
+  assert "Erfc" not in ops and "_MklNativeFusedMatMul" in ops, ops
 
 
 @pytest.mark.parametrize("policy,jit_compile", [("fast", False), ("fast", True),
