@@ -9,9 +9,10 @@ detectors, same weights, alternating rounds (the order reversed every other roun
 (`kernels.conv1d_with_gemm_filter_grad`) against TensorFlow's backward-filter convolution.
 `gelu`: the training step's GELU computed in float32 (`kernels.gelu`) against it computed in
 bfloat16 (`tf.nn.gelu` as it is). `depthwise`: the strided depthwise convolutions (the attention's
-q / k / v in downsampling blocks) computed in float32 (`kernels.strided_depthwise_in_float32`)
-against TensorFlow's bfloat16 depthwise convolution. Both detectors run
-`--mixed_precision=mixed_bfloat16 --kernel_policy=fast`, the default model at epoch 5.
+q / k / v in downsampling blocks) with their input gradient in float32
+(`kernels.strided_depthwise_with_float32_input_grad`) against TensorFlow's bfloat16 gradient.
+Both detectors run `--mixed_precision=mixed_bfloat16 --kernel_policy=fast`, the default model at
+epoch 5.
 
 The JSON records each detector's first loss, the dtypes of the op that tells the two traced
 steps apart (`PROGRAM_OPS`; the script stops when they trace the same program, e.g.
@@ -34,7 +35,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The op type whose dtypes (or count) tell the two forms' traced steps apart.
 PROGRAM_OPS = {"filter_grad": "Conv2DBackpropFilter", "gelu": "Erfc",
-               "depthwise": "DepthwiseConv2dNative"}
+               "depthwise": "DepthwiseConv2dNativeBackpropInput"}
 
 
 def _forms(kernels, tf):
@@ -48,9 +49,9 @@ def _forms(kernels, tf):
           "tf_backward_filter": kernels._same_conv1d,  # pylint: disable=protected-access
           "gemm_filter_grad": kernels.conv1d_with_gemm_filter_grad}),
       "gelu": ("gelu", {"bfloat16_gelu": bfloat16_gelu, "float32_gelu": kernels.gelu}),
-      "depthwise": ("strided_depthwise_in_float32", {
+      "depthwise": ("strided_depthwise_with_float32_input_grad", {
           "bfloat16_depthwise": kernels._valid_depthwise_conv1d,  # pylint: disable=protected-access
-          "float32_depthwise": kernels.strided_depthwise_in_float32}),
+          "float32_input_grad": kernels.strided_depthwise_with_float32_input_grad}),
   }
 
 

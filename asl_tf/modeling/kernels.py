@@ -6,10 +6,12 @@ Every function returns the same values under every policy (up to float32 roundin
 tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
 to the other policies' to bfloat16 rounding, so an export (`portable`) and `fast` evaluation in
 bfloat16 differ by that rounding; a float16 / bfloat16 training step's GELU under `fast` /
-`portable` is float32's rounded once, under `reference` computed in its own dtype). Dropout
-inside `per_frame` draws its random masks over rows or over the grid, so training with
-dropout > 0 takes different random draws under different policies. The layers call these functions and read like ActionFormer's blocks; what differs
-between policies lives here only.
+`portable` is float32's rounded once, under `reference` computed in its own dtype; without
+oneDNN, the input gradient of strided bfloat16 depthwise convolutions under `fast` / `portable`
+is float32's rounded once, under `reference` summed in bfloat16). Dropout inside `per_frame`
+draws its random masks over rows or over the grid, so training with dropout > 0 takes different
+random draws under different policies. The layers call these functions and read like
+ActionFormer's blocks; what differs between policies lives here only.
 
 Policies (`ModelConfig.kernel_policy`):
 
@@ -20,7 +22,7 @@ Policies (`ModelConfig.kernel_policy`):
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
   Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
   wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
-  strided bfloat16 depthwise ones in float32;
+  strided bfloat16 depthwise ones with their input gradient in float32;
   the GELU of a float16 / bfloat16 training step in float32;
   the inference LayerNorm (graphs with a dynamic batch or length; float32 or bfloat16) as the
   FusedBatchNorm pattern that oneDNN's remapper turns into one kernel; the MLP on the valid
@@ -121,7 +123,7 @@ def conv1d(x, kernel, strides=1, groups=1, policy="reference"):
     return tf.nn.conv1d(x, kernel, stride=strides, padding="VALID")
   if groups == in_channels and out_channels == in_channels:
     if strides > 1 and x.dtype == tf.bfloat16 and resolve(policy) != "reference":
-      return strided_depthwise_in_float32(x, kernel, strides)
+      return strided_depthwise_with_float32_input_grad(x, kernel, strides)
     return _valid_depthwise_conv1d(x, kernel, strides)
   xs = tf.split(x, groups, axis=-1)
   ks = tf.split(kernel, groups, axis=-1)
@@ -138,12 +140,34 @@ def _valid_depthwise_conv1d(x, kernel, strides):
   return y[:, 0]
 
 
-def strided_depthwise_in_float32(x, kernel, strides):
-  """`_valid_depthwise_conv1d` of bfloat16 `x` and `kernel` computed in float32, rounded once.
+@functools.cache
+def _depthwise_with_float32_input_grad(strides):
+  """A `tf.custom_gradient` `(x, kernel) -> _valid_depthwise_conv1d(x, kernel, strides)`."""
 
-  oneDNN's strided bfloat16 depthwise convolution (its input gradient) is slower than float32's
-  with the casts (benchmarks/README.md); bfloat16 products are exact in float32, so the result
-  equals the bfloat16 kernel's, which also sums in float32.
+  @tf.custom_gradient
+  def conv(x, kernel):
+    def grad(dy):
+      # As `_valid_depthwise_conv1d`: x [B, 1, T, C], kernel [1, k, C, 1], dy [B, 1, T', C].
+      x4, kernel4, dy4 = x[:, None], tf.transpose(kernel, [0, 2, 1])[None], dy[:, None]
+      stride4 = [1, strides, strides, 1]
+      dx = tf.compat.v1.nn.depthwise_conv2d_native_backprop_input(
+          tf.shape(x4), tf.cast(kernel4, tf.float32), tf.cast(dy4, tf.float32), stride4, "VALID")
+      dkernel = tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+          x4, tf.shape(kernel4), dy4, stride4, "VALID")  # [1, k, C, 1]
+      return tf.cast(dx[:, 0], x.dtype), tf.transpose(dkernel[0], [0, 2, 1])
+
+    return _valid_depthwise_conv1d(x, kernel, strides), grad
+
+  return conv
+
+
+def strided_depthwise_with_float32_input_grad(x, kernel, strides):
+  """`_valid_depthwise_conv1d` of bfloat16 `x` whose input gradient is computed in float32.
+
+  oneDNN's bfloat16 input gradient of a strided depthwise convolution is slow (benchmarks/
+  README.md); the forward pass and the kernel gradient stay bfloat16. oneDNN's bfloat16 kernels
+  sum in float32, so with oneDNN the values equal the bfloat16 form's; TensorFlow's own kernels
+  (oneDNN off) sum bfloat16 in bfloat16, and the float32 input gradient is the more exact one.
 
   Args:
     x: [B, T, C] bfloat16, already padded.
@@ -153,8 +177,7 @@ def strided_depthwise_in_float32(x, kernel, strides):
   Returns:
     [B, (T - k) // strides + 1, C] bfloat16.
   """
-  return tf.cast(_valid_depthwise_conv1d(tf.cast(x, tf.float32), tf.cast(kernel, tf.float32),
-                                         strides), x.dtype)
+  return _depthwise_with_float32_input_grad(strides)(x, kernel)
 
 
 def conv1d_as_tap_gemm(x, kernel):
@@ -285,7 +308,7 @@ def gelu(x, training=False, policy="reference"):
 
   `fast` / `portable` compute the GELU of a float16 / bfloat16 training step in float32 and
   round once to the dtype of `x`: TensorFlow's CPU erfc and its gradient take 1.5x (float16) to
-  1.9x (bfloat16) the time of float32's with the casts (benchmarks/README.md), and the rounded
+  1.7-1.9x (bfloat16) the time of float32's with the casts (benchmarks/README.md), and the rounded
   float32 result is the more exact one. Inference keeps the plain form, which oneDNN fuses into
   the MatMul before it.
 

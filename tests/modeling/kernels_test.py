@@ -89,16 +89,20 @@ def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides,
     np.testing.assert_allclose(outputs[policy], outputs["reference"], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("strides,float32_under_fast", [(1, False), (2, True), (4, True)])
-def test_strided_bfloat16_depthwise_runs_in_float32(strides, float32_under_fast):
-  """Under `fast` / `portable` a strided bfloat16 depthwise convolution runs in float32 (stride 1
-  and `reference` in bfloat16); values and gradients equal the bfloat16 kernel's to its
-  rounding."""
+def test_strided_bfloat16_depthwise_takes_its_input_gradient_in_float32(strides,
+                                                                       float32_under_fast,
+                                                                       jit_compile):
+  """Under `fast` / `portable` a strided bfloat16 depthwise convolution computes its input
+  gradient in float32; its forward pass and kernel gradient, stride 1 and `reference` stay
+  bfloat16. With oneDNN (float32 sums in its bfloat16 kernels) every value and gradient equals
+  `reference`'s to the last bit; without it, to bfloat16 rounding."""
   kernel_size = 3 if strides == 1 else strides + 1
   rng = np.random.default_rng(9)
   kernel = tf.constant(rng.normal(size=(kernel_size, 1, 16)), tf.bfloat16)
-  x = tf.constant(rng.normal(size=(2, 24, 16)), tf.bfloat16)
-  dy = tf.constant(rng.normal(size=(2, -(-24 // strides), 16)), tf.bfloat16)
+  x = tf.constant(rng.normal(size=(2, 25, 16)), tf.bfloat16)
+  dy = tf.constant(rng.normal(size=(2, -(-25 // strides), 16)), tf.bfloat16)
   results = {}
   for policy in ("reference", "fast", "portable"):
     def fn(x, kernel, policy=policy):
@@ -106,16 +110,24 @@ def test_strided_bfloat16_depthwise_runs_in_float32(strides, float32_under_fast)
         tape.watch([x, kernel])
         y = kernels.conv1d(x, kernel, strides, 16, policy)
       return [y] + tape.gradient(y, [x, kernel], output_gradients=dy)
-    graph = tf.function(fn).get_concrete_function(x, kernel).graph
-    dtypes = {op.get_attr("T") for op in graph.get_operations()
-              if op.type == "DepthwiseConv2dNative"}
+    ops = tf.function(fn).get_concrete_function(x, kernel).graph.get_operations()
+    dtypes = {t: {op.get_attr("T") for op in ops if op.type == t}
+              for t in ("DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
+                        "DepthwiseConv2dNativeBackpropFilter")}
     float32 = float32_under_fast and policy != "reference"
-    assert dtypes == {tf.float32 if float32 else tf.bfloat16}, policy
-    results[policy] = [t.numpy().astype(np.float64) for t in tf.function(fn)(x, kernel)]
-    assert all(t.dtype == tf.bfloat16 for t in tf.function(fn)(x, kernel)), policy
+    assert dtypes == {"DepthwiseConv2dNative": {tf.bfloat16},
+                      "DepthwiseConv2dNativeBackpropInput": {
+                          tf.float32 if float32 else tf.bfloat16},
+                      "DepthwiseConv2dNativeBackpropFilter": {tf.bfloat16}}, policy
+    got = tf.function(fn, jit_compile=jit_compile)(x, kernel)
+    assert all(t.dtype == tf.bfloat16 for t in got), policy
+    results[policy] = [t.numpy().astype(np.float64) for t in got]
   for policy in ("fast", "portable"):
     for got, want in zip(results[policy], results["reference"]):
-      np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
+      if kernels.onednn_enabled() and not jit_compile:
+        np.testing.assert_array_equal(got, want)
+      else:
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5])
@@ -288,7 +300,7 @@ def test_reduced_precision_training_gelu_is_float64_rounded_once(dtype):
 
 
 def test_gelu_inference_keeps_the_form_onednn_fuses(tmp_path):
-  """At inference (float16 / bfloat16 as float32) `kernels.gelu` is `tf.nn.gelu` as it is, which
+  """At inference `kernels.gelu` of float16 / bfloat16 is `tf.nn.gelu` in that dtype, which
   oneDNN fuses into the MatMul + BiasAdd before it (no Erfc runs); the training form computes
   its Erfc in float32."""
   x = tf.constant(np.random.default_rng(6).normal(0.0, 3.0, size=(64, 8)), tf.float32)
