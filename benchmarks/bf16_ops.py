@@ -1,0 +1,101 @@
+"""Forward + backward of single bfloat16 ops in each form `kernels` has had; prints JSON.
+
+  python benchmarks/bf16_ops.py [--repeats=30]
+  python benchmarks/bf16_ops.py --quick        # tiny shapes (seconds)
+
+`gelu`: the exact GELU of [4608, 2048] bfloat16 rows (an MLP's hidden layer at THUMOS size, two
+videos), computed in bfloat16 (`tf.nn.gelu` as it is) and in float32 with casts in and out
+(`kernels.gelu` of a training step under `fast`). `depthwise`: the attention's strided depthwise
+convolution of [2, 2304, 512] (kernel 3, stride 2), all in bfloat16, all in float32 with casts,
+and with only its input gradient in float32 (`kernels.strided_depthwise_with_float32_input_grad`).
+Each form is a `tf.function` returning the output and its gradients for a fixed output gradient;
+the forms of one op are called alternately (the order reversed every other round) after 3
+untimed rounds. The JSON gives each form's median and its largest difference from the first form
+(all outputs, as a fraction of their largest magnitude). Never run it beside other work.
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _forms(tf, kernels, quick):
+  """op -> (input shape, output-gradient shape, {form: fn(x) -> outputs}, first form is the base)."""
+  rows, hidden = (64, 32) if quick else (4608, 2048)
+  batch, length, channels = (2, 64, 16) if quick else (2, 2304, 512)
+  kernel = tf.constant(np.random.default_rng(1).normal(0.0, 0.3, size=(3, 1, channels)),
+                       tf.bfloat16)
+
+  def gelu_float32(x):
+    return tf.cast(tf.nn.gelu(tf.cast(x, tf.float32), approximate=False), x.dtype)
+
+  def depthwise_float32(x, k):
+    return tf.cast(kernels._valid_depthwise_conv1d(  # pylint: disable=protected-access
+        tf.cast(x, tf.float32), tf.cast(k, tf.float32), 2), x.dtype)
+
+  def with_grads(fn, *constants):
+    def run(x, dy):
+      with tf.GradientTape() as tape:
+        tape.watch([x, *constants])
+        y = fn(x, *constants)
+      return [y] + tape.gradient(y, [x, *constants], output_gradients=dy)
+    return tf.function(run)
+
+  padded = length + 2  # one zero frame on each side, as `kernels.conv1d` pads
+  return {
+      "gelu": ([rows, hidden], [rows, hidden], {
+          "bfloat16": with_grads(lambda x: tf.nn.gelu(x, approximate=False)),
+          "float32_with_casts": with_grads(gelu_float32)}),
+      "depthwise_stride2": ([batch, padded, channels], [batch, length // 2, channels], {
+          "bfloat16": with_grads(
+              lambda x, k: kernels._valid_depthwise_conv1d(x, k, 2),  # pylint: disable=protected-access
+              kernel),
+          "float32_with_casts": with_grads(depthwise_float32, kernel),
+          "float32_input_grad": with_grads(
+              lambda x, k: kernels.strided_depthwise_with_float32_input_grad(x, k, 2), kernel)}),
+  }
+
+
+def main():
+  parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=30)
+  args = parser.parse_args()
+  run = common.run_start()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  results = {}
+  for op, (x_shape, dy_shape, forms) in _forms(tf, kernels, args.quick).items():
+    x = tf.constant(rng.normal(0.0, 3.0, size=x_shape), tf.bfloat16)
+    dy = tf.constant(rng.normal(size=dy_shape), tf.bfloat16)
+    outputs = {name: [t.numpy().astype(np.float64) for t in fn(x, dy)]
+               for name, fn in forms.items()}
+    base = next(iter(forms))
+    times = {name: [] for name in forms}
+    order = list(forms.items())
+    for round_index in range(3 + (3 if args.quick else args.repeats)):
+      for name, fn in order[::-1] if round_index % 2 else order:
+        start = time.perf_counter()
+        for t in fn(x, dy):
+          t.numpy()
+        if round_index >= 3:
+          times[name].append(time.perf_counter() - start)
+    results[op] = {
+        "input_shape": x_shape,
+        "forms": {name: {
+            "median_ms": round(1e3 * float(np.median(times[name])), 3),
+            "ratio_to_" + base: round(float(np.median(times[name]) / np.median(times[base])), 3),
+            "max_difference_to_" + base: max(
+                float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+                for a, b in zip(outputs[name], outputs[base]))} for name in forms}}
+  common.emit({"benchmark": "bf16_ops", "command": " ".join(["python"] + sys.argv), "run": run,
+               "machine": common.machine_info(), "results": results}, args.output)
+
+
+if __name__ == "__main__":
+  main()
