@@ -24,7 +24,6 @@ log ratio). Never run it beside other work.
 import collections
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -102,18 +101,8 @@ def main():
     raise SystemExit(f"--form={args.form}: both detectors trace the same "
                      f"{PROGRAM_OPS[args.form]} ops ({program}) at --config={args.config}"
                      f"{' --quick' if args.quick else ''}: nothing to compare")
-  times = {name: [] for name in runs}
-  first_in_round = []
-  order = list(runs.items())
-  for round_index in range((2 if args.quick else args.repeats) + 1):  # round 0: warm-up
-    this_round = order[::-1] if round_index % 2 else order
-    for name, setup in this_round:
-      start = time.perf_counter()
-      setup.run()
-      if round_index:
-        times[name].append(time.perf_counter() - start)
-    if round_index:
-      first_in_round.append(this_round[0][0])
+  times, first_in_round = common.alternating_rounds(
+      {name: setup.run for name, setup in runs.items()}, 2 if args.quick else args.repeats)
   if any(setup.step.experimental_get_tracing_count() != 1 for setup in runs.values()):
     raise SystemExit("a step was traced again after its form was set: the timings may mix forms")
   baseline, changed = times

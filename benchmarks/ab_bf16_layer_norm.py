@@ -14,7 +14,6 @@ other work. `max_abs_logit_difference` compares the two forms' class logits;
 import dataclasses
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,15 +64,10 @@ def main():
                                         if op.type == "FusedBatchNormV3"})
   finally:
     kernels.layer_norm = bf16_pattern
-  times = {variant: [] for variant in forwards}
-  # Round 0 is untimed: a variant's first call after the other was traced is slow.
-  for round_index in range((2 if args.quick else args.repeats) + 1):
-    order = list(forwards.items())
-    for variant, forward in order[::-1] if round_index % 2 else order:
-      start = time.perf_counter()
-      forward(feats, mask)["cls_logits"].numpy()
-      if round_index:
-        times[variant].append(time.perf_counter() - start)
+  # One untimed round: a variant's first call after the other was traced is slow.
+  times, _ = common.alternating_rounds(
+      {variant: lambda forward=forward: forward(feats, mask)["cls_logits"].numpy()
+       for variant, forward in forwards.items()}, 2 if args.quick else args.repeats)
   logits = [forward(feats, mask)["cls_logits"].numpy().astype(np.float32)
             for forward in forwards.values()]
   common.emit({"benchmark": "ab_bf16_layer_norm", "command": " ".join(["python"] + sys.argv),

@@ -16,7 +16,6 @@ untimed rounds. The JSON gives each form's median and its largest difference fro
 
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -76,15 +75,9 @@ def main():
     outputs = {name: [t.numpy().astype(np.float64) for t in fn(x, dy)]
                for name, fn in forms.items()}
     base = next(iter(forms))
-    times = {name: [] for name in forms}
-    order = list(forms.items())
-    for round_index in range(3 + (3 if args.quick else args.repeats)):
-      for name, fn in order[::-1] if round_index % 2 else order:
-        start = time.perf_counter()
-        for t in fn(x, dy):
-          t.numpy()
-        if round_index >= 3:
-          times[name].append(time.perf_counter() - start)
+    times, _ = common.alternating_rounds(
+        {name: lambda fn=fn: [t.numpy() for t in fn(x, dy)] for name, fn in forms.items()},
+        3 if args.quick else args.repeats, untimed=3)
     results[op] = {
         "input_shape": x_shape,
         "forms": {name: {

@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -266,6 +266,32 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, 
   ss_tot = float(np.sum((y - y.mean()) ** 2))
   r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
   return float(slope), float(intercept), r2
+
+
+def alternating_rounds(calls: Mapping[str, Callable[[], Any]], rounds: int,
+                       untimed: int = 1) -> Tuple[Dict[str, List[float]], List[str]]:
+  """Times the variants of an in-process A/B in alternating order.
+
+  Each round calls every variant once (each call must block until its work is done), in the
+  given order and reversed every other round; the first `untimed` rounds are not recorded.
+
+  Returns:
+    `(times, first_in_round)`: seconds per variant over the `rounds` timed rounds, and the
+    variant that ran first in each of them.
+  """
+  times: Dict[str, List[float]] = {name: [] for name in calls}
+  first_in_round: List[str] = []
+  order = list(calls.items())
+  for round_index in range(untimed + rounds):
+    this_round = order[::-1] if round_index % 2 else order
+    for name, call in this_round:
+      start = time.perf_counter()
+      call()
+      if round_index >= untimed:
+        times[name].append(time.perf_counter() - start)
+    if round_index >= untimed:
+      first_in_round.append(this_round[0][0])
+  return times, first_in_round
 
 
 def ab_results(times: Mapping[str, Sequence[float]], baseline: str, median_key: str,

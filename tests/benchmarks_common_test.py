@@ -56,6 +56,15 @@ def test_ab_results_are_medians_and_ratios_to_the_baseline():
       "m": 0.161728, "ratio_to_a": 1.0, "t": [0.123456, 0.2]}
 
 
+def test_alternating_rounds_reverse_the_order_every_other_round_after_the_untimed_ones():
+  calls = []
+  times, first = common.alternating_rounds(
+      {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, untimed=2)
+  assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+  assert first == ["a", "b", "a"]
+  assert [len(t) for t in times.values()] == [3, 3] and min(times["a"] + times["b"]) >= 0
+
+
 def test_git_state_names_the_commit_and_counts_modified_tracked_files(tmp_path):
   assert common.git_state(str(tmp_path)) == {"head": None, "modified_tracked_files": None}
   def git(*args):
