@@ -415,11 +415,11 @@ def test_ab_attention_forms_agree_and_the_block_gather_takes_fewer_ops(tmp_path)
   assert result["run"]["code"]["head"] == head and result["run"]["load_1min"] >= 0
 
 
-def test_ab_bf16_form_reads_op_dtypes_inside_nested_functions():
+def test_ab_form_reads_op_dtypes_inside_nested_functions():
   """The A/B tells its two traced steps apart by an op's dtypes, counted in `tf.cond` branches
   and gradient functions too (where the MLP's GELU and the convolutions' gradients live)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  ab_form = _load("ab_bf16_form")
+  ab_form = _load("ab_form")
 
   def step(x, flag):
     with tf.GradientTape() as tape:

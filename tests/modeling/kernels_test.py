@@ -202,6 +202,53 @@ def test_layer_norm_inference_form_only_under_fast():
   assert "FusedBatchNormV3" not in _graph_op_types(norm("fast", False), static)
 
 
+def _float64_layer_norm_and_grads(x, gamma, beta, dy):
+  """Autodiff of the element-wise LayerNorm in float64: (y, dx, dgamma, dbeta) as numpy."""
+  x, gamma, beta, dy = (tf.constant(np.asarray(v, np.float64)) for v in (x, gamma, beta, dy))
+  with tf.GradientTape() as tape:
+    tape.watch([x, gamma, beta])
+    centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+    y = centred / tf.sqrt(tf.reduce_mean(centred ** 2, axis=-1, keepdims=True) + 1e-5)
+    y = y * gamma + beta
+  return [t.numpy() for t in [y] + tape.gradient(y, [x, gamma, beta], output_gradients=dy)]
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_training_layer_norm_gradient_written_out_equals_float64_autodiff(dtype):
+  """Under `fast` / `portable` the training LayerNorm's gradient is written out (a custom
+  gradient, no broadcasting-gradient ops); its output and its input, gamma and beta gradients
+  equal float64 autodiff of the same input to float32 rounding (float32 input) or with the input
+  gradient rounded once to bfloat16, as under `reference`; rows of zeros (padded frames) and a
+  row far from zero included."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(2.0, 3.0, size=(2, 9, 16))
+  x[0, 3] = 1000.0 + rng.normal(0.0, 30.0, size=16)
+  x[1, 6:] = 0.0
+  x = tf.constant(x, dtype)
+  gamma = tf.constant(rng.normal(1.0, 0.5, size=16), tf.float32)
+  beta = tf.constant(rng.normal(0.0, 0.5, size=16), tf.float32)
+  dy = tf.constant(rng.normal(size=(2, 9, 16)), tf.float32)
+  want = _float64_layer_norm_and_grads(x.numpy().astype(np.float64), gamma, beta, dy)
+  spec = tf.TensorSpec([None, None, 16], dtype)
+  for policy in ("fast", "portable", "reference"):
+    def value_and_grads(x, policy=policy):
+      with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta])
+        y = kernels.layer_norm(x, gamma, beta, 1e-5, training=True, policy=policy)
+      return [y] + tape.gradient(y, [x, gamma, beta], output_gradients=dy)
+    fn = tf.function(value_and_grads, input_signature=[spec])
+    got = fn(x)
+    assert [t.dtype for t in got] == [tf.float32, dtype, tf.float32, tf.float32]
+    ops = {op.type for op in fn.get_concrete_function().graph.get_operations()}
+    assert ("IdentityN" in ops) == (policy != "reference"), policy  # the custom gradient
+    assert ("BroadcastGradientArgs" in ops) == (policy == "reference"), policy
+    for name, g, w in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+      g = tf.cast(g, tf.float64).numpy()
+      rtol = 2 ** -7 if (name == "dx" and dtype == tf.bfloat16) else 1e-5
+      np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(),
+                                 err_msg=f"{policy} {name}")
+
+
 def _run_ops(fn, x, tmp_path):
   """Op types the runtime executed for `fn(x)` (after Grappler's rewrites), from a profile."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top

@@ -1,9 +1,10 @@
-"""In-process A/B of a bfloat16 training form of `kernels` against the form it replaced: two
-detectors, same weights, alternating rounds (the order reversed every other round); prints JSON.
+"""In-process A/B of a training form of `kernels` against the form it replaced: two detectors,
+same weights, alternating rounds (the order reversed every other round); prints JSON.
 
-  python benchmarks/ab_bf16_form.py --form=gelu [--config=thumos_i3d] [--repeats=5]
-  python benchmarks/ab_bf16_form.py --form=filter_grad
-  python benchmarks/ab_bf16_form.py --form=depthwise
+  python benchmarks/ab_form.py --form=gelu [--config=thumos_i3d] [--repeats=5]
+  python benchmarks/ab_form.py --form=filter_grad
+  python benchmarks/ab_form.py --form=depthwise
+  python benchmarks/ab_form.py --form=layer_norm --mixed_precision=float32
 
 `filter_grad`: the kernel gradient of wide bfloat16 convolutions as one GEMM over the taps
 (`kernels.conv1d_with_gemm_filter_grad`) against TensorFlow's backward-filter convolution.
@@ -11,8 +12,10 @@ detectors, same weights, alternating rounds (the order reversed every other roun
 bfloat16 (`tf.nn.gelu` as it is). `depthwise`: the strided depthwise convolutions (the attention's
 q / k / v in downsampling blocks) with their input gradient in float32
 (`kernels.strided_depthwise_with_float32_input_grad`) against TensorFlow's bfloat16 gradient.
-Both detectors run `--mixed_precision=mixed_bfloat16 --kernel_policy=fast`, the default model at
-epoch 5.
+`layer_norm`: the training LayerNorm with its gradient written out against autodiff of the
+element-wise form (`reference`'s). Both detectors run `--kernel_policy=fast` in
+`--mixed_precision` (default mixed_bfloat16; the first three forms exist only there), the default
+model at epoch 5.
 
 The JSON records each detector's first loss, the dtypes of the op that tells the two traced
 steps apart (`PROGRAM_OPS`; the script stops when they trace the same program, e.g.
@@ -34,7 +37,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The op type whose dtypes (or count) tell the two forms' traced steps apart.
 PROGRAM_OPS = {"filter_grad": "Conv2DBackpropFilter", "gelu": "Erfc",
-               "depthwise": "DepthwiseConv2dNativeBackpropInput"}
+               "depthwise": "DepthwiseConv2dNativeBackpropInput", "layer_norm": "RsqrtGrad"}
 
 
 def _forms(kernels, tf):
@@ -43,7 +46,15 @@ def _forms(kernels, tf):
     del training, policy
     return tf.nn.gelu(x, approximate=False)
 
+  written_layer_norm = kernels._layer_norm_with_written_gradient  # pylint: disable=protected-access
+
+  def autodiff_layer_norm(x, gamma, beta, epsilon):
+    return kernels.layer_norm(x, gamma, beta, epsilon, training=True, policy="reference")
+
   return {
+      "layer_norm": ("_layer_norm_with_written_gradient", {
+          "autodiff": autodiff_layer_norm,
+          "written_gradient": written_layer_norm}),
       "filter_grad": ("conv1d_with_gemm_filter_grad", {
           "tf_backward_filter": kernels._same_conv1d,  # pylint: disable=protected-access
           "gemm_filter_grad": kernels.conv1d_with_gemm_filter_grad}),
@@ -69,6 +80,8 @@ def main():
   parser = common.benchmark_parser(__doc__.splitlines()[0], default_repeats=5)
   parser.add_argument("--form", required=True, choices=sorted(PROGRAM_OPS))
   parser.add_argument("--config", default="thumos_i3d", help="flagfile name in configs/")
+  parser.add_argument("--mixed_precision", default="mixed_bfloat16",
+                      choices=("float32", "mixed_bfloat16"), help="both detectors' dtype policy")
   args = parser.parse_args()
   run = common.run_start()  # before anything is built or timed
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -87,7 +100,7 @@ def main():
       tf.keras.utils.set_random_seed(0)
       setup = train_step.build_step(
           args.config, args.quick, False,
-          ("--mixed_precision=mixed_bfloat16", "--kernel_policy=fast"), weights=weights,
+          (f"--mixed_precision={args.mixed_precision}", "--kernel_policy=fast"), weights=weights,
           epoch=5)
       weights = weights or setup.model.get_weights()
       first_loss[name] = float(setup.step(setup.batch, setup.epoch)["total_loss"])
@@ -107,8 +120,9 @@ def main():
     raise SystemExit("a step was traced again after its form was set: the timings may mix forms")
   baseline, changed = times
   log_ratios = np.log(np.array(times[changed]) / np.array(times[baseline]))
-  common.emit({"benchmark": f"ab_bf16_{args.form}", "command": " ".join(["python"] + sys.argv),
-               "run": run, "config": args.config, "machine": common.machine_info(),
+  common.emit({"benchmark": f"ab_form_{args.form}", "command": " ".join(["python"] + sys.argv),
+               "run": run, "config": args.config, "mixed_precision": args.mixed_precision,
+               "machine": common.machine_info(),
                "first_loss": first_loss, f"{PROGRAM_OPS[args.form]}_op_dtypes": program,
                "first_in_round": first_in_round,
                "results": common.ab_results(times, baseline, "train_step_median_sec",

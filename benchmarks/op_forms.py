@@ -1,19 +1,22 @@
-"""Forward + backward of single bfloat16 ops in each form `kernels` has had; prints JSON.
+"""Forward + backward of single ops in each form `kernels` has had for them; prints JSON.
 
-  python benchmarks/bf16_ops.py [--repeats=30]
-  python benchmarks/bf16_ops.py --quick        # tiny shapes (seconds)
+  python benchmarks/op_forms.py [--repeats=30]
+  python benchmarks/op_forms.py --quick        # tiny shapes (seconds)
 
 `gelu`: the exact GELU of [4608, 2048] bfloat16 rows (an MLP's hidden layer at THUMOS size, two
 videos), computed in bfloat16 (`tf.nn.gelu` as it is) and in float32 with casts in and out
 (`kernels.gelu` of a training step under `fast`). `depthwise`: the attention's strided depthwise
-convolution of [2, 2304, 512] (kernel 3, stride 2), all in bfloat16, all in float32 with casts,
-and with only its input gradient in float32 (`kernels.strided_depthwise_with_float32_input_grad`).
+convolution of [2, 2304, 512] bfloat16 (kernel 3, stride 2), all in bfloat16, all in float32
+with casts, and with only its input gradient in float32
+(`kernels.strided_depthwise_with_float32_input_grad`). `layer_norm_float32` /
+`layer_norm_bfloat16`: the training LayerNorm of [2, 2304, 512] (float32 statistics and output)
+with its gradients (input, gamma, beta) by autodiff of the element-wise form (`reference`) and
+written out (`fast` / `portable`).
 Each form is a `tf.function` returning the output and its gradients for a fixed output gradient;
 the forms of one op are called alternately (the order reversed every other round) after 3
 untimed rounds. The JSON gives each form's median and its largest difference from the first form
 (all outputs, as a fraction of their largest magnitude). Never run it beside other work.
 """
-
 import os
 import sys
 
@@ -25,7 +28,8 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _forms(tf, kernels, quick):
-  """op -> (input shape, output-gradient shape, {form: fn(x) -> outputs}, first form is the base)."""
+  """op -> (input dtype and shape, output-gradient dtype and shape, {form: fn(x, dy) -> outputs});
+  the first form is the base."""
   rows, hidden = (64, 32) if quick else (4608, 2048)
   batch, length, channels = (2, 64, 16) if quick else (2, 2304, 512)
   kernel = tf.constant(np.random.default_rng(1).normal(0.0, 0.3, size=(3, 1, channels)),
@@ -46,12 +50,27 @@ def _forms(tf, kernels, quick):
       return [y] + tape.gradient(y, [x, *constants], output_gradients=dy)
     return tf.function(run)
 
+  rng = np.random.default_rng(2)
+  gamma = tf.constant(rng.normal(1.0, 0.3, size=channels), tf.float32)
+  beta = tf.constant(rng.normal(0.0, 0.3, size=channels), tf.float32)
+
+  def layer_norm(policy):
+    return with_grads(
+        lambda x, g, b: kernels.layer_norm(x, g, b, 1e-5, training=True, policy=policy),
+        gamma, beta)
+
   padded = length + 2  # one zero frame on each side, as `kernels.conv1d` pads
+  bf16, f32 = tf.bfloat16, tf.float32
+  sequence = [batch, length, channels]
   return {
-      "gelu": ([rows, hidden], [rows, hidden], {
+      **{f"layer_norm_{dtype.name}": (dtype, sequence, f32, sequence, {
+          "autodiff": layer_norm("reference"), "written_gradient": layer_norm("fast")})
+         for dtype in (f32, bf16)},
+      "gelu": (bf16, [rows, hidden], bf16, [rows, hidden], {
           "bfloat16": with_grads(lambda x: tf.nn.gelu(x, approximate=False)),
           "float32_with_casts": with_grads(gelu_float32)}),
-      "depthwise_stride2": ([batch, padded, channels], [batch, length // 2, channels], {
+      "depthwise_stride2": (bf16, [batch, padded, channels],
+                            bf16, [batch, length // 2, channels], {
           "bfloat16": with_grads(
               lambda x, k: kernels._valid_depthwise_conv1d(x, k, 2),  # pylint: disable=protected-access
               kernel),
@@ -69,9 +88,10 @@ def main():
   from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   results = {}
-  for op, (x_shape, dy_shape, forms) in _forms(tf, kernels, args.quick).items():
-    x = tf.constant(rng.normal(0.0, 3.0, size=x_shape), tf.bfloat16)
-    dy = tf.constant(rng.normal(size=dy_shape), tf.bfloat16)
+  for op, (x_dtype, x_shape, dy_dtype, dy_shape, forms) in _forms(tf, kernels,
+                                                                   args.quick).items():
+    x = tf.constant(rng.normal(0.0, 3.0, size=x_shape), x_dtype)
+    dy = tf.constant(rng.normal(size=dy_shape), dy_dtype)
     outputs = {name: [t.numpy().astype(np.float64) for t in fn(x, dy)]
                for name, fn in forms.items()}
     base = next(iter(forms))
@@ -79,14 +99,14 @@ def main():
         {name: lambda fn=fn: [t.numpy() for t in fn(x, dy)] for name, fn in forms.items()},
         3 if args.quick else args.repeats, untimed=3)
     results[op] = {
-        "input_shape": x_shape,
+        "input_dtype": x_dtype.name, "input_shape": x_shape,
         "forms": {name: {
             "median_ms": round(1e3 * float(np.median(times[name])), 3),
             "ratio_to_" + base: round(float(np.median(times[name]) / np.median(times[base])), 3),
             "max_difference_to_" + base: max(
                 float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
                 for a, b in zip(outputs[name], outputs[base]))} for name in forms}}
-  common.emit({"benchmark": "bf16_ops", "command": " ".join(["python"] + sys.argv), "run": run,
+  common.emit({"benchmark": "op_forms", "command": " ".join(["python"] + sys.argv), "run": run,
                "machine": common.machine_info(), "results": results}, args.output)
 
 
