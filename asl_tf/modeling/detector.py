@@ -152,8 +152,8 @@ class ASLDetector(keras.Model):
     self._check_inputs(features, padding_mask)
     level_features, level_masks = self.backbone(features, padding_mask, training=training)
     level_features, level_masks = self.neck(level_features, level_masks)
-    cls_logits = self.cls_head(level_features, level_masks)
-    offsets = self.reg_head(level_features, level_masks)
+    cls_logits = self.cls_head(level_features, level_masks, training=training)
+    offsets = self.reg_head(level_features, level_masks, training=training)
     mc = self.model_config
     points = points_lib.point_table([tf.shape(x)[1] for x in level_features], mc.strides,
                                     mc.regression_range)

@@ -77,7 +77,8 @@ class ConvHead(keras.layers.Layer):
 class ClassificationHead(ConvHead):
   """Per-level class logits; the output bias starts at the prior -log((1 - p) / p).
 
-  Inputs: `level_features` list of [B, T_l, C], `level_masks` list of [B, T_l].
+  Inputs: `level_features` list of [B, T_l, C], `level_masks` list of [B, T_l]; `training` picks
+  the LayerNorms' training form (the same values).
   Outputs: list of float32 logits [B, T_l, num_classes] (zero on padded frames).
 
   Args:
@@ -111,8 +112,9 @@ class ClassificationHead(ConvHead):
     self.prior_prob = prior_prob
     self.empty_classes = tuple(empty_classes)
 
-  def call(self, level_features, level_masks):
-    return [tf.cast(y, tf.float32) for y in self._levels(level_features, level_masks)]
+  def call(self, level_features, level_masks, training=False):
+    return [tf.cast(y, tf.float32)
+            for y in self._levels(level_features, level_masks, training=training)]
 
   def get_config(self):
     config = super().get_config()
@@ -133,7 +135,8 @@ class ClassificationHead(ConvHead):
 class RegressionHead(ConvHead):
   """Per-level (left, right) distances in units of the level stride: conv, Scale_l, ReLU.
 
-  Inputs: `level_features` list of [B, T_l, C], `level_masks` list of [B, T_l].
+  Inputs: `level_features` list of [B, T_l, C], `level_masks` list of [B, T_l]; `training` picks
+  the LayerNorms' training form (the same values).
   Outputs: list of float32 offsets [B, T_l, 2] (>= 0, zero on padded frames).
 
   Args:
@@ -162,12 +165,13 @@ class RegressionHead(ConvHead):
     for scale in self.scales:
       scale.build(None)
 
-  def call(self, level_features, level_masks):
+  def call(self, level_features, level_masks, training=False):
     if len(level_features) != self.num_levels:
       raise ValueError(f"RegressionHead has {self.num_levels} level scales but got "
                        f"{len(level_features)} levels")
     return [tf.cast(tf.nn.relu(scale(y)), tf.float32)
-            for scale, y in zip(self.scales, self._levels(level_features, level_masks))]
+            for scale, y in zip(self.scales,
+                                self._levels(level_features, level_masks, training=training))]
 
   def get_config(self):
     config = super().get_config()

@@ -113,3 +113,33 @@ def test_mixed_float16_outputs_float32_and_close():
     assert out16[key].dtype == tf.float32
     np.testing.assert_allclose(out16[key].numpy(), out32[key].numpy(), atol=5e-2)
   assert np.abs(out16["cls_logits"].numpy() - out32["cls_logits"].numpy()).max() > 0
+
+
+def test_every_layer_norm_of_a_training_step_takes_the_training_form():
+  """Called with training=True, every LayerNorm (embedding, blocks, neck and both heads) takes
+  the training form: under `fast` each has its gradient written out, so neither autodiff of a
+  LayerNorm (`RsqrtGrad`) nor the inference form (`FusedBatchNormV3`) is in the traced gradient,
+  nested functions included; under `reference` autodiff gives the LayerNorms `RsqrtGrad`. Heads
+  called without `training` once took the inference form inside training steps."""
+  config = dataclasses.replace(SMALL, backbone_arch=(1, 1, 1), mha_win_size=(5, 5),
+                               regression_range=((0, 4), (4, 1e4)))
+  x, mask = _inputs(t=32)
+
+  def op_counts(policy):
+    detector = detector_lib.ASLDetector(dataclasses.replace(config, kernel_policy=policy))
+    detector(x, mask)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, config.input_dim]),
+                                  tf.TensorSpec([None, None], tf.bool)])
+    def grads(x, mask):
+      with tf.GradientTape() as tape:
+        out = detector(x, mask, training=True)
+        loss = tf.reduce_sum(out["cls_logits"]) + tf.reduce_sum(out["offsets"])
+      return tape.gradient(loss, detector.trainable_variables)
+
+    graph_def = grads.get_concrete_function().graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return {op: sum(n.op == op for n in nodes) for op in ("RsqrtGrad", "FusedBatchNormV3")}
+
+  assert op_counts("fast") == {"RsqrtGrad": 0, "FusedBatchNormV3": 0}
+  assert op_counts("reference")["RsqrtGrad"] > 0
