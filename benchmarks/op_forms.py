@@ -38,9 +38,10 @@ def _forms(tf, kernels, quick):
   def gelu_float32(x):
     return tf.cast(tf.nn.gelu(tf.cast(x, tf.float32), approximate=False), x.dtype)
 
+  valid_depthwise = kernels._valid_depthwise_conv1d  # pylint: disable=protected-access
+
   def depthwise_float32(x, k):
-    return tf.cast(kernels._valid_depthwise_conv1d(  # pylint: disable=protected-access
-        tf.cast(x, tf.float32), tf.cast(k, tf.float32), 2), x.dtype)
+    return tf.cast(valid_depthwise(tf.cast(x, tf.float32), tf.cast(k, tf.float32), 2), x.dtype)
 
   def with_grads(fn, *constants):
     def run(x, dy):
@@ -71,9 +72,7 @@ def _forms(tf, kernels, quick):
           "float32_with_casts": with_grads(gelu_float32)}),
       "depthwise_stride2": (bf16, [batch, padded, channels],
                             bf16, [batch, length // 2, channels], {
-          "bfloat16": with_grads(
-              lambda x, k: kernels._valid_depthwise_conv1d(x, k, 2),  # pylint: disable=protected-access
-              kernel),
+          "bfloat16": with_grads(lambda x, k: valid_depthwise(x, k, 2), kernel),
           "float32_with_casts": with_grads(depthwise_float32, kernel),
           "float32_input_grad": with_grads(
               lambda x, k: kernels.strided_depthwise_with_float32_input_grad(x, k, 2), kernel)}),

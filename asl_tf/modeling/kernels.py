@@ -288,8 +288,8 @@ def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
 
 def _layer_norm_with_written_gradient(x, gamma, beta, epsilon):
   """The training LayerNorm with its gradient written out, in float32: autodiff's values up to
-  float32 rounding (the input gradient then rounded once to the dtype of `x`), in fewer ops
-  (one LayerNorm and its gradient traced alone: 41 against 86 with a dynamic batch and length)
+  float32 rounding (the input gradient then rounded once to the dtype of `x`), in fewer ops (one
+  LayerNorm and its gradient traced alone with a dynamic batch and length: 39-42 against 84-87)
   and full-size passes (forward + backward 0.89-0.90x at [2, 2304, 512]; benchmarks/README.md).
 
   Args:
