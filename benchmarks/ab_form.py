@@ -5,6 +5,7 @@ same weights, alternating rounds (the order reversed every other round); prints 
   python benchmarks/ab_form.py --form=filter_grad
   python benchmarks/ab_form.py --form=depthwise
   python benchmarks/ab_form.py --form=layer_norm --mixed_precision=float32
+  python benchmarks/ab_form.py --form=gradient_copies --mixed_precision=float32
 
 `filter_grad`: the kernel gradient of wide bfloat16 convolutions as one GEMM over the taps
 (`kernels.conv1d_with_gemm_filter_grad`) against TensorFlow's backward-filter convolution.
@@ -13,9 +14,14 @@ bfloat16 (`tf.nn.gelu` as it is). `depthwise`: the strided depthwise convolution
 q / k / v in downsampling blocks) with their input gradient in float32
 (`kernels.strided_depthwise_with_float32_input_grad`) against TensorFlow's bfloat16 gradient.
 `layer_norm`: the training LayerNorm with its gradient written out against autodiff of the
-element-wise form (`reference`'s). Both detectors run `--kernel_policy=fast` in
-`--mixed_precision` (default mixed_bfloat16; the first three forms exist only there), the default
-model at epoch 5.
+element-wise form (`reference`'s). `depthwise_reshape`: the depthwise convolutions' [B, T, C] <->
+[B, 1, T, C] changes as reshapes against the indexing `x[:, None]`, `y[:, 0]` (whose gradients
+copy). `block_pairs`: the local attention's key-block pairs with their gradient written out
+(`kernels.with_next_block`) against autodiff's scatter. `winograd_adjoint`: the Winograd input
+gradient reading the kernel transposed in its GEMM against writing the transposed, reversed kernel
+out. `gradient_copies`: the last three together. Both detectors run `--kernel_policy=fast` in
+`--mixed_precision` (default mixed_bfloat16; `filter_grad`, `gelu` and `depthwise` exist only
+there), the default model at epoch 5.
 
 The JSON records each detector's first loss, the dtypes of the op that tells the two traced
 steps apart (`PROGRAM_OPS`; the script stops when they trace the same program, e.g.
@@ -35,34 +41,77 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-# The op type whose dtypes (or count) tell the two forms' traced steps apart.
-PROGRAM_OPS = {"filter_grad": "Conv2DBackpropFilter", "gelu": "Erfc",
-               "depthwise": "DepthwiseConv2dNativeBackpropInput", "layer_norm": "RsqrtGrad"}
+# The op types whose dtypes (or counts) tell the two forms' traced steps apart.
+PROGRAM_OPS = {"filter_grad": ("Conv2DBackpropFilter",), "gelu": ("Erfc",),
+               "depthwise": ("DepthwiseConv2dNativeBackpropInput",),
+               "layer_norm": ("RsqrtGrad",), "depthwise_reshape": ("StridedSliceGrad",),
+               "block_pairs": ("UnsortedSegmentSum",), "winograd_adjoint": ("Transpose",),
+               "gradient_copies": ("StridedSliceGrad", "UnsortedSegmentSum", "Transpose")}
 
 
-def _forms(kernels, tf):
-  """form -> (the `kernels` attribute, {run name: its function}), the baseline first."""
+def step_forms(tf):
+  """form -> {run name: {(module, attribute): the function it holds}}, the baseline first."""
+  from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
+  from asl_tf.modeling import winograd  # pylint: disable=g-import-not-at-top
+
   def bfloat16_gelu(x, training=False, policy="reference"):
     del training, policy
     return tf.nn.gelu(x, approximate=False)
 
-  written_layer_norm = kernels._layer_norm_with_written_gradient  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  written_layer_norm = kernels._layer_norm_with_written_gradient
 
   def autodiff_layer_norm(x, gamma, beta, epsilon):
     return kernels.layer_norm(x, gamma, beta, epsilon, training=True, policy="reference")
 
-  return {
-      "layer_norm": ("_layer_norm_with_written_gradient", {
-          "autodiff": autodiff_layer_norm,
-          "written_gradient": written_layer_norm}),
-      "filter_grad": ("conv1d_with_gemm_filter_grad", {
-          "tf_backward_filter": kernels._same_conv1d,  # pylint: disable=protected-access
-          "gemm_filter_grad": kernels.conv1d_with_gemm_filter_grad}),
-      "gelu": ("gelu", {"bfloat16_gelu": bfloat16_gelu, "float32_gelu": kernels.gelu}),
-      "depthwise": ("strided_depthwise_with_float32_input_grad", {
-          "bfloat16_depthwise": kernels._valid_depthwise_conv1d,  # pylint: disable=protected-access
-          "float32_input_grad": kernels.strided_depthwise_with_float32_input_grad}),
+  def indexed_depthwise(x, kernel, strides):
+    y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
+                               strides=[1, strides, strides, 1], padding="VALID")
+    return y[:, 0]
+
+  with_next_block = kernels.with_next_block
+
+  def scattered_block_pairs(blocks, axis, shape, policy="reference"):
+    del policy
+    return with_next_block(blocks, axis, shape, "reference")
+
+  winograd_conv = winograd._conv
+
+  def written_transpose_conv(x, kernel, adjoint=False):
+    if adjoint:
+      return winograd_conv(x, tf.transpose(kernel[::-1], [0, 2, 1]))
+    return winograd_conv(x, kernel)
+
+  copies = {
+      "depthwise_reshape": ((kernels, "_valid_depthwise_conv1d"), indexed_depthwise,
+                            kernels._valid_depthwise_conv1d),
+      "block_pairs": ((kernels, "with_next_block"), scattered_block_pairs, with_next_block),
+      "winograd_adjoint": ((winograd, "_conv"), written_transpose_conv, winograd_conv),
   }
+  forms = {form: {"copying": {target: before}, "not_copying": {target: after}}
+           for form, (target, before, after) in copies.items()}
+  forms["gradient_copies"] = {
+      "copying": {target: before for target, before, _ in copies.values()},
+      "not_copying": {target: after for target, _, after in copies.values()}}
+  forms.update({
+      "layer_norm": {
+          "autodiff": {(kernels, "_layer_norm_with_written_gradient"): autodiff_layer_norm},
+          "written_gradient": {
+              (kernels, "_layer_norm_with_written_gradient"): written_layer_norm}},
+      "filter_grad": {
+          "tf_backward_filter": {(kernels, "conv1d_with_gemm_filter_grad"):
+                                 kernels._same_conv1d},
+          "gemm_filter_grad": {(kernels, "conv1d_with_gemm_filter_grad"):
+                               kernels.conv1d_with_gemm_filter_grad}},
+      "gelu": {"bfloat16_gelu": {(kernels, "gelu"): bfloat16_gelu},
+               "float32_gelu": {(kernels, "gelu"): kernels.gelu}},
+      "depthwise": {
+          "bfloat16_depthwise": {(kernels, "strided_depthwise_with_float32_input_grad"):
+                                 kernels._valid_depthwise_conv1d},
+          "float32_input_grad": {(kernels, "strided_depthwise_with_float32_input_grad"):
+                                 kernels.strided_depthwise_with_float32_input_grad}},
+  })
+  return forms
 
 
 def op_dtypes(concrete_function, op_type):
@@ -87,15 +136,15 @@ def main():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
-  from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
 
-  attribute, forms = _forms(kernels, tf)[args.form]
-  original = getattr(kernels, attribute)
+  forms = step_forms(tf)[args.form]
+  original = {target: getattr(*target) for target in next(iter(forms.values()))}
   runs, first_loss, program, weights = {}, {}, {}, None
   try:
     for name, form in forms.items():
-      # The step is traced by its first call, with whatever the attribute holds then.
-      setattr(kernels, attribute, form)
+      # The step is traced by its first call, with whatever the attributes hold then.
+      for (module, attribute), function in form.items():
+        setattr(module, attribute, function)
       asl_flags.FLAGS.unparse_flags()
       tf.keras.utils.set_random_seed(0)
       setup = train_step.build_step(
@@ -104,16 +153,18 @@ def main():
           epoch=5)
       weights = weights or setup.model.get_weights()
       first_loss[name] = float(setup.step(setup.batch, setup.epoch)["total_loss"])
-      program[name] = op_dtypes(setup.step.get_concrete_function(setup.batch, setup.epoch),
-                                PROGRAM_OPS[args.form])
+      traced = setup.step.get_concrete_function(setup.batch, setup.epoch)
+      program[name] = {op: op_dtypes(traced, op) for op in PROGRAM_OPS[args.form]}
       setup.run()
       runs[name] = setup
   finally:
-    setattr(kernels, attribute, original)
+    for (module, attribute), function in original.items():
+      setattr(module, attribute, function)
   if len({str(p) for p in program.values()}) == 1:
-    raise SystemExit(f"--form={args.form}: both detectors trace the same "
-                     f"{PROGRAM_OPS[args.form]} ops ({program}) at --config={args.config}"
-                     f"{' --quick' if args.quick else ''}: nothing to compare")
+    ops = ", ".join(PROGRAM_OPS[args.form])
+    raise SystemExit(f"--form={args.form}: both detectors trace the same {ops} ops ({program}) "
+                     f"at --config={args.config}{' --quick' if args.quick else ''}: "
+                     "nothing to compare")
   times, first_in_round = common.alternating_rounds(
       {name: setup.run for name, setup in runs.items()}, 2 if args.quick else args.repeats)
   if any(setup.step.experimental_get_tracing_count() != 1 for setup in runs.values()):
@@ -123,7 +174,7 @@ def main():
   common.emit({"benchmark": f"ab_form_{args.form}", "command": " ".join(["python"] + sys.argv),
                "run": run, "config": args.config, "mixed_precision": args.mixed_precision,
                "machine": common.machine_info(),
-               "first_loss": first_loss, f"{PROGRAM_OPS[args.form]}_op_dtypes": program,
+               "first_loss": first_loss, "program_op_dtypes": program,
                "first_in_round": first_in_round,
                "results": common.ab_results(times, baseline, "train_step_median_sec",
                                             "rounds_sec"),

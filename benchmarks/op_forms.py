@@ -11,7 +11,13 @@ with casts, and with only its input gradient in float32
 (`kernels.strided_depthwise_with_float32_input_grad`). `layer_norm_float32` /
 `layer_norm_bfloat16`: the training LayerNorm of [2, 2304, 512] (float32 statistics and output)
 with its gradients (input, gamma, beta) by autodiff of the element-wise form (`reference`) and
-written out (`fast` / `portable`).
+written out (`fast` / `portable`). `depthwise_float32`: the attention's depthwise convolution of
+[2, 2304, 512] float32 (kernel 3, stride 1) with the indexing `x[:, None]`, `y[:, 0]` and with
+reshapes. `block_pairs`: the local attention's key-block pairs at THUMOS' first level ([2, 4, 129
+blocks of 18, 128]) with autodiff's scatter and with the gradient written out. `winograd_adjoint`:
+a 512 -> 512 Winograd convolution of [2, 2304, 512] whose input gradient writes the transposed,
+reversed kernel out, and reads it transposed in its GEMM. The replaced forms of the last three are
+`ab_form.step_forms`'s, swapped in while each form is traced.
 Each form is a `tf.function` returning the output and its gradients for a fixed output gradient;
 the forms of one op are called alternately (the order reversed every other round) after 3
 untimed rounds. The JSON gives each form's median and its largest difference from the first form
@@ -24,7 +30,23 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ab_form  # pylint: disable=g-import-not-at-top,wrong-import-position
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _traced_with(patches, fn):
+  """`fn(x, dy)` with `patches` {(module, attribute): value} set while it runs, so a
+  `tf.function` traced by its first call traces them."""
+  def call(x, dy):
+    saved = {target: getattr(*target) for target in patches}
+    try:
+      for (module, attribute), value in patches.items():
+        setattr(module, attribute, value)
+      return fn(x, dy)
+    finally:
+      for (module, attribute), value in saved.items():
+        setattr(module, attribute, value)
+  return call
 
 
 def _forms(tf, kernels, quick):
@@ -63,7 +85,28 @@ def _forms(tf, kernels, quick):
   padded = length + 2  # one zero frame on each side, as `kernels.conv1d` pads
   bf16, f32 = tf.bfloat16, tf.float32
   sequence = [batch, length, channels]
+  from asl_tf.modeling import winograd  # pylint: disable=g-import-not-at-top
+  replaced = ab_form.step_forms(tf)
+
+  def copying_or_not(form, fn, *constants):
+    return {name: _traced_with(patches, with_grads(fn, *constants))
+            for name, patches in replaced[form].items()}
+
+  heads, head_dim, block = (2, 8, 4) if quick else (4, 128, 18)
+  num_blocks = length // block + 1
+  pairs_shape = [batch, heads, num_blocks - 1, 2 * block, head_dim]
+  kernel32 = tf.constant(rng.normal(0.0, 0.3, size=(3, 1, channels)), f32)
+  dense_kernel = tf.constant(rng.normal(0.0, channels ** -0.5, size=(3, channels, channels)), f32)
   return {
+      "depthwise_float32": (f32, [batch, padded, channels], f32, sequence, copying_or_not(
+          "depthwise_reshape",  # looked up when traced, so the patched form runs
+          lambda x, k: kernels._valid_depthwise_conv1d(x, k, 1),  # pylint: disable=protected-access
+          kernel32)),
+      "block_pairs": (f32, [batch, heads, num_blocks, block, head_dim], f32, pairs_shape,
+                      copying_or_not("block_pairs", lambda b: kernels.with_next_block(
+                          b, 2, pairs_shape, "fast"))),
+      "winograd_adjoint": (f32, sequence, f32, sequence, copying_or_not(
+          "winograd_adjoint", winograd.conv1d_k3, dense_kernel)),
       **{f"layer_norm_{dtype.name}": (dtype, sequence, f32, sequence, {
           "autodiff": layer_norm("reference"), "written_gradient": layer_norm("fast")})
          for dtype in (f32, bf16)},

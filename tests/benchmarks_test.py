@@ -440,6 +440,28 @@ def test_ab_form_reads_op_dtypes_inside_nested_functions():
   assert ab_form.op_dtypes(plain, "Erfc") == {"float16": 1}
 
 
+def test_op_forms_agree_and_leave_the_library_as_it_was():
+  """Every form `op_forms.py` times for an op (the replaced forms of `ab_form.step_forms` swapped
+  in while traced) gives the base form's outputs and gradients (float32 rows to float32
+  rounding, bfloat16 rows to bfloat16 rounding), and the swapped attributes are restored."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
+  from asl_tf.modeling import winograd  # pylint: disable=g-import-not-at-top
+  op_forms = _load("op_forms")
+  library = (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv)
+  rng = np.random.default_rng(0)
+  for op, (x_dtype, x_shape, dy_dtype, dy_shape, forms) in op_forms._forms(
+      tf, kernels, quick=True).items():
+    x = tf.constant(rng.normal(0.0, 3.0, size=x_shape), x_dtype)
+    dy = tf.constant(rng.normal(size=dy_shape), dy_dtype)
+    outputs = [[t.numpy().astype(np.float64) for t in fn(x, dy)] for fn in forms.values()]
+    tol = 1e-5 if x_dtype == tf.float32 and dy_dtype == tf.float32 else 2e-2
+    for other in outputs[1:]:
+      for got, want in zip(other, outputs[0]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=op)
+  assert (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv) == library
+
+
 @pytest.mark.slow
 def test_ab_bf16_layer_norm_forms_agree(tmp_path):
   """The A/B's two bfloat16 detectors differ in what they compare (the LayerNorm pattern fed

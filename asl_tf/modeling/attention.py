@@ -28,14 +28,6 @@ def _dense(units, name, dtype):
                             bias_initializer="zeros", name=name, dtype=dtype)
 
 
-def _with_next_block(blocks, axis, shape):
-  """Each block joined with the next: blocks [..., N + 1, L, ...] (on `axis`) -> `shape`, i.e.
-  [..., N, 2L, ...]."""
-  n = tf.shape(blocks)[axis] - 1
-  pairs = tf.gather(blocks, tf.stack([tf.range(n), tf.range(1, n + 1)], axis=1), axis=axis)
-  return tf.reshape(pairs, shape)  # [..., N, 2, L, ...] -> [..., N, 2L, ...]
-
-
 @keras.saving.register_keras_serializable(package="asl_tf")
 class MaskedSelfAttention(keras.layers.Layer):
   """Masked multi-head convolutional self-attention, local (sliding window) or global.
@@ -144,12 +136,12 @@ class MaskedSelfAttention(keras.layers.Layer):
     key_pad = [[0, 0], [0, 0], [h, tail + h], [0, 0]]
     blocks_shape = [b, self.num_heads, num_blocks + 1, block, self.head_dim]
     keys_shape = [b, self.num_heads, num_blocks, span, self.head_dim]
-    k = _with_next_block(tf.reshape(tf.pad(k, key_pad), blocks_shape), 2,
-                         keys_shape)  # [B, H, N, S, D]
-    v = _with_next_block(tf.reshape(tf.pad(v, key_pad), blocks_shape), 2,
-                         keys_shape)  # [B, H, N, S, D]
+    k = kernels.with_next_block(tf.reshape(tf.pad(k, key_pad), blocks_shape), 2, keys_shape,
+                                self.kernel_policy)  # [B, H, N, S, D]
+    v = kernels.with_next_block(tf.reshape(tf.pad(v, key_pad), blocks_shape), 2, keys_shape,
+                                self.kernel_policy)  # [B, H, N, S, D]
     mask_blocks = tf.reshape(tf.pad(mask, [[0, 0], [h, tail + h]]), [b, num_blocks + 1, block])
-    key_valid = _with_next_block(mask_blocks, 1, [b, num_blocks, span])  # [B, N, S]
+    key_valid = kernels.with_next_block(mask_blocks, 1, [b, num_blocks, span])  # [B, N, S]
     positions = tf.range(num_blocks)[:, None] * block + tf.range(span)[None, :] - h  # [N, S]
     in_sequence = (positions >= 0) & (positions < t)
     # Slot j is in query i's band iff 0 <= j - i <= 2h.

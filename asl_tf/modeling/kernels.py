@@ -1,6 +1,7 @@
 """The one place where computations are chosen for speed: convolution, LayerNorm, GELU, per-frame
-MLP and level-shared heads, each under an explicit kernel policy (which also picks the optimizer's
-form: Keras' AdamW under `reference`, else `training.optimizer.FusedAdamW`, the same updates).
+MLP, the local attention's key blocks and level-shared heads, each under an explicit kernel
+policy (which also picks the optimizer's form: Keras' AdamW under `reference`, else
+`training.optimizer.FusedAdamW`, the same updates).
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
 tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
@@ -25,6 +26,7 @@ Policies (`ModelConfig.kernel_policy`):
   strided bfloat16 depthwise ones with their input gradient in float32;
   the GELU of a float16 / bfloat16 training step in float32;
   the training LayerNorm with its gradient written out;
+  the local attention's key-block pairs with their gradient written out;
   the inference LayerNorm (graphs with a dynamic batch or length; float32 or bfloat16) as the
   FusedBatchNorm pattern that oneDNN's remapper turns into one kernel; the MLP on the valid
   frames only, as rows; the head levels joined into one sequence.
@@ -132,13 +134,19 @@ def conv1d(x, kernel, strides=1, groups=1, policy="reference"):
                     for xg, kg in zip(xs, ks)], axis=-1)
 
 
+def _as_depthwise_2d(x, kernel):
+  """x [B, T, C] -> [B, 1, T, C] (a dummy height axis, which a height stride leaves at 1: TF
+  needs equal row and column strides); kernel [k, 1, C] -> [1, k, C, 1]. Reshapes, not
+  `x[:, None]`: a slice's gradient is a full copy, a reshape's is free."""
+  taps, _, channels = kernel.shape
+  return tf.expand_dims(x, 1), tf.reshape(kernel, [1, taps, channels, 1])
+
+
 def _valid_depthwise_conv1d(x, kernel, strides):
   """Depthwise 'valid' convolution: x [B, T, C], kernel [k, 1, C] -> [B, (T - k) // s + 1, C]."""
-  # kernel -> [1, k, C, 1]; input [B, 1, T, C] (a dummy height axis, which a height stride
-  # leaves at 1: TF needs equal row and column strides).
-  y = tf.nn.depthwise_conv2d(x[:, None], tf.transpose(kernel, [0, 2, 1])[None],
-                             strides=[1, strides, strides, 1], padding="VALID")
-  return y[:, 0]
+  x4, kernel4 = _as_depthwise_2d(x, kernel)
+  y = tf.nn.depthwise_conv2d(x4, kernel4, strides=[1, strides, strides, 1], padding="VALID")
+  return tf.squeeze(y, 1)
 
 
 @functools.cache
@@ -149,13 +157,13 @@ def _depthwise_with_float32_input_grad(strides):
   def conv(x, kernel):
     def grad(dy):
       # As `_valid_depthwise_conv1d`: x [B, 1, T, C], kernel [1, k, C, 1], dy [B, 1, T', C].
-      x4, kernel4, dy4 = x[:, None], tf.transpose(kernel, [0, 2, 1])[None], dy[:, None]
+      (x4, kernel4), dy4 = _as_depthwise_2d(x, kernel), tf.expand_dims(dy, 1)
       stride4 = [1, strides, strides, 1]
       dx = tf.compat.v1.nn.depthwise_conv2d_native_backprop_input(
           tf.shape(x4), tf.cast(kernel4, tf.float32), tf.cast(dy4, tf.float32), stride4, "VALID")
       dkernel = tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
           x4, tf.shape(kernel4), dy4, stride4, "VALID")  # [1, k, C, 1]
-      return tf.cast(dx[:, 0], x.dtype), tf.transpose(dkernel[0], [0, 2, 1])
+      return tf.cast(tf.squeeze(dx, 1), x.dtype), tf.reshape(dkernel, kernel.shape)
 
     return _valid_depthwise_conv1d(x, kernel, strides), grad
 
@@ -400,6 +408,55 @@ def per_frame(fn, x, padding_mask, policy="reference"):
     return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
 
   return tf.cond(tf.reduce_all(padding_mask), all_rows, valid_rows_only)
+
+
+# -- local attention -------------------------------------------------------------------------
+def with_next_block(blocks, axis, shape, policy="reference"):
+  """Each block joined with the next: a gather of block pairs.
+
+  `fast` / `portable` write the gradient out: each pair's gradient split in halves, added back
+  onto their blocks (two pads and an add; the same values) instead of autodiff's scatter
+  (`UnsortedSegmentSum`), 0.6-0.7x of the gather's forward + backward at THUMOS' two longest
+  levels (benchmarks/README.md).
+
+  Args:
+    blocks: [..., N + 1, L, ...] with the blocks on `axis` (any dtype; only floats have a
+      gradient).
+    axis: the blocks' axis.
+    shape: the result's shape, [..., N, 2L, ...].
+    policy: a kernel policy.
+
+  Returns:
+    `shape`: block n followed by block n + 1.
+  """
+  if resolve(policy) == "reference" or not blocks.dtype.is_floating:
+    return _gather_block_pairs(blocks, axis, shape)
+  return _block_pairs_with_written_gradient(blocks, axis, shape)
+
+
+def _gather_block_pairs(blocks, axis, shape):
+  n = tf.shape(blocks)[axis] - 1
+  pairs = tf.gather(blocks, tf.stack([tf.range(n), tf.range(1, n + 1)], axis=1), axis=axis)
+  return tf.reshape(pairs, shape)  # [..., N, 2, L, ...] -> [..., N, 2L, ...]
+
+
+def _block_pairs_with_written_gradient(blocks, axis, shape):
+  """`_gather_block_pairs` whose gradient adds the pairs' halves back with two pads."""
+  @tf.custom_gradient
+  def pairs(blocks):
+    def grad(d_pairs):
+      blocks_shape = tf.shape(blocks)
+      halves = tf.reshape(d_pairs, tf.concat(
+          [blocks_shape[:axis], [blocks_shape[axis] - 1, 2], blocks_shape[axis + 1:]], axis=0))
+      first, second = tf.unstack(halves, axis=axis + 1)  # of blocks 0..N-1, of blocks 1..N
+      no_pad = [[0, 0]] * blocks.shape.rank
+      after = no_pad[:axis] + [[0, 1]] + no_pad[axis + 1:]
+      before = no_pad[:axis] + [[1, 0]] + no_pad[axis + 1:]
+      return tf.pad(first, after) + tf.pad(second, before)
+
+    return _gather_block_pairs(blocks, axis, shape), grad
+
+  return pairs(blocks)
 
 
 # -- heads shared over pyramid levels --------------------------------------------------------

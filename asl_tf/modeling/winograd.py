@@ -37,9 +37,10 @@ def _input_transform(x):
   return tf.reshape(v, [_NUM_POINTS, batch * n, channels]), n
 
 
-def _kernel_transform(kernel):
-  """G over the taps: [3, Cin, Cout] -> [6, Cin, Cout]."""
-  g0, g1, g2 = kernel[0], kernel[1], kernel[2]
+def _kernel_transform(kernel, reverse_taps=False):
+  """G over the taps: [3, Cin, Cout] -> [6, Cin, Cout] (of the taps in reverse order if asked)."""
+  g0, g1, g2 = (kernel[2], kernel[1], kernel[0]) if reverse_taps else (kernel[0], kernel[1],
+                                                                       kernel[2])
   odd = g0 + g2
   return tf.stack([g0 / 4.0, -(odd + g1) / 6.0, -(odd - g1) / 6.0,
                    g0 / 24.0 + g1 / 12.0 + g2 / 6.0, g0 / 24.0 - g1 / 12.0 + g2 / 6.0, g2],
@@ -75,10 +76,15 @@ def _kernel_transform_adjoint(du):
                    -s12 / 6.0 + s34 / 6.0 + u5], axis=0)
 
 
-def _conv(x, kernel):
-  """F(4, 3) forward: (y [B, T, Cout], transformed input tiles [6, B * n, Cin], n)."""
+def _conv(x, kernel, adjoint=False):
+  """F(4, 3) forward: (y [B, T, Cout], transformed input tiles [6, B * n, Cin], n).
+
+  `adjoint`: convolve with the taps reversed and each tap transposed ([3, Cout, Cin] read from
+  `kernel` [3, Cin, Cout] by the GEMM, never written out).
+  """
   v, n = _input_transform(x)
-  m = tf.matmul(v, _kernel_transform(kernel))  # [6, B * n, Cout]
+  u = _kernel_transform(kernel, reverse_taps=adjoint)  # [6, Cin, Cout]
+  m = tf.matmul(v, u, transpose_b=adjoint)  # [6, B * n, Cout]
   return _output_transform(m, tf.shape(x)[0], tf.shape(x)[1], n), v, n
 
 
@@ -102,7 +108,7 @@ def conv1d_k3(x, kernel):
     dm = _output_transform_adjoint(dy, n)  # [6, B * n, Cout]
     dkernel = _kernel_transform_adjoint(tf.matmul(v, dm, transpose_a=True))
     # x[t] meets dy[t - j + 1] through tap j: a correlation with taps reversed, transposed.
-    dx, _, _ = _conv(dy, tf.transpose(kernel[::-1], [0, 2, 1]))
+    dx, _, _ = _conv(dy, kernel, adjoint=True)
     return dx, dkernel
 
   return y, grad

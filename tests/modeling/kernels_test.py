@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from asl_tf.modeling import kernels
 from asl_tf.modeling import layers
+import layer_harness
 
 
 def _graph_op_types(fn, *specs):
@@ -87,6 +88,42 @@ def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides,
   tol = 1e-4 if dtype == tf.float32 else 1e-1
   for policy in ("fast", "portable"):
     np.testing.assert_allclose(outputs[policy], outputs["reference"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_depthwise_conv_values_and_gradients_without_slice_copies(strides, dtype):
+  """A depthwise convolution (the attention's q / k / v) and its gradients equal the float64 sums
+  written out by hand, under every policy; its [B, T, C] <-> [B, 1, T, C] changes are reshapes,
+  so the traced gradient holds no `StridedSliceGrad` (a full-size copy of the gradient each; the
+  indexing form `x[:, None]`, `y[:, 0]` had 3 per convolution)."""
+  rng = np.random.default_rng(3)
+  x64 = rng.normal(size=(2, 11, 4))
+  kernel64 = rng.normal(size=(3, 1, 4))
+  padded = np.pad(x64, [(0, 0), (1, 1), (0, 0)])
+  frames = range(0, 11, strides)
+  want = np.stack([sum(padded[:, i + j] * kernel64[j, 0] for j in range(3)) for i in frames], 1)
+  dy64 = rng.normal(size=want.shape)
+  want_dx = np.zeros_like(padded)
+  want_dkernel = np.zeros_like(kernel64)
+  for o, i in enumerate(frames):
+    for j in range(3):
+      want_dx[:, i + j] += dy64[:, o] * kernel64[j, 0]
+      want_dkernel[j, 0] += np.sum(dy64[:, o] * padded[:, i + j], axis=0)
+  x, kernel, dy = (tf.constant(a, dtype) for a in (x64, kernel64, dy64))
+  tol = 1e-5 if dtype == tf.float32 else 0.05
+  for policy in ("reference", "fast", "portable"):
+    def fn(x, kernel, policy=policy):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = kernels.conv1d(x, kernel, strides, 4, policy)
+      return [y] + tape.gradient(y, [x, kernel], output_gradients=dy)
+    traced = tf.function(fn)
+    nodes = layer_harness.traced_nodes(traced.get_concrete_function(x, kernel))
+    assert not [n.name for n in nodes if n.op == "StridedSliceGrad"], policy
+    got = [t.numpy().astype(np.float64) for t in traced(x, kernel)]
+    for g, w in zip(got, (want, want_dx[:, 1:-1], want_dkernel)):
+      np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max(), err_msg=policy)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -341,8 +378,7 @@ def test_bfloat16_layer_norm_matches_a_float64_reference_under_fast_and_portable
 
 def _op_dtypes(fn, op_type, *specs):
   """The `T` of every `op_type` op in the traced `fn`, its nested functions included."""
-  graph_def = tf.function(fn).get_concrete_function(*specs).graph.as_graph_def()
-  nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+  nodes = layer_harness.traced_nodes(tf.function(fn).get_concrete_function(*specs))
   return {tf.as_dtype(n.attr["T"].type) for n in nodes if n.op == op_type}
 
 
@@ -446,3 +482,40 @@ def test_conv1d_and_masks_without_static_channels_or_bool_masks():
     levels = kernels.over_levels(lambda v, m, keep: v + 1.0, [x, x[:, :4]], [mask, mask[:, :4]],
                                  1, policy)
     np.testing.assert_allclose(levels[1].numpy(), x.numpy()[:, :4] + 1.0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_with_next_block_values_and_gradient(dtype, jit_compile):
+  """Block n followed by block n + 1, and the gradient: each block receives its own slot of pair
+  n and the other slot of pair n - 1 (hand-computed; sums of two terms, exact in bfloat16 too).
+  Under `fast` / `portable` the gradient has no scatter (`UnsortedSegmentSum`), under
+  `reference` it is autodiff's."""
+  rng = np.random.default_rng(11)
+  blocks64 = rng.normal(size=(2, 4, 3, 5))  # [B, N + 1 = 4, L = 3, D]
+  want = np.concatenate([blocks64[:, :-1], blocks64[:, 1:]], axis=2)  # [B, 3, 2L, D]
+  blocks, d_pairs = tf.constant(blocks64, dtype), tf.constant(rng.normal(size=want.shape), dtype)
+  d_pairs64 = d_pairs.numpy().astype(np.float64)  # the sums of two, rounded once, are exact
+  want_grad = np.zeros_like(blocks64)
+  want_grad[:, :-1] += d_pairs64[:, :, :3]
+  want_grad[:, 1:] += d_pairs64[:, :, 3:]
+  mask = tf.constant(rng.random(size=(2, 4, 3)) > 0.5)
+  for policy in ("reference", "fast", "portable"):
+    def fn(blocks, policy=policy):
+      b, n = tf.shape(blocks)[0], tf.shape(blocks)[1] - 1
+      with tf.GradientTape() as tape:
+        tape.watch(blocks)
+        pairs = kernels.with_next_block(blocks, 1, [b, n, 6, 5], policy)
+      key_mask = kernels.with_next_block(mask, 1, [b, n, 6], policy)
+      return pairs, tape.gradient(pairs, blocks, output_gradients=d_pairs), key_mask
+    traced = tf.function(fn, jit_compile=jit_compile,
+                         input_signature=[tf.TensorSpec([None, None, 3, 5], dtype)])
+    ops = {n.op for n in layer_harness.traced_nodes(traced.get_concrete_function())}
+    assert ("UnsortedSegmentSum" in ops) == (policy == "reference"), policy
+    pairs, grad, key_mask = traced(blocks)
+    np.testing.assert_array_equal(pairs.numpy().astype(np.float64),
+                                  tf.cast(tf.constant(want, dtype), tf.float64).numpy())
+    np.testing.assert_array_equal(grad.numpy().astype(np.float64),
+                                  tf.cast(tf.constant(want_grad, dtype), tf.float64).numpy())
+    np.testing.assert_array_equal(key_mask.numpy(), np.concatenate(
+        [mask.numpy()[:, :-1], mask.numpy()[:, 1:]], axis=2))

@@ -47,3 +47,10 @@ def assert_mixed_precision_close(make, call, atol, output_dtype=tf.float16):
   for g, w in zip(got, want):
     assert g.dtype == output_dtype
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=atol)
+
+
+def traced_nodes(concrete_function):
+  """Every NodeDef of a traced function, its nested functions (`tf.cond` branches, gradients)
+  included; a branch also rewritten for its gradient counts twice."""
+  graph_def = concrete_function.graph.as_graph_def()
+  return list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
