@@ -21,10 +21,12 @@ copy). `block_pairs`: the local attention's key-block pairs with their gradient 
 gradient reading the kernel transposed in its GEMM against writing the transposed, reversed kernel
 out. `gradient_copies`: the last three together. Both detectors run `--kernel_policy=fast` in
 `--mixed_precision` (default mixed_bfloat16; `filter_grad`, `gelu` and `depthwise` exist only
-there), the default model at epoch 5.
+there, `winograd_adjoint` only in float32, the Winograd form's dtype), the default model at
+epoch 5.
 
-The JSON records each detector's first loss, the dtypes of the op that tells the two traced
-steps apart (`PROGRAM_OPS`; the script stops when they trace the same program, e.g.
+The JSON records each detector's first loss, the dtypes (with counts) of the ops that tell the
+two traced steps apart (`program_op_dtypes`, of `PROGRAM_OPS`; JSON files written before
+`gradient_copies` name it `<op>_op_dtypes`; the script stops when they trace the same program, e.g.
 `filter_grad` at `--quick` sizes, where no convolution is wide), which form ran first in each
 round, and the per-round ratios' median and geometric mean (with the standard error of the mean
 log ratio). Never run it beside other work.

@@ -36,7 +36,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def _traced_with(patches, fn):
   """`fn(x, dy)` with `patches` {(module, attribute): value} set while it runs, so a
-  `tf.function` traced by its first call traces them."""
+  `tf.function` traced by its first call traces them; `fn` is the result's `traced`."""
   def call(x, dy):
     saved = {target: getattr(*target) for target in patches}
     try:
@@ -46,6 +46,7 @@ def _traced_with(patches, fn):
     finally:
       for (module, attribute), value in saved.items():
         setattr(module, attribute, value)
+  call.traced = fn
   return call
 
 

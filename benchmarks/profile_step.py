@@ -3,7 +3,7 @@
 A TensorBoard profile of a few steps (or forward calls).
 
   python benchmarks/profile_step.py                                  # THUMOS config, ActionFormer
-  python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, ASL (the flagfile)
+  python benchmarks/profile_step.py --config=bench --variant=asl     # bench config, ASL
   python benchmarks/profile_step.py --mixed_precision=mixed_bfloat16  # the bfloat16 step
   python benchmarks/profile_step.py --forward [--mixed_precision=mixed_bfloat16]  # inference
   python benchmarks/profile_step.py --quick                          # tiny model (seconds)
@@ -18,6 +18,10 @@ running at once both count: `op_thread_sec` can exceed the wall time, and `gemm_
 on 2 cores is a floor for the step no scheduling can beat. `busy_sec` is the time per step
 during which at least one op ran (the union of the op events' intervals); when it is close to
 `profiled_wall_sec` (the profiled steps' wall time, per step), the executor was never idle.
+`by_type_wall` splits that busy time among op types, each instant evenly among the ops running
+then: a GEMM alone holds both cores and is charged all of its time, two ops at once half each.
+(Op events also span waits for the shared thread pool, so a small op beside a GEMM can look
+long in `by_type`; its wall share is the fairer figure.)
 
 `--forward` profiles the inference forward instead (`model(x, mask, training=False)` in a
 tf.function with a dynamic batch and length, as `benchmarks/inference.py` times it): one video
@@ -69,6 +73,28 @@ def model_part(op_name: str) -> str:
   return "other"
 
 
+def wall_shares(events) -> Dict[str, float]:
+  """{key: ps} of the busy wall time, each instant split evenly among the events running then.
+
+  Args:
+    events: (start_ps, end_ps, key) triples; zero-length events take no time.
+  """
+  changes = sorted([(start, 1, i) for i, (start, end, _) in enumerate(events) if end > start]
+                   + [(end, -1, i) for i, (start, end, _) in enumerate(events) if end > start])
+  shares: Dict[str, float] = collections.Counter()
+  running, last = set(), None
+  for time, change, i in changes:  # at equal times ends (-1) come before starts
+    if running and time > last:
+      for j in running:
+        shares[events[j][2]] += (time - last) / len(running)
+    last = time
+    if change > 0:
+      running.add(i)
+    else:
+      running.discard(i)
+  return shares
+
+
 def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
   """Sums op event durations of a profiler `XSpace` proto, per step.
 
@@ -77,8 +103,9 @@ def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
     steps: how many steps the trace holds (the sums are divided by it).
 
   Returns:
-    `op_thread_sec`, `gemm_thread_sec`, `gemm_share`, `busy_sec` and `by_type` / `by_part`
-    (seconds, largest first, op types with their event count per step).
+    `op_thread_sec`, `gemm_thread_sec`, `gemm_share`, `busy_sec`, `gemm_wall_sec` and
+    `by_type` / `by_type_wall` / `by_part` (seconds, largest first, op types with their event
+    count per step).
   """
   by_type: Dict[str, float] = collections.Counter()
   count: Dict[str, int] = collections.Counter()
@@ -92,7 +119,7 @@ def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
           continue
         op_name, op_type = match.groups()
         start = line.timestamp_ns * 1000 + event.offset_ps
-        intervals.append((start, start + event.duration_ps))
+        intervals.append((start, start + event.duration_ps, op_type))
         sec = event.duration_ps * 1e-12 / steps
         by_type[op_type] += sec
         count[op_type] += 1
@@ -100,16 +127,20 @@ def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
   total = sum(by_type.values())
   gemm = sum(v for k, v in by_type.items() if k in GEMM_OPS)
   busy, end = 0, None
-  for start, stop in sorted(intervals):
+  for start, stop, _ in sorted(intervals):
     if end is None or start > end:
       busy, end = busy + stop - start, stop
     elif stop > end:
       busy, end = busy + stop - end, stop
+  wall = {k: v * 1e-12 / steps for k, v in wall_shares(intervals).items()}
   return {
       "op_thread_sec": total, "gemm_thread_sec": gemm,
       "gemm_share": gemm / total if total else 0.0, "busy_sec": busy * 1e-12 / steps,
+      "gemm_wall_sec": sum(v for k, v in wall.items() if k in GEMM_OPS),
       "by_type": [{"op": k, "sec": v, "events": count[k] // steps}
                   for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])],
+      "by_type_wall": [{"op": k, "wall_sec": v}
+                       for k, v in sorted(wall.items(), key=lambda kv: -kv[1])],
       "by_part": [{"part": k, "sec": v}
                   for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])],
   }
@@ -173,6 +204,7 @@ def main():
   summary = summarize_xspace(xspace, args.steps)
   summary["profiled_wall_sec"] = profiled_wall_sec
   summary["by_type"] = summary["by_type"][:args.top]
+  summary["by_type_wall"] = summary["by_type_wall"][:args.top]
   summary["by_part"] = summary["by_part"][:args.top]
   common.emit({"benchmark": "profile_step", "command": " ".join(["python"] + sys.argv),
                "config": args.config, "variant": None if args.forward else args.variant,

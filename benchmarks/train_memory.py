@@ -79,6 +79,7 @@ def main():
   parser.add_argument("--optimizers", default="keras_adamw,fused_adamw")
   parser.add_argument("--steps", type=int, default=3, help="steps after the first one")
   args = parser.parse_args()
+  run = common.run_start()
   rows = []
   for variant in args.variants.split(","):
     for form in args.optimizers.split(","):
@@ -95,7 +96,8 @@ def main():
         row["ratio_to_pytorch_peak"] = round(row["peak_mb"] / peer, 2)
       rows.append(row)
   common.emit({"benchmark": "train_memory", "command": " ".join(["python"] + sys.argv),
-               "machine": common.machine_info(), "peer_peak_mb": PEER_PEAK_MB.get(args.config),
+               "run": run, "machine": common.machine_info(),
+               "peer_peak_mb": PEER_PEAK_MB.get(args.config),
                "target_ratio": TARGET_RATIO, "rows": rows}, args.output)
 
 

@@ -443,7 +443,8 @@ def test_ab_form_reads_op_dtypes_inside_nested_functions():
 def test_op_forms_agree_and_leave_the_library_as_it_was():
   """Every form `op_forms.py` times for an op (the replaced forms of `ab_form.step_forms` swapped
   in while traced) gives the base form's outputs and gradients (float32 rows to float32
-  rounding, bfloat16 rows to bfloat16 rounding), and the swapped attributes are restored."""
+  rounding, bfloat16 rows to bfloat16 rounding), the swapped-in forms are what was traced (the
+  op each replaced form copies with is in its program only), and the attributes are restored."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import winograd  # pylint: disable=g-import-not-at-top
@@ -459,6 +460,13 @@ def test_op_forms_agree_and_leave_the_library_as_it_was():
     for other in outputs[1:]:
       for got, want in zip(other, outputs[0]):
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=op)
+    copying_op = {"depthwise_float32": "StridedSliceGrad", "block_pairs": "UnsortedSegmentSum",
+                  "winograd_adjoint": "Transpose"}.get(op)
+    if copying_op:
+      has_op = {name: bool(op_forms.ab_form.op_dtypes(fn.traced.get_concrete_function(x, dy),
+                                                      copying_op))
+                for name, fn in forms.items()}
+      assert has_op == {"copying": True, "not_copying": False}, op
   assert (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv) == library
 
 
@@ -780,6 +788,18 @@ def test_profile_summary_busy_time_is_the_union_of_op_intervals():
   out = profile_step.summarize_xspace(space, steps=2)
   assert out["busy_sec"] == pytest.approx(0.125)  # [0, 150) and [300, 400) ms over 2 steps
   assert out["op_thread_sec"] == pytest.approx(0.175)
+
+
+def test_profile_wall_shares_split_each_instant_among_the_ops_running():
+  """Two ops overlapping for 50 of their 100 ps each take 75 ps of wall time; a third running
+  alone takes all of its time, a zero-length one none; the shares sum to the busy time."""
+  profile_step = _load("profile_step")
+  events = [(0, 100, "MatMul"), (50, 150, "Mul"), (200, 260, "Mul"), (120, 120, "Pack"),
+            (300, 330, "MatMul"), (300, 330, "Mul"), (300, 330, "Pack")]
+  shares = profile_step.wall_shares(events)
+  assert shares == {"MatMul": pytest.approx(85.0), "Mul": pytest.approx(145.0),
+                    "Pack": pytest.approx(10.0)}
+  assert sum(shares.values()) == pytest.approx(150 + 60 + 30)  # the union of the intervals
 
 
 @pytest.mark.slow

@@ -416,32 +416,35 @@ def with_next_block(blocks, axis, shape, policy="reference"):
 
   `fast` / `portable` write the gradient out: each pair's gradient split in halves, added back
   onto their blocks (two pads and an add; the same values) instead of autodiff's scatter
-  (`UnsortedSegmentSum`), 0.6-0.7x of the gather's forward + backward at THUMOS' two longest
-  levels (benchmarks/README.md).
+  (`UnsortedSegmentSum`): 0.76x of the gather's forward + backward at THUMOS' first level
+  (benchmarks/README.md).
 
   Args:
     blocks: [..., N + 1, L, ...] with the blocks on `axis` (any dtype; only floats have a
       gradient).
-    axis: the blocks' axis.
+    axis: the blocks' axis (negative counts from the end).
     shape: the result's shape, [..., N, 2L, ...].
     policy: a kernel policy.
 
   Returns:
     `shape`: block n followed by block n + 1.
   """
+  axis %= blocks.shape.rank
   if resolve(policy) == "reference" or not blocks.dtype.is_floating:
     return _gather_block_pairs(blocks, axis, shape)
   return _block_pairs_with_written_gradient(blocks, axis, shape)
 
 
 def _gather_block_pairs(blocks, axis, shape):
+  """Block pairs as a gather of blocks (n, n + 1) on `axis` (>= 0), reshaped to `shape`."""
   n = tf.shape(blocks)[axis] - 1
   pairs = tf.gather(blocks, tf.stack([tf.range(n), tf.range(1, n + 1)], axis=1), axis=axis)
   return tf.reshape(pairs, shape)  # [..., N, 2, L, ...] -> [..., N, 2L, ...]
 
 
 def _block_pairs_with_written_gradient(blocks, axis, shape):
-  """`_gather_block_pairs` whose gradient adds the pairs' halves back with two pads."""
+  """`_gather_block_pairs` (`axis` >= 0) whose gradient adds the pairs' halves back with two
+  pads."""
   @tf.custom_gradient
   def pairs(blocks):
     def grad(d_pairs):

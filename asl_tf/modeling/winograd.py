@@ -77,14 +77,16 @@ def _kernel_transform_adjoint(du):
 
 
 def _conv(x, kernel, adjoint=False):
-  """F(4, 3) forward: (y [B, T, Cout], transformed input tiles [6, B * n, Cin], n).
+  """F(4, 3) of x [B, T, Cin] with kernel [3, Cin, Cout]: (y [B, T, Cout], transformed input
+  tiles [6, B * n, Cin], n).
 
-  `adjoint`: convolve with the taps reversed and each tap transposed ([3, Cout, Cin] read from
-  `kernel` [3, Cin, Cout] by the GEMM, never written out).
+  `adjoint`: x is [B, T, Cout] and is convolved with the taps reversed and each tap transposed
+  (the GEMM reads the transformed kernel transposed; nothing is written out): y [B, T, Cin],
+  tiles [6, B * n, Cout].
   """
   v, n = _input_transform(x)
   u = _kernel_transform(kernel, reverse_taps=adjoint)  # [6, Cin, Cout]
-  m = tf.matmul(v, u, transpose_b=adjoint)  # [6, B * n, Cout]
+  m = tf.matmul(v, u, transpose_b=adjoint)  # [6, B * n, Cout] ([6, B * n, Cin] if adjoint)
   return _output_transform(m, tf.shape(x)[0], tf.shape(x)[1], n), v, n
 
 

@@ -53,6 +53,39 @@ def test_local_attention_equals_dense_band_reference(t, window, stride, valid):
   np.testing.assert_allclose(y.numpy(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_local_attention_gradients_equal_under_every_policy(stride):
+  """The same weights under `reference`, `fast` and `portable` (whose key-block pairs have their
+  gradient written out, whose depthwise convolutions reshape) give the same outputs and the same
+  gradients of the input and every weight, on a padded video with a partial last block."""
+  rng = np.random.default_rng(stride)
+  x = tf.constant(rng.normal(size=(2, 23, 16)).astype(np.float32))
+  mask = np.ones((2, 23), bool)
+  mask[1, 15:] = False
+  w_out = tf.constant(rng.normal(size=(16,)).astype(np.float32))
+  weights = None
+  results = {}
+  for policy in ("reference", "fast", "portable"):
+    layer = attention.MaskedSelfAttention(16, 4, 5, stride=stride, kernel_policy=policy)
+    layer(x, mask)
+    weights = weights or [rng.normal(0.0, 0.5, size=w.shape) for w in layer.get_weights()]
+    layer.set_weights(weights)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 16]),
+                                  tf.TensorSpec([None, None], tf.bool)])
+    def value_and_grads(x, mask, layer=layer):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, _ = layer(x, mask, training=True)
+        loss = tf.reduce_sum(tf.sin(y) * w_out)  # dy differs per frame and channel
+      return [y] + tape.gradient(loss, [x] + layer.trainable_variables)
+
+    results[policy] = [t.numpy() for t in value_and_grads(x, mask)]
+  for policy in ("fast", "portable"):
+    for got, want in zip(results[policy], results["reference"]):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=policy)
+
+
 def test_local_attention_has_no_t_by_t_tensor():
   t, window = 96, 9
   layer = attention.MaskedSelfAttention(8, 2, window)
