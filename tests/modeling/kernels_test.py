@@ -90,6 +90,17 @@ def test_conv1d_form_per_policy(in_channels, out_channels, kernel_size, strides,
     np.testing.assert_allclose(outputs[policy], outputs["reference"], rtol=tol, atol=tol)
 
 
+def _depthwise_value_and_grads(strides, dy, policy):
+  """`(x [B, T, C], kernel [k, 1, C]) -> [y, dx, dkernel]` of a depthwise `kernels.conv1d`
+  for the output gradient `dy`."""
+  def fn(x, kernel):
+    with tf.GradientTape() as tape:
+      tape.watch([x, kernel])
+      y = kernels.conv1d(x, kernel, strides, x.shape[-1], policy)
+    return [y] + tape.gradient(y, [x, kernel], output_gradients=dy)
+  return fn
+
+
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
 def test_depthwise_conv_values_and_gradients_without_slice_copies(strides, dtype):
@@ -113,12 +124,7 @@ def test_depthwise_conv_values_and_gradients_without_slice_copies(strides, dtype
   x, kernel, dy = (tf.constant(a, dtype) for a in (x64, kernel64, dy64))
   tol = 1e-5 if dtype == tf.float32 else 0.05
   for policy in ("reference", "fast", "portable"):
-    def fn(x, kernel, policy=policy):
-      with tf.GradientTape() as tape:
-        tape.watch([x, kernel])
-        y = kernels.conv1d(x, kernel, strides, 4, policy)
-      return [y] + tape.gradient(y, [x, kernel], output_gradients=dy)
-    traced = tf.function(fn)
+    traced = tf.function(_depthwise_value_and_grads(strides, dy, policy))
     nodes = layer_harness.traced_nodes(traced.get_concrete_function(x, kernel))
     assert not [n.name for n in nodes if n.op == "StridedSliceGrad"], policy
     got = [t.numpy().astype(np.float64) for t in traced(x, kernel)]
@@ -142,11 +148,7 @@ def test_strided_bfloat16_depthwise_takes_its_input_gradient_in_float32(strides,
   dy = tf.constant(rng.normal(size=(2, -(-25 // strides), 16)), tf.bfloat16)
   results = {}
   for policy in ("reference", "fast", "portable"):
-    def fn(x, kernel, policy=policy):
-      with tf.GradientTape() as tape:
-        tape.watch([x, kernel])
-        y = kernels.conv1d(x, kernel, strides, 16, policy)
-      return [y] + tape.gradient(y, [x, kernel], output_gradients=dy)
+    fn = _depthwise_value_and_grads(strides, dy, policy)
     ops = tf.function(fn).get_concrete_function(x, kernel).graph.get_operations()
     dtypes = {t: {op.get_attr("T") for op in ops if op.type == t}
               for t in ("DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
