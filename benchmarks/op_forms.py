@@ -1,4 +1,4 @@
-"""Forward + backward of single ops in each form `kernels` has had for them; prints JSON.
+"""Forward + backward of single ops in each form `kernels` / `winograd` had; prints JSON.
 
   python benchmarks/op_forms.py [--repeats=30]
   python benchmarks/op_forms.py --quick        # tiny shapes (seconds)

@@ -104,8 +104,8 @@ def summarize_xspace(xspace, steps: int) -> Dict[str, object]:
 
   Returns:
     `op_thread_sec`, `gemm_thread_sec`, `gemm_share`, `busy_sec`, `gemm_wall_sec` and
-    `by_type` / `by_type_wall` / `by_part` (seconds, largest first, op types with their event
-    count per step).
+    `by_type` / `by_type_wall` / `by_part` (seconds, largest first; `by_type` rows with their
+    event count per step).
   """
   by_type: Dict[str, float] = collections.Counter()
   count: Dict[str, int] = collections.Counter()

@@ -56,8 +56,8 @@ def test_local_attention_equals_dense_band_reference(t, window, stride, valid):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_local_attention_gradients_equal_under_every_policy(stride):
   """The same weights under `reference`, `fast` and `portable` (whose key-block pairs have their
-  gradient written out, whose depthwise convolutions reshape) give the same outputs and the same
-  gradients of the input and every weight, on a padded video with a partial last block."""
+  gradient written out) give the same outputs and the same gradients of the input and every
+  weight, on a padded video with a partial last block."""
   rng = np.random.default_rng(stride)
   x = tf.constant(rng.normal(size=(2, 23, 16)).astype(np.float32))
   mask = np.ones((2, 23), bool)

@@ -486,18 +486,18 @@ def test_conv1d_and_masks_without_static_channels_or_bool_masks():
     np.testing.assert_allclose(levels[1].numpy(), x.numpy()[:, :4] + 1.0)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("axis,jit_compile", [(1, False), (-3, False), (1, True)])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
-def test_with_next_block_values_and_gradient(dtype, jit_compile):
+def test_with_next_block_values_and_gradient(dtype, axis, jit_compile):
   """Block n followed by block n + 1, and the gradient: each block receives its own slot of pair
-  n and the other slot of pair n - 1 (hand-computed; sums of two terms, exact in bfloat16 too).
-  Under `fast` / `portable` the gradient has no scatter (`UnsortedSegmentSum`), under
-  `reference` it is autodiff's."""
+  n and the other slot of pair n - 1 (hand-computed; sums of two terms, rounded once), the
+  blocks' axis counted from either end. Under `fast` / `portable` the gradient has no scatter
+  (`UnsortedSegmentSum`), under `reference` it is autodiff's."""
   rng = np.random.default_rng(11)
   blocks64 = rng.normal(size=(2, 4, 3, 5))  # [B, N + 1 = 4, L = 3, D]
   want = np.concatenate([blocks64[:, :-1], blocks64[:, 1:]], axis=2)  # [B, 3, 2L, D]
   blocks, d_pairs = tf.constant(blocks64, dtype), tf.constant(rng.normal(size=want.shape), dtype)
-  d_pairs64 = d_pairs.numpy().astype(np.float64)  # the sums of two, rounded once, are exact
+  d_pairs64 = d_pairs.numpy().astype(np.float64)  # a sum of two, rounded once, either way
   want_grad = np.zeros_like(blocks64)
   want_grad[:, :-1] += d_pairs64[:, :, :3]
   want_grad[:, 1:] += d_pairs64[:, :, 3:]
@@ -507,8 +507,8 @@ def test_with_next_block_values_and_gradient(dtype, jit_compile):
       b, n = tf.shape(blocks)[0], tf.shape(blocks)[1] - 1
       with tf.GradientTape() as tape:
         tape.watch(blocks)
-        pairs = kernels.with_next_block(blocks, 1, [b, n, 6, 5], policy)
-      key_mask = kernels.with_next_block(mask, 1, [b, n, 6], policy)
+        pairs = kernels.with_next_block(blocks, axis, [b, n, 6, 5], policy)
+      key_mask = kernels.with_next_block(mask, axis + (axis < 0), [b, n, 6], policy)  # rank 3
       return pairs, tape.gradient(pairs, blocks, output_gradients=d_pairs), key_mask
     traced = tf.function(fn, jit_compile=jit_compile,
                          input_signature=[tf.TensorSpec([None, None, 3, 5], dtype)])
