@@ -1,4 +1,5 @@
-"""Detector outputs -> final detections (ActionFormer test-time post-processing, docs/method.md 6.3).
+"""Detector outputs -> final detections (ActionFormer's test-time post-processing; docs/method.md
+6.3).
 
 `postprocess_detections` is pure TensorFlow with batched inputs and fixed-size outputs, so the
 same graph runs eagerly, inside `tf.function` (unknown batch and time sizes) and in the exported

@@ -9,9 +9,9 @@
   Gaussians and their product (the final weight of the localization loss).
 * `load_results_for_video`: one video of an ActivityNet results JSON as arrays.
 
-matplotlib is optional (`pip install matplotlib`, or the `plot` extra); it is imported lazily and drawn with the
-Agg canvas directly, so the global pyplot backend of the caller is untouched. Only NumPy is
-needed otherwise (no TensorFlow import).
+matplotlib is optional (`pip install matplotlib`, or the `plot` extra); it is imported lazily and
+drawn with the Agg canvas directly, so the global pyplot backend of the caller is untouched. Only
+NumPy is needed otherwise (no TensorFlow import).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 For each chosen video of the evaluation subset, a timeline PNG with the ground truth, the top
 detections per class and the per-class score curve; and one PNG of the learned class-level
-sensitivity Gaussians. Needs matplotlib (`pip install matplotlib`; the README's command 1 installs it).
+sensitivity Gaussians. Needs matplotlib (`pip install matplotlib`; the README's command 1
+installs it).
 """
 
 import os

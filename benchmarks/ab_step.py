@@ -2,9 +2,9 @@
 
 Every variant's detector is built in this one process (with `--compare=kernel_policy`, `dtype`
 or `optimizer` all with the first variant's weights), its `train_step` and forward traced and
-warmed up; then each round times every variant in turn (`--steps` steps each; one untimed round first), so that drifts of
-the machine (other load, frequency) hit all variants alike. Reports the median over
-`--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
+warmed up; then each round times every variant in turn (`--steps` steps each; one untimed round
+first), so that drifts of the machine (other load, frequency) hit all variants alike. Reports the
+median over `--repeats` rounds and the ratio to the first variant, with the CPU's model and flags
 (`avx512*`, `amx*`). Never run it beside other work. The optimizer's form follows the kernel
 policy (Keras' AdamW under `reference`, else FusedAdamW), so `--compare=kernel_policy` and the
 `bfloat16_reference` variant time it too; `--compare=optimizer` isolates it.

@@ -106,7 +106,8 @@ class TorchSide:
     sys.path.insert(0, os.path.join(actionformer_dir, "libs", "utils"))  # nms_1d_cpu
     from libs.core import load_config  # pylint: disable=g-import-not-at-top
     from libs.modeling import make_meta_arch  # pylint: disable=g-import-not-at-top
-    from libs.utils import fix_random_seed, make_optimizer, make_scheduler, ModelEma  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from libs.utils import fix_random_seed, make_optimizer, make_scheduler, ModelEma
     self.torch = torch
     # bfloat16 as PyTorch users ask for it: autocast around the forward (losses included, as
     # ActionFormer computes them inside it; at inference its NMS too); backward, optimizer and

@@ -22,9 +22,9 @@ is stored as rho = softplus^-1(sigma - SIGMA_FLOOR)). Strictness:
 - a checkpoint tensor that nothing maps (e.g. the authors' extra heads) is an error unless
   `--allow_unused`;
 - a trainable ASL-only variable the checkpoint lacks (instance evaluator, mu / sigma, a contrastive
-  projection, where on, of a plain ActionFormer checkpoint) is an error unless `--allow_missing`, which keeps
-  it at its initialization. These parts only shape the training losses, so detections do not
-  depend on them; fine-tuning starts them from scratch.
+  projection, where on, of a plain ActionFormer checkpoint) is an error unless `--allow_missing`,
+  which keeps it at its initialization. These parts only shape the training losses, so
+  detections do not depend on them; fine-tuning starts them from scratch.
 """
 
 from __future__ import annotations

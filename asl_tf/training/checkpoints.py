@@ -136,7 +136,8 @@ def variable_paths(model: keras.Layer) -> Dict[str, tf.Variable]:
     elif isinstance(obj, keras.Layer) and id(obj) not in visited:
       visited.add(id(obj))
       # The variables the layer itself created (not its sublayers'), in Keras' own lists.
-      own = obj._trainable_variables + obj._non_trainable_variables  # pylint: disable=protected-access
+      own = (obj._trainable_variables  # pylint: disable=protected-access
+             + obj._non_trainable_variables)  # pylint: disable=protected-access
       for variable in own:
         add(f"{prefix}/{variable.name}" if prefix else variable.name, variable)
       for name, value in sorted(vars(obj).items()):

@@ -25,8 +25,9 @@ def test_two_replica_steps_equal_one_device_steps_with_every_asl_option(contrast
   loss options that are off by default (evaluator on every GT point, label-involved loss) on.
 
   Covers the all-reduced positive count and normalizer, the contrastive loss over gathered
-  features (the default windows and the top-k sampling), clipping of the summed gradient (a clip norm of 1e-3 always clips, so per-replica
-  clipping would give different weights), and FusedAdamW's once-per-apply scalars and EMA under
+  features (the default windows and the top-k sampling), clipping of the summed gradient (a clip
+  norm of 1e-3 always clips, so per-replica clipping would give different weights), and
+  FusedAdamW's once-per-apply scalars and EMA under
   the strategy against Keras' own optimizer.
   """
   proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed_step_script.py"),
