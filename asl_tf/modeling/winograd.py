@@ -39,8 +39,7 @@ def _input_transform(x):
 
 def _kernel_transform(kernel, reverse_taps=False):
   """G over the taps: [3, Cin, Cout] -> [6, Cin, Cout] (of the taps in reverse order if asked)."""
-  g0, g1, g2 = (kernel[2], kernel[1], kernel[0]) if reverse_taps else (kernel[0], kernel[1],
-                                                                       kernel[2])
+  g0, g1, g2 = (kernel[j] for j in ((2, 1, 0) if reverse_taps else (0, 1, 2)))
   odd = g0 + g2
   return tf.stack([g0 / 4.0, -(odd + g1) / 6.0, -(odd - g1) / 6.0,
                    g0 / 24.0 + g1 / 12.0 + g2 / 6.0, g0 / 24.0 - g1 / 12.0 + g2 / 6.0, g2],
