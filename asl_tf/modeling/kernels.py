@@ -280,11 +280,8 @@ def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
   elif training and resolve(policy) != "reference":
     return _layer_norm_with_written_gradient(x, gamma, beta, epsilon)
   else:
-    x = tf.cast(x, tf.float32)
-    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-    y = tf.multiply(centred, tf.math.rsqrt(var + epsilon), name="a_normalized")
+    centred, inv_std = _centred_and_inv_std(x, epsilon)
+    y = tf.multiply(centred, inv_std, name="a_normalized")
   # The remapper's pattern is AddV2(beta, Mul(Reshape(FusedBatchNorm), gamma)) with inputs in
   # this order; Grappler sorts the inputs of commutative ops by name, hence the names.
   with tf.name_scope("b_beta"):
@@ -292,6 +289,15 @@ def layer_norm(x, gamma, beta, epsilon, training=False, policy="reference"):
   with tf.name_scope("c_gamma"):
     gamma = tf.cast(gamma, y.dtype)
   return tf.add(beta, tf.multiply(y, gamma, name="d_scaled"), name="e_shifted")
+
+
+def _centred_and_inv_std(x, epsilon):
+  """x [..., C] -> float32 (x - mean [..., C], 1 / sqrt(var + epsilon) [..., 1]) over the last
+  axis, biased variance."""
+  x = tf.cast(x, tf.float32)
+  centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+  return centred, tf.math.rsqrt(tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
+                                + epsilon)
 
 
 def _layer_norm_with_written_gradient(x, gamma, beta, epsilon):
@@ -310,10 +316,7 @@ def _layer_norm_with_written_gradient(x, gamma, beta, epsilon):
   """
   @tf.custom_gradient
   def norm(x, gamma, beta):
-    x32 = tf.cast(x, tf.float32)
-    centred = x32 - tf.reduce_mean(x32, axis=-1, keepdims=True)
-    inv_std = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-                            + epsilon)  # [..., 1]
+    centred, inv_std = _centred_and_inv_std(x, epsilon)
     normalized = centred * inv_std
 
     def grad(dy):
