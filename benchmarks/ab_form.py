@@ -139,14 +139,10 @@ def main():
   import train_step  # pylint: disable=g-import-not-at-top
   from asl_tf import flags as asl_flags  # pylint: disable=g-import-not-at-top
 
-  forms = step_forms(tf)[args.form]
-  original = {target: getattr(*target) for target in next(iter(forms.values()))}
   runs, first_loss, program, weights = {}, {}, {}, None
-  try:
-    for name, form in forms.items():
-      # The step is traced by its first call, with whatever the attributes hold then.
-      for (module, attribute), function in form.items():
-        setattr(module, attribute, function)
+  for name, form in step_forms(tf)[args.form].items():
+    # The step is traced by its first call, with whatever the attributes hold then.
+    with common.swapped(form):
       asl_flags.FLAGS.unparse_flags()
       tf.keras.utils.set_random_seed(0)
       setup = train_step.build_step(
@@ -159,9 +155,6 @@ def main():
       program[name] = {op: op_dtypes(traced, op) for op in PROGRAM_OPS[args.form]}
       setup.run()
       runs[name] = setup
-  finally:
-    for (module, attribute), function in original.items():
-      setattr(module, attribute, function)
   if len({str(p) for p in program.values()}) == 1:
     ops = ", ".join(PROGRAM_OPS[args.form])
     raise SystemExit(f"--form={args.form}: both detectors trace the same {ops} ops ({program}) "

@@ -9,6 +9,7 @@ curves (`linear_fit`), output (`emit`) and the common command line (`benchmark_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib.metadata
 import json
@@ -171,6 +172,20 @@ def git_state(path: str = _REPO_ROOT) -> Dict[str, Any]:
   head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
   return {"head": head.strip() if head else None,
           "modified_tracked_files": len(status.splitlines()) if status is not None else None}
+
+
+@contextlib.contextmanager
+def swapped(patches: Mapping[Tuple[Any, str], Any]):
+  """Sets `patches` {(module, attribute): value} for the `with` body and restores what the
+  attributes held before, so a `tf.function` first called inside traces the swapped-in forms."""
+  saved = {target: getattr(*target) for target in patches}
+  try:
+    for (module, attribute), value in patches.items():
+      setattr(module, attribute, value)
+    yield
+  finally:
+    for (module, attribute), value in saved.items():
+      setattr(module, attribute, value)
 
 
 def run_start() -> Dict[str, Any]:

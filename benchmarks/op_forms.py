@@ -35,17 +35,11 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _traced_with(patches, fn):
-  """`fn(x, dy)` with `patches` {(module, attribute): value} set while it runs, so a
+  """`fn(x, dy)` with `patches` {(module, attribute): value} swapped in while it runs, so a
   `tf.function` traced by its first call traces them; `fn` is the result's `traced`."""
   def call(x, dy):
-    saved = {target: getattr(*target) for target in patches}
-    try:
-      for (module, attribute), value in patches.items():
-        setattr(module, attribute, value)
+    with common.swapped(patches):
       return fn(x, dy)
-    finally:
-      for (module, attribute), value in saved.items():
-        setattr(module, attribute, value)
   call.traced = fn
   return call
 

@@ -186,3 +186,17 @@ def test_benchmark_parser_defaults_and_flags():
   assert vars(parser.parse_args([])) == {"quick": False, "repeats": 7, "output": None}
   args = parser.parse_args(["--quick", "--repeats", "3", "--output", "r.json"])
   assert (args.quick, args.repeats, args.output) == (True, 3, "r.json")
+
+
+def test_swapped_sets_attributes_inside_and_restores_them_even_on_error():
+  class Holder:  # hashable, like the modules the benchmarks swap attributes of
+    pass
+  a, b = Holder(), Holder()
+  a.f, b.g = 1, "x"
+  with common.swapped({(a, "f"): 2, (b, "g"): "y"}):
+    assert (a.f, b.g) == (2, "y")
+  assert (a.f, b.g) == (1, "x")
+  with pytest.raises(RuntimeError):
+    with common.swapped({(a, "f"): 3}):
+      raise RuntimeError("inside")
+  assert a.f == 1
