@@ -6,6 +6,7 @@ same weights, alternating rounds (the order reversed every other round); prints 
   python benchmarks/ab_form.py --form=depthwise
   python benchmarks/ab_form.py --form=layer_norm --mixed_precision=float32
   python benchmarks/ab_form.py --form=gradient_copies --mixed_precision=float32
+  python benchmarks/ab_form.py --form=dense_input_grad --mixed_precision=float32
 
 `filter_grad`: the kernel gradient of wide bfloat16 convolutions as one GEMM over the taps
 (`kernels.conv1d_with_gemm_filter_grad`) against TensorFlow's backward-filter convolution.
@@ -19,10 +20,11 @@ element-wise form (`reference`'s). `depthwise_reshape`: the depthwise convolutio
 copy). `block_pairs`: the local attention's key-block pairs with their gradient written out
 (`kernels.with_next_block`) against autodiff's scatter. `winograd_adjoint`: the Winograd input
 gradient reading the kernel transposed in its GEMM against writing the transposed, reversed kernel
-out. `gradient_copies`: the last three together. Both detectors run `--kernel_policy=fast` in
-`--mixed_precision` (default mixed_bfloat16; `filter_grad`, `gelu` and `depthwise` exist only
-there, `winograd_adjoint` only in float32, the Winograd form's dtype), the default model at
-epoch 5.
+out. `gradient_copies`: the last three together. `dense_input_grad`: the 1x1 projections' float32
+input gradient as an einsum (`kernels.dense`) against autodiff's MatMul with a transposed kernel.
+Both detectors run `--kernel_policy=fast` in `--mixed_precision` (default mixed_bfloat16;
+`filter_grad`, `gelu` and `depthwise` exist only there, `winograd_adjoint` and `dense_input_grad`
+only in float32), the default model at epoch 5.
 
 The JSON records each detector's first loss, the dtypes (with counts) of the ops that tell the
 two traced steps apart (`program_op_dtypes`, of `PROGRAM_OPS`; JSON files written before
@@ -48,7 +50,8 @@ PROGRAM_OPS = {"filter_grad": ("Conv2DBackpropFilter",), "gelu": ("Erfc",),
                "depthwise": ("DepthwiseConv2dNativeBackpropInput",),
                "layer_norm": ("RsqrtGrad",), "depthwise_reshape": ("StridedSliceGrad",),
                "block_pairs": ("UnsortedSegmentSum",), "winograd_adjoint": ("Transpose",),
-               "gradient_copies": ("StridedSliceGrad", "UnsortedSegmentSum", "Transpose")}
+               "gradient_copies": ("StridedSliceGrad", "UnsortedSegmentSum", "Transpose"),
+               "dense_input_grad": ("Einsum",)}
 
 
 def step_forms(tf):
@@ -95,7 +98,15 @@ def step_forms(tf):
   forms["gradient_copies"] = {
       "copying": {target: before for target, before, _ in copies.values()},
       "not_copying": {target: after for target, _, after in copies.values()}}
+  written_dense = kernels._dense_with_einsum_input_grad
+
+  def autodiff_dense(x, kernel, bias):
+    return kernels.dense(x, kernel, bias, training=True, policy="reference")
+
   forms.update({
+      "dense_input_grad": {
+          "transpose_b": {(kernels, "_dense_with_einsum_input_grad"): autodiff_dense},
+          "einsum": {(kernels, "_dense_with_einsum_input_grad"): written_dense}},
       "layer_norm": {
           "autodiff": {(kernels, "_layer_norm_with_written_gradient"): autodiff_layer_norm},
           "written_gradient": {

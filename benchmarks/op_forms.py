@@ -16,8 +16,11 @@ written out (`fast` / `portable`). `depthwise_float32`: the attention's depthwis
 reshapes. `block_pairs`: the local attention's key-block pairs at THUMOS' first level ([2, 4, 129
 blocks of 18, 128]) with autodiff's scatter and with the gradient written out. `winograd_adjoint`:
 a 512 -> 512 Winograd convolution of [2, 2304, 512] whose input gradient writes the transposed,
-reversed kernel out, and reads it transposed in its GEMM. The replaced forms of the last three are
-`ab_form.step_forms`'s, swapped in while each form is traced.
+reversed kernel out, and reads it transposed in its GEMM. `dense_fc1` / `dense_projection`: a
+float32 training step's 1x1 projection of [4608, 512] rows to 2048 (the MLP's fc1) / 512 channels
+with its input gradient by autodiff (a MatMul with the kernel transposed) and as an einsum
+(`kernels.dense`). The replaced forms of the last five are `ab_form.step_forms`'s, swapped in while
+each form is traced.
 Each form is a `tf.function` returning the output and its gradients for a fixed output gradient;
 the forms of one op are called alternately (the order reversed every other round) after 3
 untimed rounds. The JSON gives each form's median and its largest difference from the first form
@@ -83,7 +86,7 @@ def _forms(tf, kernels, quick):
   from asl_tf.modeling import winograd  # pylint: disable=g-import-not-at-top
   replaced = ab_form.step_forms(tf)
 
-  def copying_or_not(form, fn, *constants):
+  def as_in_ab_form(form, fn, *constants):
     return {name: _traced_with(patches, with_grads(fn, *constants))
             for name, patches in replaced[form].items()}
 
@@ -92,15 +95,23 @@ def _forms(tf, kernels, quick):
   pairs_shape = [batch, heads, num_blocks - 1, 2 * block, head_dim]
   kernel32 = tf.constant(rng.normal(0.0, 0.3, size=(3, 1, channels)), f32)
   dense_kernel = tf.constant(rng.normal(0.0, channels ** -0.5, size=(3, channels, channels)), f32)
+  def dense_training_step(x, k):
+    return kernels.dense(x, k, tf.zeros(k.shape[-1:]), training=True, policy="fast")
+
+  dense_kernels = {name: tf.constant(rng.normal(0.0, channels ** -0.5, size=(channels, units)), f32)
+                   for name, units in (("dense_fc1", 4 * channels), ("dense_projection", channels))}
   return {
-      "depthwise_float32": (f32, [batch, padded, channels], f32, sequence, copying_or_not(
+      **{name: (f32, [rows, channels], f32, [rows, kernel.shape[-1]], as_in_ab_form(
+          "dense_input_grad", dense_training_step, kernel))
+         for name, kernel in dense_kernels.items()},
+      "depthwise_float32": (f32, [batch, padded, channels], f32, sequence, as_in_ab_form(
           "depthwise_reshape",  # looked up when traced, so the patched form runs
           lambda x, k: kernels._valid_depthwise_conv1d(x, k, 1),  # pylint: disable=protected-access
           kernel32)),
       "block_pairs": (f32, [batch, heads, num_blocks, block, head_dim], f32, pairs_shape,
-                      copying_or_not("block_pairs", lambda b: kernels.with_next_block(
+                      as_in_ab_form("block_pairs", lambda b: kernels.with_next_block(
                           b, 2, pairs_shape, "fast"))),
-      "winograd_adjoint": (f32, sequence, f32, sequence, copying_or_not(
+      "winograd_adjoint": (f32, sequence, f32, sequence, as_in_ab_form(
           "winograd_adjoint", winograd.conv1d_k3, dense_kernel)),
       **{f"layer_norm_{dtype.name}": (dtype, sequence, f32, sequence, {
           "autodiff": layer_norm("reference"), "written_gradient": layer_norm("fast")})

@@ -444,12 +444,14 @@ def test_op_forms_agree_and_leave_the_library_as_it_was():
   """Every form `op_forms.py` times for an op (the replaced forms of `ab_form.step_forms` swapped
   in while traced) gives the base form's outputs and gradients (float32 rows to float32
   rounding, bfloat16 rows to bfloat16 rounding), the swapped-in forms are what was traced (the
-  op each replaced form copies with is in its program only), and the attributes are restored."""
+  op each replaced form copies with, or the einsum of the written dense gradient, is in one
+  program only), and the attributes are restored."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import kernels  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import winograd  # pylint: disable=g-import-not-at-top
   op_forms = _load("op_forms")
-  library = (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv)
+  library = (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv,
+             kernels._dense_with_einsum_input_grad)
   rng = np.random.default_rng(0)
   for op, (x_dtype, x_shape, dy_dtype, dy_shape, forms) in op_forms._forms(
       tf, kernels, quick=True).items():
@@ -460,14 +462,17 @@ def test_op_forms_agree_and_leave_the_library_as_it_was():
     for other in outputs[1:]:
       for got, want in zip(other, outputs[0]):
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=op)
-    copying_op = {"depthwise_float32": "StridedSliceGrad", "block_pairs": "UnsortedSegmentSum",
-                  "winograd_adjoint": "Transpose"}.get(op)
-    if copying_op:
+    telling_op = {"depthwise_float32": "StridedSliceGrad", "block_pairs": "UnsortedSegmentSum",
+                  "winograd_adjoint": "Transpose", "dense_fc1": "Einsum",
+                  "dense_projection": "Einsum"}.get(op)
+    if telling_op:
       has_op = {name: bool(op_forms.ab_form.op_dtypes(fn.traced.get_concrete_function(x, dy),
-                                                      copying_op))
+                                                      telling_op))
                 for name, fn in forms.items()}
-      assert has_op == {"copying": True, "not_copying": False}, op
-  assert (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv) == library
+      assert has_op == ({"transpose_b": False, "einsum": True} if op.startswith("dense")
+                        else {"copying": True, "not_copying": False}), op
+  assert (kernels._valid_depthwise_conv1d, kernels.with_next_block, winograd._conv,
+          kernels._dense_with_einsum_input_grad) == library
 
 
 @pytest.mark.slow

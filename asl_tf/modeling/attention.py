@@ -22,12 +22,6 @@ PADDED_KEY_BIAS = -1e4
 EXCLUDED_KEY_BIAS = -1e9
 
 
-def _dense(units, name, dtype):
-  """A 1x1 convolution (PyTorch nn.Conv1d(k=1) init: U(+-1/sqrt(fan_in)) kernel, zero bias)."""
-  return keras.layers.Dense(units, kernel_initializer=layers.pytorch_default_kernel_initializer(),
-                            bias_initializer="zeros", name=name, dtype=dtype)
-
-
 @keras.saving.register_keras_serializable(package="asl_tf")
 class MaskedSelfAttention(keras.layers.Layer):
   """Masked multi-head convolutional self-attention, local (sliding window) or global.
@@ -48,7 +42,7 @@ class MaskedSelfAttention(keras.layers.Layer):
     window_size: local window (odd, e.g. 19); <= 1 means global attention.
     stride: 1, or an even downsampling stride applied by the q / k / v convolutions.
     dropout: dropout rate of the output projection.
-    kernel_policy: `kernels.POLICIES` entry of the convolutions and LayerNorms.
+    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and projections.
   """
 
   def __init__(self, embed_dim, num_heads, window_size, stride=1, dropout=0.0,
@@ -74,8 +68,10 @@ class MaskedSelfAttention(keras.layers.Layer):
           kernel_policy=kernel_policy, name=f"{name}_conv", dtype=self.dtype_policy))
       setattr(self, f"{name}_norm", layers.ChannelLayerNorm(
           kernel_policy=kernel_policy, name=f"{name}_norm", dtype=self.dtype_policy))
-      setattr(self, name, _dense(embed_dim, name, self.dtype_policy))
-    self.proj = _dense(embed_dim, "proj", self.dtype_policy)
+      setattr(self, name, layers.Pointwise(embed_dim, kernel_policy=kernel_policy, name=name,
+                                           dtype=self.dtype_policy))
+    self.proj = layers.Pointwise(embed_dim, kernel_policy=kernel_policy, name="proj",
+                                 dtype=self.dtype_policy)
     self.proj_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
   def build(self, input_shape):
@@ -98,9 +94,9 @@ class MaskedSelfAttention(keras.layers.Layer):
     q, out_mask = self.query_conv(x, mask)
     k, _ = self.key_conv(x, mask)
     v, _ = self.value_conv(x, mask)
-    q = self.query(self.query_norm(q))
-    k = self.key(self.key_norm(k))
-    v = self.value(self.value_norm(v))
+    q = self.query(self.query_norm(q, training=training), training=training)
+    k = self.key(self.key_norm(k, training=training), training=training)
+    v = self.value(self.value_norm(v, training=training), training=training)
     q = self._split_heads(q) * tf.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
     k = self._split_heads(k)
     v = self._split_heads(v)
@@ -110,7 +106,7 @@ class MaskedSelfAttention(keras.layers.Layer):
       out = self._global_attention(q, k, v, out_mask)
     b, t = tf.shape(out)[0], tf.shape(out)[2]
     out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [b, t, self.embed_dim])  # [B, T', C]
-    out = self.proj_dropout(self.proj(out), training=training)
+    out = self.proj_dropout(self.proj(out, training=training), training=training)
     return out * tf.cast(out_mask, out.dtype)[..., None], out_mask
 
   def _global_attention(self, q, k, v, mask):
@@ -192,7 +188,8 @@ class TransformerBlock(keras.layers.Layer):
     stride: 1, or an even downsampling stride.
     dropout: attention projection and MLP dropout.
     droppath: stochastic depth rate.
-    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms and MLP.
+    kernel_policy: `kernels.POLICIES` entry of the convolutions, LayerNorms, projections and
+      MLP.
   """
 
   def __init__(self, embed_dim, num_heads, window_size, stride=1, dropout=0.0, droppath=0.0,
@@ -211,8 +208,10 @@ class TransformerBlock(keras.layers.Layer):
     self.attn = MaskedSelfAttention(embed_dim, num_heads, window_size, stride=stride,
                                     dropout=dropout, kernel_policy=kernel_policy, name="attn",
                                     dtype=dtype)
-    self.mlp_fc1 = _dense(4 * embed_dim, "mlp_fc1", dtype)
-    self.mlp_fc2 = _dense(embed_dim, "mlp_fc2", dtype)
+    self.mlp_fc1 = layers.Pointwise(4 * embed_dim, kernel_policy=kernel_policy, name="mlp_fc1",
+                                    dtype=dtype)
+    self.mlp_fc2 = layers.Pointwise(embed_dim, kernel_policy=kernel_policy, name="mlp_fc2",
+                                    dtype=dtype)
     self.mlp_dropout1 = keras.layers.Dropout(dropout, dtype=dtype)
     self.mlp_dropout2 = keras.layers.Dropout(dropout, dtype=dtype)
     if droppath > 0.0:
@@ -246,13 +245,15 @@ class TransformerBlock(keras.layers.Layer):
 
   def _mlp(self, x, training):
     """LN2 -> fc1 -> GELU -> dropout -> fc2 -> dropout, frame by frame: [..., C] -> [..., C]."""
-    hidden = kernels.gelu(self.mlp_fc1(self.ln2(x)), training, self.kernel_policy)  # [..., 4C]
-    hidden = self.mlp_dropout1(hidden, training=training)
-    return self.mlp_dropout2(self.mlp_fc2(hidden), training=training)
+    hidden = self.mlp_fc1(self.ln2(x, training=training), training=training)  # [..., 4C]
+    hidden = self.mlp_dropout1(kernels.gelu(hidden, training, self.kernel_policy),
+                               training=training)
+    return self.mlp_dropout2(self.mlp_fc2(hidden, training=training), training=training)
 
   def call(self, x, padding_mask, training=False):
     layers.check_channels(x, self.embed_dim, self.name)
-    attn, out_mask = self.attn(self.ln1(x), layers.as_bool_mask(padding_mask), training=training)
+    attn, out_mask = self.attn(self.ln1(x, training=training), layers.as_bool_mask(padding_mask),
+                              training=training)
     mask = tf.cast(out_mask, x.dtype)[..., None]  # [B, T', 1]
     scale_attn = self.scale_attn if self.droppath > 0.0 else None
     scale_mlp = self.scale_mlp if self.droppath > 0.0 else None

@@ -1,7 +1,7 @@
-"""The one place where computations are chosen for speed: convolution, LayerNorm, GELU, per-frame
-MLP, the local attention's key blocks and level-shared heads, each under an explicit kernel
-policy (which also picks the optimizer's form: Keras' AdamW under `reference`, else
-`training.optimizer.FusedAdamW`, the same updates).
+"""The one place where computations are chosen for speed: convolution, 1x1 projection,
+LayerNorm, GELU, per-frame MLP, the local attention's key blocks and level-shared heads, each
+under an explicit kernel policy (which also picks the optimizer's form: Keras' AdamW under
+`reference`, else `training.optimizer.FusedAdamW`, the same updates).
 
 Every function returns the same values under every policy (up to float32 rounding; the parity
 tests run under each; bfloat16 layers' inference LayerNorm under `fast` returns bfloat16, equal
@@ -20,6 +20,7 @@ Policies (`ModelConfig.kernel_policy`):
   of [B, T, C] then masked, each pyramid level through the heads on its own. What cuDNN (GPU)
   and XLA (TPU) run fastest.
 * `fast`: forms tuned for TensorFlow's oneDNN CPU kernels (measured in benchmarks/README.md):
+  the gradient of float32 training steps' 1x1 projections (attention, MLP) written out;
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
   Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
   wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
@@ -376,6 +377,68 @@ def gelu(x, training=False, policy="reference"):
   if training and x.dtype in (tf.float16, tf.bfloat16) and resolve(policy) != "reference":
     return tf.cast(tf.nn.gelu(tf.cast(x, tf.float32), approximate=False), x.dtype)
   return tf.nn.gelu(x, approximate=False)
+
+
+# -- 1x1 projections -------------------------------------------------------------------------
+def dense(x, kernel, bias, training=False, policy="reference"):
+  """`x @ kernel + bias` over the last axis, as Keras' Dense computes it.
+
+  `fast` / `portable` write the gradient of a float32 training step out, with the input
+  gradient as an einsum (`_dense_with_einsum_input_grad`); inference keeps Keras' ops, which
+  oneDNN fuses with the bias (and the GELU after it).
+
+  Args:
+    x: [..., Cin] (static rank and Cin).
+    kernel: [Cin, Cout] in the dtype of `x`.
+    bias: [Cout] in the dtype of `x`.
+    training: the training step.
+    policy: a kernel policy.
+
+  Returns:
+    [..., Cout].
+  """
+  if training and x.dtype == tf.float32 and resolve(policy) != "reference":
+    return _dense_with_einsum_input_grad(x, kernel, bias)
+  if x.shape.rank == 2:
+    y = tf.matmul(x, kernel)
+  else:
+    y = tf.tensordot(x, kernel, [[-1], [0]])
+  return y + bias
+
+
+def _dense_with_einsum_input_grad(x, kernel, bias):
+  """`dense` on rows with its gradient written out: dx = dy kernel^T as an einsum, dkernel =
+  rows^T dy, dbias = sum of dy. Autodiff's dx is a MatMul with a transposed second operand,
+  which TensorFlow's oneDNN float32 MatMul ran 1.15-1.35x slower than this einsum (or than the
+  same product with the kernel stored transposed) at the MLP's and the projections' shapes on
+  AMD Zen 4 (benchmarks/README.md); the values are the same products.
+
+  Args:
+    x: [..., Cin] float32 (static rank and Cin).
+    kernel: [Cin, Cout] float32.
+    bias: [Cout] float32.
+
+  Returns:
+    [..., Cout].
+  """
+  in_channels, out_channels = kernel.shape
+
+  @tf.custom_gradient
+  def project(x, kernel, bias):
+    rows = tf.reshape(x, [-1, in_channels])  # [N, Cin]
+    y = tf.nn.bias_add(tf.matmul(rows, kernel), bias)  # [N, Cout]
+
+    def grad(dy):
+      dy = tf.reshape(dy, [-1, out_channels])  # [N, Cout]
+      dx = tf.einsum("no,io->ni", dy, kernel)  # [N, Cin]
+      return (tf.reshape(dx, tf.shape(x)), tf.matmul(rows, dy, transpose_a=True),
+              tf.reduce_sum(dy, axis=0))
+
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_channels]], axis=0)), grad
+
+  y = project(x, tf.convert_to_tensor(kernel), tf.convert_to_tensor(bias))
+  y.set_shape(x.shape[:-1].concatenate([out_channels]))
+  return y
 
 
 # -- per-frame computations ------------------------------------------------------------------

@@ -114,6 +114,37 @@ class MaskedConv1D(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
+class Pointwise(keras.layers.Dense):
+  """ActionFormer's 1x1 Conv1d: Keras' Dense (the same weights, `kernel` [Cin, units] and
+  `bias`), PyTorch's default init, computed by `kernels.dense`.
+
+  Inputs: `x` [..., Cin]. Outputs: [..., units].
+
+  Args:
+    units: output channels.
+    kernel_policy: how the projection is computed (`kernels.POLICIES`; same values).
+    **kwargs: Keras Dense's other arguments (the initializers default to PyTorch's).
+  """
+
+  def __init__(self, units, kernel_policy="auto", **kwargs):
+    kwargs.setdefault("kernel_initializer", pytorch_default_kernel_initializer())
+    kwargs.setdefault("bias_initializer", "zeros")
+    super().__init__(units, **kwargs)
+    if not self.use_bias:
+      raise ValueError(f"Pointwise {self.name} needs use_bias=True (ActionFormer's 1x1 Conv1d)")
+    self.kernel_policy = kernels.check_policy(kernel_policy)
+
+  def call(self, x, training=False):
+    y = kernels.dense(x, self.kernel, self.bias, training, self.kernel_policy)
+    return self.activation(y)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"kernel_policy": self.kernel_policy})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="asl_tf")
 class ChannelLayerNorm(keras.layers.Layer):
   """LayerNorm over channels (ActionFormer's LayerNorm): biased variance, affine gamma / beta.
 

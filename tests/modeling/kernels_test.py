@@ -432,6 +432,81 @@ def test_gelu_inference_keeps_the_form_onednn_fuses(tmp_path):
   assert "Erfc" not in ops and "_MklNativeFusedMatMul" in ops, ops
 
 
+def _transposed_kernel_matmuls(nodes):
+  return sum(n.op == "MatMul" and n.attr["transpose_b"].b for n in nodes)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("leading", [(6,), (2, 5)])
+def test_training_dense_gradient_written_out_equals_float64_products(leading, jit_compile):
+  """A float32 training step's 1x1 projection under `fast` / `portable` takes its input gradient
+  as an einsum, not as autodiff's MatMul with a transposed kernel; output and the input, kernel
+  and bias gradients equal the float64 products (y = x k + b, dx = dy k^T, dk = x^T dy, db = sum
+  dy over every frame) to float32 rounding under every policy, for [N, C] rows and [B, T, C].
+  Graph and XLA."""
+  rng = np.random.default_rng(9)
+  x, dy = rng.normal(size=leading + (8,)), rng.normal(size=leading + (12,))
+  kernel, bias = rng.normal(size=(8, 12)), rng.normal(size=(12,))
+  rows, dy_rows = x.reshape(-1, 8), dy.reshape(-1, 12)
+  want = [x @ kernel + bias, dy @ kernel.T, rows.T @ dy_rows, dy_rows.sum(axis=0)]
+  x, dy, kernel, bias = (tf.constant(v, tf.float32) for v in (x, dy, kernel, bias))
+  spec = tf.TensorSpec([None] * len(leading) + [8], tf.float32)
+  for policy in ("fast", "portable", "reference"):
+    def value_and_grads(x, policy=policy):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel, bias])
+        y = kernels.dense(x, kernel, bias, training=True, policy=policy)
+      return [y] + tape.gradient(y, [x, kernel, bias], output_gradients=dy)
+    fn = tf.function(value_and_grads, input_signature=[spec], jit_compile=jit_compile)
+    got = fn(x)
+    assert got[0].shape.as_list() == list(leading) + [12]
+    nodes = layer_harness.traced_nodes(fn.get_concrete_function())
+    assert (_transposed_kernel_matmuls(nodes) == 0) == (policy != "reference"), policy
+    assert any(n.op == "Einsum" for n in nodes) == (policy != "reference"), policy
+    for name, g, w in zip(("y", "dx", "dkernel", "dbias"), got, want):
+      error = np.abs(g.numpy() - w).max() / np.abs(w).max()
+      assert error <= 1e-6, (policy, name, error)
+
+
+def test_pointwise_equals_keras_dense_and_keeps_its_forms_outside_float32_training():
+  """`layers.Pointwise` holds Keras Dense's weights ([Cin, units] kernel, bias) and computes its
+  values: the same ops at inference (equal to the last bit, float32 and mixed bfloat16), and a
+  bfloat16 training step keeps autodiff's form. Its variables get the same gradients under
+  `fast` (the written gradient) as under `reference`."""
+  import keras  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(10)
+  x = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
+  dy = tf.constant(rng.normal(size=(2, 5, 12)), tf.float32)
+  for dtype in ("float32", "mixed_bfloat16"):
+    dense = keras.layers.Dense(12, dtype=dtype)
+    dense.build((None, None, 8))
+    dense.bias.assign(rng.normal(size=12))
+    for policy in ("fast", "portable", "reference"):
+      pointwise = layers.Pointwise(12, kernel_policy=policy, dtype=dtype)
+      pointwise.build((None, None, 8))
+      assert [(v.path.split("/")[-1], v.shape) for v in pointwise.weights] == [
+          ("kernel", (8, 12)), ("bias", (12,))]
+      pointwise.set_weights(dense.get_weights())
+      for inputs in (x, x[0]):
+        np.testing.assert_array_equal(pointwise(inputs), dense(inputs))
+      bfloat16_step = tf.function(lambda x, layer=pointwise: layer(tf.cast(x, tf.bfloat16),
+                                                                   training=True))
+      einsums = [n for n in layer_harness.traced_nodes(bfloat16_step.get_concrete_function(x))
+                 if n.op == "Einsum"]
+      assert dtype == "float32" or not einsums, policy
+  grads = {}
+  for policy in ("fast", "reference"):
+    pointwise = layers.Pointwise(12, kernel_policy=policy)
+    pointwise.build((None, None, 8))
+    pointwise.set_weights(dense.get_weights())
+    with tf.GradientTape() as tape:
+      y = pointwise(x, training=True)
+    grads[policy] = [g.numpy() for g in tape.gradient(y, pointwise.trainable_weights,
+                                                         output_gradients=dy)]
+  for got, want in zip(grads["fast"], grads["reference"]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy,jit_compile", [("fast", False), ("fast", True),
                                                 ("reference", False)])
 @pytest.mark.parametrize("padded", [True, False])

@@ -14,6 +14,7 @@ LAYERS = [
     layers.MaskedConv1D(4, 3, strides=2, groups=2, use_bias=False, bias_initializer="ones",
                         kernel_policy="reference"),
     layers.ChannelLayerNorm(epsilon=1e-3, kernel_policy="portable"),
+    layers.Pointwise(6, kernel_policy="portable"),
     layers.Scale(init_value=0.5),
     layers.LayerScale(7, init_value=0.1),
     layers.DropPath(0.3),
