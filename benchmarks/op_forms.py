@@ -95,15 +95,17 @@ def _forms(tf, kernels, quick):
   pairs_shape = [batch, heads, num_blocks - 1, 2 * block, head_dim]
   kernel32 = tf.constant(rng.normal(0.0, 0.3, size=(3, 1, channels)), f32)
   dense_kernel = tf.constant(rng.normal(0.0, channels ** -0.5, size=(3, channels, channels)), f32)
-  def dense_training_step(x, k):
-    return kernels.dense(x, k, tf.zeros(k.shape[-1:]), training=True, policy="fast")
 
-  dense_kernels = {name: tf.constant(rng.normal(0.0, channels ** -0.5, size=(channels, units)), f32)
-                   for name, units in (("dense_fc1", 4 * channels), ("dense_projection", channels))}
+  def dense_training_step(x, k, b):
+    return kernels.dense(x, k, b, training=True, policy="fast")
+
+  projections = {name: (tf.constant(rng.normal(0.0, channels ** -0.5, size=(channels, units)), f32),
+                        tf.constant(rng.normal(size=units), f32))
+                 for name, units in (("dense_fc1", 4 * channels), ("dense_projection", channels))}
   return {
-      **{name: (f32, [rows, channels], f32, [rows, kernel.shape[-1]], as_in_ab_form(
-          "dense_input_grad", dense_training_step, kernel))
-         for name, kernel in dense_kernels.items()},
+      **{name: (f32, [rows, channels], f32, [rows, weights[0].shape[-1]], as_in_ab_form(
+          "dense_input_grad", dense_training_step, *weights))
+         for name, weights in projections.items()},
       "depthwise_float32": (f32, [batch, padded, channels], f32, sequence, as_in_ab_form(
           "depthwise_reshape",  # looked up when traced, so the patched form runs
           lambda x, k: kernels._valid_depthwise_conv1d(x, k, 1),  # pylint: disable=protected-access

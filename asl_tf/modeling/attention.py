@@ -253,7 +253,7 @@ class TransformerBlock(keras.layers.Layer):
   def call(self, x, padding_mask, training=False):
     layers.check_channels(x, self.embed_dim, self.name)
     attn, out_mask = self.attn(self.ln1(x, training=training), layers.as_bool_mask(padding_mask),
-                              training=training)
+                               training=training)
     mask = tf.cast(out_mask, x.dtype)[..., None]  # [B, T', 1]
     scale_attn = self.scale_attn if self.droppath > 0.0 else None
     scale_mlp = self.scale_mlp if self.droppath > 0.0 else None

@@ -403,7 +403,7 @@ def dense(x, kernel, bias, training=False, policy="reference"):
     y = tf.matmul(x, kernel)
   else:
     y = tf.tensordot(x, kernel, [[-1], [0]])
-  return y + bias
+  return tf.nn.bias_add(y, bias)
 
 
 def _dense_with_einsum_input_grad(x, kernel, bias):
@@ -432,7 +432,7 @@ def _dense_with_einsum_input_grad(x, kernel, bias):
       dy = tf.reshape(dy, [-1, out_channels])  # [N, Cout]
       dx = tf.einsum("no,io->ni", dy, kernel)  # [N, Cin]
       return (tf.reshape(dx, tf.shape(x)), tf.matmul(rows, dy, transpose_a=True),
-              tf.reduce_sum(dy, axis=0))
+              tf.raw_ops.BiasAddGrad(out_backprop=dy))
 
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_channels]], axis=0)), grad
 
