@@ -408,10 +408,10 @@ def dense(x, kernel, bias, training=False, policy="reference"):
 
 def _dense_with_einsum_input_grad(x, kernel, bias):
   """`dense` on rows with its gradient written out: dx = dy kernel^T as an einsum, dkernel =
-  rows^T dy, dbias = sum of dy. Autodiff's dx is a MatMul with a transposed second operand,
-  which TensorFlow's oneDNN float32 MatMul ran 1.15-1.35x slower than this einsum (or than the
-  same product with the kernel stored transposed) at the MLP's and the projections' shapes on
-  AMD Zen 4 (benchmarks/README.md); the values are the same products.
+  rows^T dy and dbias = sum of dy as autodiff computes them. Autodiff's dx is a MatMul with a
+  transposed second operand: with oneDNN, in float32, 1.14-1.37x this einsum's time at the
+  MLP's and the projections' shapes on AMD Zen 4 (the same time with oneDNN off or in bfloat16;
+  benchmarks/README.md). The values are the same products.
 
   Args:
     x: [..., Cin] float32 (static rank and Cin).
