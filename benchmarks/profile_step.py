@@ -177,6 +177,7 @@ def main():
   parser.add_argument("--forward", action="store_true",
                       help="profile the inference forward of one video instead of a training step")
   args = parser.parse_args()
+  run_info = common.run_start()  # before anything is built or profiled
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
   if args.forward:
@@ -207,7 +208,7 @@ def main():
   summary["by_type_wall"] = summary["by_type_wall"][:args.top]
   summary["by_part"] = summary["by_part"][:args.top]
   common.emit({"benchmark": "profile_step", "command": " ".join(["python"] + sys.argv),
-               "config": args.config, "variant": None if args.forward else args.variant,
+               "run": run_info, "config": args.config, "variant": None if args.forward else args.variant,
                "what": "inference forward, one video" if args.forward else "training step",
                "mixed_precision": args.mixed_precision,
                "seq_len": config.model.max_seq_len, "step": timing, "profile": summary,

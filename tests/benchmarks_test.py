@@ -816,6 +816,7 @@ def test_profile_step_quick(forward, tmp_path):
   result = json.loads(out.read_text())
   profile = result["profile"]
   assert result["step"]["median_sec"] > 0 and os.path.exists(result["trace"])
+  assert set(result["run"]) == {"started", "load_1min", "code"}  # which code was profiled
   assert 0 < profile["gemm_thread_sec"] < profile["op_thread_sec"]
   assert 0 < profile["busy_sec"] <= profile["op_thread_sec"]
   assert profile["profiled_wall_sec"] > 0
