@@ -422,19 +422,29 @@ def _dense_with_einsum_input_grad(x, kernel, bias):
     [..., Cout].
   """
   in_channels, out_channels = kernel.shape
+  as_rows = x.shape.rank != 2
+  leading = x.shape[:-1]
+
+  def unrows(t, channels):
+    """[N, channels] -> [..., channels] (a static shape where known: fewer graph ops)."""
+    if not as_rows:
+      return t
+    if leading.is_fully_defined():
+      return tf.reshape(t, leading.as_list() + [channels])
+    return tf.reshape(t, tf.concat([tf.shape(x)[:-1], [channels]], axis=0))
 
   @tf.custom_gradient
   def project(x, kernel, bias):
-    rows = tf.reshape(x, [-1, in_channels])  # [N, Cin]
+    rows = tf.reshape(x, [-1, in_channels]) if as_rows else x  # [N, Cin]
     y = tf.nn.bias_add(tf.matmul(rows, kernel), bias)  # [N, Cout]
 
     def grad(dy):
-      dy = tf.reshape(dy, [-1, out_channels])  # [N, Cout]
+      dy = tf.reshape(dy, [-1, out_channels]) if as_rows else dy  # [N, Cout]
       dx = tf.einsum("no,io->ni", dy, kernel)  # [N, Cin]
-      return (tf.reshape(dx, tf.shape(x)), tf.matmul(rows, dy, transpose_a=True),
+      return (unrows(dx, in_channels), tf.matmul(rows, dy, transpose_a=True),
               tf.raw_ops.BiasAddGrad(out_backprop=dy))
 
-    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_channels]], axis=0)), grad
+    return unrows(y, out_channels), grad
 
   y = project(x, tf.convert_to_tensor(kernel), tf.convert_to_tensor(bias))
   y.set_shape(x.shape[:-1].concatenate([out_channels]))
