@@ -20,7 +20,8 @@ Policies (`ModelConfig.kernel_policy`):
   of [B, T, C] then masked, each pyramid level through the heads on its own. What cuDNN (GPU)
   and XLA (TPU) run fastest.
 * `fast`: forms tuned for TensorFlow's oneDNN CPU kernels (measured in benchmarks/README.md):
-  the gradient of float32 training steps' 1x1 projections (attention, MLP) written out;
+  a float32 training step's 1x1 projections (attention, MLP) with their input gradient as an
+  einsum;
   dense kernel-3 stride-1 float32 convolutions of >= `WINOGRAD_MIN_CHANNELS` channels as
   Winograd F(4, 3) (`winograd.py`), narrower dense stride-1 ones as one GEMM over the taps,
   wide bfloat16 ones with their kernel gradient as one GEMM over the taps;
@@ -31,8 +32,9 @@ Policies (`ModelConfig.kernel_policy`):
   the inference LayerNorm (graphs with a dynamic batch or length; float32 or bfloat16) as the
   FusedBatchNorm pattern that oneDNN's remapper turns into one kernel; the MLP on the valid
   frames only, as rows; the head levels joined into one sequence.
-* `portable`: `fast` without the LayerNorm pattern, which is 3x slower where oneDNN is off.
-  SavedModels are traced with it (a server may run without oneDNN).
+* `portable`: `fast` without the LayerNorm pattern, which is 3x slower where oneDNN is off, and
+  without the projections' einsum gradient, no faster there. SavedModels are traced with it (a
+  server may run without oneDNN).
 * `auto`: `reference` when a GPU or TPU is visible, else `fast` with oneDNN on, else `portable`.
 """
 
@@ -383,9 +385,9 @@ def gelu(x, training=False, policy="reference"):
 def dense(x, kernel, bias, training=False, policy="reference"):
   """`x @ kernel + bias` over the last axis, as Keras' Dense computes it.
 
-  `fast` / `portable` write the gradient of a float32 training step out, with the input
-  gradient as an einsum (`_dense_with_einsum_input_grad`); inference keeps Keras' ops, which
-  oneDNN fuses with the bias (and the GELU after it).
+  Under `fast` a float32 training step takes the input gradient as an einsum
+  (`_dense_with_einsum_input_grad`); otherwise (inference, bfloat16, other policies) Keras'
+  ops, which oneDNN fuses with the bias (and the GELU after it) at inference.
 
   Args:
     x: [..., Cin] (static rank and Cin).
@@ -397,7 +399,7 @@ def dense(x, kernel, bias, training=False, policy="reference"):
   Returns:
     [..., Cout].
   """
-  if training and x.dtype == tf.float32 and resolve(policy) != "reference":
+  if training and x.dtype == tf.float32 and resolve(policy) == "fast":
     return _dense_with_einsum_input_grad(x, kernel, bias)
   if x.shape.rank == 2:
     y = tf.matmul(x, kernel)
@@ -407,8 +409,8 @@ def dense(x, kernel, bias, training=False, policy="reference"):
 
 
 def _dense_with_einsum_input_grad(x, kernel, bias):
-  """`dense` on rows with its gradient written out: dx = dy kernel^T as an einsum, dkernel =
-  rows^T dy and dbias = sum of dy as autodiff computes them. Autodiff's dx is a MatMul with a
+  """`dense` with its gradient written out: dx = dy kernel^T as an einsum, dkernel = rows^T dy
+  and dbias = the sum of dy over rows as autodiff computes them. Autodiff's dx is a MatMul with a
   transposed second operand: with oneDNN, in float32, 1.14-1.37x this einsum's time at the
   MLP's and the projections' shapes on AMD Zen 4 (the same time with oneDNN off or in bfloat16;
   benchmarks/README.md). The values are the same products.
@@ -423,15 +425,6 @@ def _dense_with_einsum_input_grad(x, kernel, bias):
   """
   in_channels, out_channels = kernel.shape
   as_rows = x.shape.rank != 2
-  leading = x.shape[:-1]
-
-  def unrows(t, channels):
-    """[N, channels] -> [..., channels] (a static shape where known: fewer graph ops)."""
-    if not as_rows:
-      return t
-    if leading.is_fully_defined():
-      return tf.reshape(t, leading.as_list() + [channels])
-    return tf.reshape(t, tf.concat([tf.shape(x)[:-1], [channels]], axis=0))
 
   @tf.custom_gradient
   def project(x, kernel, bias):
@@ -439,12 +432,13 @@ def _dense_with_einsum_input_grad(x, kernel, bias):
     y = tf.nn.bias_add(tf.matmul(rows, kernel), bias)  # [N, Cout]
 
     def grad(dy):
-      dy = tf.reshape(dy, [-1, out_channels]) if as_rows else dy  # [N, Cout]
-      dx = tf.einsum("no,io->ni", dy, kernel)  # [N, Cin]
-      return (unrows(dx, in_channels), tf.matmul(rows, dy, transpose_a=True),
-              tf.raw_ops.BiasAddGrad(out_backprop=dy))
+      with tf.name_scope("dense_grad"):
+        dy = tf.reshape(dy, [-1, out_channels]) if as_rows else dy  # [N, Cout]
+        dx = tf.einsum("no,io->ni", dy, kernel)  # [N, Cin]
+        return (_as_frames(dx, x) if as_rows else dx, tf.matmul(rows, dy, transpose_a=True),
+                tf.raw_ops.BiasAddGrad(out_backprop=dy))
 
-    return unrows(y, out_channels), grad
+    return _as_frames(y, x) if as_rows else y, grad
 
   y = project(x, tf.convert_to_tensor(kernel), tf.convert_to_tensor(bias))
   y.set_shape(x.shape[:-1].concatenate([out_channels]))
@@ -480,10 +474,18 @@ def per_frame(fn, x, padding_mask, policy="reference"):
                          tf.concat([tf.shape(padding_mask), [rows.shape[-1]]], axis=0))
 
   def all_rows():
-    rows = fn(tf.reshape(x, [-1, x.shape[-1]]))  # [B * T, C']
-    return tf.reshape(rows, tf.concat([tf.shape(x)[:-1], [rows.shape[-1]]], axis=0))
+    return _as_frames(fn(tf.reshape(x, [-1, x.shape[-1]])), x)  # rows [B * T, C']
 
   return tf.cond(tf.reduce_all(padding_mask), all_rows, valid_rows_only)
+
+
+def _as_frames(rows, like):
+  """Rows [N, C'] of `like` [..., C] back in its frames: [..., C'] (static where `like`'s
+  leading shape is known, fewer graph ops)."""
+  channels = rows.shape[-1]
+  if like.shape[:-1].is_fully_defined():
+    return tf.reshape(rows, like.shape[:-1].as_list() + [channels])
+  return tf.reshape(rows, tf.concat([tf.shape(like)[:-1], [channels]], axis=0))
 
 
 # -- local attention -------------------------------------------------------------------------

@@ -116,14 +116,16 @@ class MaskedConv1D(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="asl_tf")
 class Pointwise(keras.layers.Dense):
   """ActionFormer's 1x1 Conv1d: Keras' Dense (the same weights, `kernel` [Cin, units] and
-  `bias`), PyTorch's default init, computed by `kernels.dense`.
+  `bias`) computed by `kernels.dense` (outside a float32 training step under `fast`, Dense's own
+  ops for units > 1). The kernel starts as PyTorch's Conv1d default, U(+-1 / sqrt(fan_in)), the
+  bias at zero (ActionFormer's init).
 
   Inputs: `x` [..., Cin]. Outputs: [..., units].
 
   Args:
     units: output channels.
     kernel_policy: how the projection is computed (`kernels.POLICIES`; same values).
-    **kwargs: Keras Dense's other arguments (the initializers default to PyTorch's).
+    **kwargs: Keras Dense's other arguments (the initializers default to the above).
   """
 
   def __init__(self, units, kernel_policy="auto", **kwargs):
