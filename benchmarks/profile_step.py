@@ -208,7 +208,8 @@ def main():
   summary["by_type_wall"] = summary["by_type_wall"][:args.top]
   summary["by_part"] = summary["by_part"][:args.top]
   common.emit({"benchmark": "profile_step", "command": " ".join(["python"] + sys.argv),
-               "run": run_info, "config": args.config, "variant": None if args.forward else args.variant,
+               "run": run_info, "config": args.config,
+               "variant": None if args.forward else args.variant,
                "what": "inference forward, one video" if args.forward else "training step",
                "mixed_precision": args.mixed_precision,
                "seq_len": config.model.max_seq_len, "step": timing, "profile": summary,

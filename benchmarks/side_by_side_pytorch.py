@@ -323,6 +323,7 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
   sys.path.insert(0, _HERE)
   import common  # pylint: disable=g-import-not-at-top
   started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
+  ours = common.git_state()  # the code the workers import, before anything can change it
   log_dir = tempfile.mkdtemp(prefix="side_by_side_")
   workers, rounds, record = {}, [], {}
   try:
@@ -356,7 +357,6 @@ def drive(actionformer_dir: str, torch_python: str, rounds_total: int, calls: in
     for w in workers.values():
       w.proc.kill()
     outcome = {"error": str(e), "summary": summarize(rounds) if rounds else None}
-  ours = common.git_state()
   return {"command": sys.argv, "machine": common.machine_info(),
           "code": {"asl_tf_head": ours["head"],
                    "asl_tf_modified_tracked_files": ours["modified_tracked_files"],
