@@ -387,7 +387,7 @@ def dense(x, kernel, bias, training=False, policy="reference"):
 
   Under `fast` a float32 training step takes the input gradient as an einsum
   (`_dense_with_einsum_input_grad`); otherwise (inference, bfloat16, other policies) Keras'
-  ops, which oneDNN fuses with the bias (and the GELU after it) at inference.
+  ops (on rows, oneDNN fuses the bias and the GELU after it into the MatMul at inference).
 
   Args:
     x: [..., Cin] (static rank and Cin).
