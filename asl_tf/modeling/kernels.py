@@ -40,6 +40,7 @@ Policies (`ModelConfig.kernel_policy`):
 
 import functools
 
+import keras
 import tensorflow as tf
 
 from asl_tf import config as config_lib
@@ -386,8 +387,9 @@ def dense(x, kernel, bias, training=False, policy="reference"):
   """`x @ kernel + bias` over the last axis, as Keras' Dense computes it.
 
   Under `fast` a float32 training step takes the input gradient as an einsum
-  (`_dense_with_einsum_input_grad`); otherwise (inference, bfloat16, other policies) Keras'
-  ops (on rows, oneDNN fuses the bias and the GELU after it into the MatMul at inference).
+  (`_dense_with_einsum_input_grad`); otherwise (inference, bfloat16, other policies) the ops of
+  `keras.layers.Dense.call` (on rows, oneDNN fuses the bias and the GELU after it into the
+  MatMul at inference).
 
   Args:
     x: [..., Cin] (static rank and Cin).
@@ -401,11 +403,7 @@ def dense(x, kernel, bias, training=False, policy="reference"):
   """
   if training and x.dtype == tf.float32 and resolve(policy) == "fast":
     return _dense_with_einsum_input_grad(x, kernel, bias)
-  if x.shape.rank == 2:
-    y = tf.matmul(x, kernel)
-  else:
-    y = tf.tensordot(x, kernel, [[-1], [0]])
-  return tf.nn.bias_add(y, bias)
+  return keras.ops.add(keras.ops.matmul(x, kernel), bias)
 
 
 def _dense_with_einsum_input_grad(x, kernel, bias):

@@ -117,7 +117,7 @@ class MaskedConv1D(keras.layers.Layer):
 class Pointwise(keras.layers.Dense):
   """ActionFormer's 1x1 Conv1d: Keras' Dense (the same weights, `kernel` [Cin, units] and
   `bias`) computed by `kernels.dense` (outside a float32 training step under `fast`, Dense's own
-  ops for units > 1). The kernel starts as PyTorch's Conv1d default, U(+-1 / sqrt(fan_in)), the
+  ops). The kernel starts as PyTorch's Conv1d default, U(+-1 / sqrt(fan_in)), the
   bias at zero (ActionFormer's init).
 
   Inputs: `x` [..., Cin]. Outputs: [..., units].
