@@ -1,9 +1,10 @@
 """Generated dataset folders: built once per parameter set and replaced atomically.
 
-A generator's folder holds `manifest.json` (the parameters it was built from) beside its data.
-`build_once` leaves a folder whose manifest equals the requested parameters alone; otherwise it
-writes the dataset into a temporary sibling folder, adds the manifest last and swaps the folder
-in, so that readers never see a partial dataset.
+A generator's folder holds `manifest.json` (the parameters it was built from, with a
+`generator_version`) beside its data. `build_once` leaves a folder whose manifest equals the
+requested parameters alone; otherwise it writes the dataset into a temporary sibling folder, adds
+the manifest last and swaps the folder in, so that readers never see a partial dataset. A folder
+that a generator did not write (no such manifest) is never replaced: it may be the user's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import tempfile
 from typing import Any, Callable, Mapping, Optional
 
 MANIFEST_FILE = "manifest.json"
+
+
+class FolderNotGeneratedError(ValueError):
+  """The destination holds files that no generator wrote; the message names the folder."""
 
 
 def read_manifest(out_dir: str) -> Optional[dict]:
@@ -31,27 +36,40 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
   """Builds `out_dir` with `write_fn` unless its manifest already equals `params`.
 
   Args:
-    out_dir: the dataset folder.
-    params: JSON-serializable generator parameters (the manifest).
+    out_dir: the dataset folder: missing, empty, or written by a generator.
+    params: JSON-serializable generator parameters (the manifest), with `generator_version`.
     write_fn: `write_fn(folder)` writes the dataset (everything but the manifest) into `folder`.
-    tmp_prefix: name prefix of the temporary sibling folder.
+    tmp_prefix: name prefix of the temporary sibling folders.
 
   Returns:
     `out_dir`.
+
+  Raises:
+    FolderNotGeneratedError: `out_dir` is not empty and has no generator's manifest.
   """
-  if read_manifest(out_dir) == params:
+  manifest = read_manifest(out_dir)
+  if manifest == params:
     return out_dir
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not (
+      isinstance(manifest, dict) and "generator_version" in manifest):
+    raise FolderNotGeneratedError(
+        f"{out_dir} holds files that no dataset generator wrote (no {MANIFEST_FILE} with a "
+        "generator_version), so it is left alone: choose a new or empty folder")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FolderNotGeneratedError(f"{out_dir} is a file, not a dataset folder: choose a folder")
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
+  old = tmp + ".old"  # the replaced folder, until the new one is in place
   try:
     write_fn(tmp)
     with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
       json.dump(dict(params), f, indent=1, sort_keys=True)
     if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
+      os.rename(out_dir, old)
     os.replace(tmp, out_dir)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    for leftover in (tmp, old):
+      if os.path.exists(leftover):
+        shutil.rmtree(leftover)
   return out_dir

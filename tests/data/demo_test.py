@@ -105,7 +105,7 @@ def test_idempotent_and_regenerates_on_change(tmp_path):
 
 def test_paths_must_point_into_demo_dir(tmp_path):
   cfg = _demo_config(tmp_path, annotation_file=str(tmp_path / "elsewhere.json"))
-  with pytest.raises(ValueError, match="needs --annotation_file="):
+  with pytest.raises(config_lib.ConfigError, match="needs --annotation_file="):
     demo.ensure_demo_data(cfg)
   assert demo.ensure_demo_data(_demo_config(tmp_path, demo_dir="")) == ""
 
@@ -121,3 +121,36 @@ def test_demo_flagfile_is_consistent():
   assert cfg.data.demo_dir and cfg.data.max_seq_len % cfg.model.max_div_factor == 0
   params = demo.demo_parameters(cfg.data)
   assert (params["input_dim"], params["num_classes"], params["max_length_grid"]) == (64, 10, 256)
+
+
+@pytest.mark.parametrize("manifest", [None, {"videos": 3}, "not json"])
+def test_a_folder_the_generator_did_not_write_is_left_alone(tmp_path, manifest):
+  """--demo_dir pointing at the user's own data (no generator manifest) is refused, file by
+  file intact, instead of being replaced by the demo."""
+  cfg = _demo_config(tmp_path)
+  features = os.path.join(cfg.demo_dir, "features")
+  os.makedirs(features)
+  own = {os.path.join(cfg.demo_dir, "annotations.json"): "{\"database\": {}}",
+         os.path.join(cfg.demo_dir, "notes.txt"): "mine",
+         os.path.join(features, "my_video.npy"): "not really"}
+  if manifest is not None:
+    own[os.path.join(cfg.demo_dir, "manifest.json")] = (
+        manifest if isinstance(manifest, str) else json.dumps(manifest))
+  for path, text in own.items():
+    with open(path, "w") as f:
+      f.write(text)
+  with pytest.raises(config_lib.ConfigError, match=r"--demo_dir: .*demo holds files that no "
+                     r"dataset generator wrote.*choose a new or empty folder"):
+    demo.ensure_demo_data(cfg)
+  for path, text in own.items():
+    with open(path) as f:
+      assert f.read() == text
+  assert sorted(os.listdir(tmp_path)) == ["demo"]
+
+
+def test_an_empty_folder_is_filled(tmp_path):
+  cfg = _demo_config(tmp_path)
+  os.makedirs(cfg.demo_dir)
+  demo.ensure_demo_data(cfg)
+  assert json.load(open(os.path.join(cfg.demo_dir, "manifest.json"))) == (
+      demo.demo_parameters(cfg))
