@@ -406,6 +406,11 @@ def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, in
                  report: DataReport) -> VideoRecord:
   """Validates and cleans one video entry (rules in DIRTY_ROW_RULES)."""
   where = f"{path}: video {video_id!r}"
+  if (not video_id or video_id in (".", "..") or os.path.isabs(video_id)
+      or any(c in video_id for c in ("/", "\\", "\0"))):
+    raise AnnotationError(f"{where}: a video id names its feature file "
+                          "(<feature_dir>/<file_prefix><id><file_suffix><ext>) and must not be "
+                          "empty, absolute or hold '/', '\\', NUL or be '..'; rename the video")
   duration = entry.get("duration")
   if not _finite_number(duration) or duration <= 0:
     raise AnnotationError(f"{where}: field 'duration' is {reprlib.repr(duration)}; it must be "

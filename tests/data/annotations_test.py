@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -181,6 +182,22 @@ def test_malformed_rows_name_video_and_field(tmp_path, entry, field):
   path = _write(tmp_path, {"database": {"bad_video": entry}})
   with pytest.raises(annotations.AnnotationError, match=f"bad_video.*{field}"):
     annotations.load_annotations(path, "training", num_classes=2)
+
+
+@pytest.mark.parametrize("video_id", ["../../outside/secret", "/tmp/outside/secret", "a/b",
+                                      "a\\b", "..", "", "v\0"])
+def test_a_video_id_that_would_leave_the_feature_folder_is_refused(tmp_path, video_id):
+  """The id names the feature file (and the picture `visualize` writes): one with a path in it
+  would read or write outside the folders the flags name."""
+  entry = {"subset": "training", "duration": 9.0, "annotations": []}
+  path = _write(tmp_path, {"database": {video_id: entry, "fine..name": entry}})
+  with pytest.raises(annotations.AnnotationError,
+                     match=f"ann.json: video {re.escape(repr(video_id))}: a video id names its "
+                           "feature file"):
+    annotations.load_annotations(path, "training", num_classes=2)
+  records, _ = annotations.load_annotations(_write(tmp_path, {"database": {"fine..name": entry}}),
+                                            "training", num_classes=2)
+  assert [r.video_id for r in records] == ["fine..name"]
 
 
 def test_huge_json_integers_are_named_not_overflowing(tmp_path):
