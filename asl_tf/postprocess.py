@@ -31,10 +31,15 @@ import json
 import logging
 import os
 import pickle
+import reprlib
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
+try:
+  from numpy._core.multiarray import scalar as _numpy_scalar
+except ImportError:  # NumPy 1.x
+  from numpy.core.multiarray import scalar as _numpy_scalar
 
 from asl_tf.config import EvalConfig
 from asl_tf.data import timebase
@@ -357,17 +362,53 @@ class VideoScores:
     return None
 
 
+class _PickledArrayType:
+  """What `numpy.ndarray` unpickles to in a score file: a token that only `_reconstruct`
+  accepts (calling it directly, which would allocate an array of any size, fails)."""
+
+
+def _empty_array(subtype, shape, typecode):
+  """numpy's `_reconstruct` as NumPy's own pickles call it: an empty array that the pickle's
+  BUILD then fills from the bytes it carries (NumPy checks their length), never an array of a
+  shape the file merely names."""
+  if subtype is not _PickledArrayType or tuple(shape) != (0,):
+    raise pickle.UnpicklingError(f"numpy _reconstruct of shape {reprlib.repr(shape)}: NumPy's "
+                                 "pickles reconstruct empty arrays only")
+  return np.ndarray((0,), np.dtype(np.int8) if typecode in (b"b", "b") else typecode)
+
+
+def _array_from_bytes(buffer, dtype, shape, order="C"):
+  """numpy's `_frombuffer` (protocol-5 pickles): the bytes in the file, viewed as `shape`
+  (NumPy refuses a shape they do not fill exactly)."""
+  if not isinstance(buffer, (bytes, bytearray)):
+    raise pickle.UnpicklingError("numpy _frombuffer of something other than bytes")
+  return np.frombuffer(buffer, np.dtype(dtype)).reshape(shape, order=order)
+
+
+def _latin1_encode(text, encoding="utf-8"):
+  """`_codecs.encode` as protocol-2 pickles of NumPy arrays call it (latin-1 bytes)."""
+  if encoding != "latin1" or not isinstance(text, str):
+    raise pickle.UnpicklingError("_codecs.encode other than of a str to latin1")
+  return text.encode("latin1")
+
+
 # Globals a pickled score file may name: NumPy's array reconstruction, nothing callable beyond
 # it. Everything else (os.system, builtins.eval, ...) is refused before it is called.
-_SCORE_PICKLE_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-})
+_SCORE_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _empty_array,
+    ("numpy.core.multiarray", "scalar"): lambda: _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_scalar,
+    ("numpy.core.numeric", "_frombuffer"): lambda: _array_from_bytes,
+    ("numpy._core.numeric", "_frombuffer"): lambda: _array_from_bytes,
+    ("numpy", "ndarray"): lambda: _PickledArrayType,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
 
 
 class _ScoreUnpickler(pickle.Unpickler):
-  """Unpickles plain containers and NumPy arrays only."""
+  """Unpickles plain containers and NumPy arrays only, each array from the bytes in the file."""
 
   def __init__(self, stream, path):
     super().__init__(stream)
@@ -378,7 +419,7 @@ class _ScoreUnpickler(pickle.Unpickler):
       raise ValueError(f"--ext_score_file={self._path}: refusing to unpickle {module}.{name}; a "
                        "score file holds only {video_id: [scores]} (NumPy arrays or lists). "
                        "Convert it to JSON if it comes from elsewhere")
-    return super().find_class(module, name)
+    return _SCORE_PICKLE_GLOBALS[(module, name)]()
 
 
 def load_video_scores(path: str) -> VideoScores:
@@ -387,7 +428,8 @@ def load_video_scores(path: str) -> VideoScores:
   JSON (`.json`): `{"results": {video_id: [score per class]}, "class": [names]}` (CUHK layout; a
   bare `{video_id: [scores]}` dict also works). Pickle (`.pkl` / `.pickle`): `{video_id:
   [scores]}` (UntrimmedNet THUMOS), read by an unpickler that admits only containers and NumPy
-  arrays, so a crafted file cannot run code. CUHK keys carry no `v_` prefix;
+  arrays built from the bytes in the file, so a crafted file can neither run code nor allocate an
+  array it does not carry. CUHK keys carry no `v_` prefix;
   `VideoScores.lookup` matches ids with or without it.
 
   Raises:

@@ -416,6 +416,54 @@ def test_pickled_numpy_score_file_still_loads(tmp_path):
   np.testing.assert_allclose(scores.scores["video_test_2"], [0.3, 0.7])
 
 
+try:
+  from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
+except ImportError:  # NumPy 1.x
+  from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+
+
+class _Reduce:
+  """Pickles as `fn(*args)`."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def __reduce__(self):
+    return (self.fn, self.args)
+
+
+@pytest.mark.parametrize("array", [
+    _Reduce(np.ndarray, (20,), "f8"),  # an array of a shape the file only names
+    _Reduce(np.ndarray, (2 ** 31,), "f8"),  # 16 GiB from a 50-byte file
+    _Reduce(_numpy_reconstruct, np.ndarray, (20,), b"b"),  # NumPy's own call, no bytes
+])
+def test_a_score_pickle_gets_no_array_it_does_not_carry(tmp_path, array):
+  """Before, `numpy.ndarray` / `_reconstruct` were plain callables: a tiny file allocated an
+  array of any size and its uninitialised memory came back as class scores."""
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(pickle.dumps({"video_test_1": array}))
+  with pytest.raises(ValueError, match=r"scores.pkl: not a valid PKL score file"):
+    postprocess.load_video_scores(str(path))
+
+
+def test_a_score_pickle_whose_bytes_do_not_fill_its_shape_is_refused(tmp_path):
+  good = pickle.dumps({"v": np.arange(3.0)}, protocol=4)
+  bad = good.replace(b"K\x03\x85", b"K\x04\x85")  # the state's shape (3,) -> (4,)
+  assert bad != good
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(bad)
+  with pytest.raises(ValueError, match=r"scores.pkl: not a valid PKL score file"):
+    postprocess.load_video_scores(str(path))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_score_pickles_of_every_protocol_load(tmp_path, protocol):
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(pickle.dumps({"v": np.array([0.25, 0.5], np.float32)}, protocol=protocol))
+  np.testing.assert_array_equal(postprocess.load_video_scores(str(path)).scores["v"],
+                                [0.25, 0.5])
+
+
 @pytest.mark.parametrize("content,message", [
     (b"{not json", "not a valid JSON score file"),
     (b"[1, 2]", "expected"),
