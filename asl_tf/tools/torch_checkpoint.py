@@ -3,7 +3,8 @@
 A `torch.save` file is a pickle, and unpickling runs whatever callables the file names. The reader
 here uses a restricted `pickle.Unpickler` whose `find_class` only hands out the handful of globals
 a checkpoint of tensors needs (tensor rebuild functions, storage and dtype names, `OrderedDict`,
-harmless builtins), replaced by local stand-ins; any other global (`os.system`, `builtins.eval`,
+scalar builtins, containers built only over containers the pickle holds, `bytes` of bytes),
+replaced by local stand-ins, so that neither code nor memory the file does not hold is reached; any other global (`os.system`, `builtins.eval`,
 ...) is refused when the pickle names it, before anything is called. Tensors become numpy arrays.
 
 Both formats written by `torch.save` are read: the zip archive (torch >= 1.6, `<name>/data.pkl` plus
@@ -76,11 +77,27 @@ _STORAGE_TYPES = {
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
     "BoolStorage": "bool", "UntypedStorage": "uint8",
 }
-_BUILTINS = {
-    name: getattr(builtins, name)
-    for name in ("set", "frozenset", "list", "tuple", "dict", "int", "float", "complex", "bool",
-                 "str", "bytes", "bytearray", "slice", "range")
-}
+_SCALAR_BUILTINS = ("int", "float", "complex", "bool", "str", "slice")
+# Called only over a container the pickle itself holds: no lazy or sized argument (range(2**30),
+# bytes(2**30), list(b"..."): a file of a few bytes asking for gigabytes).
+_CONTAINER_BUILTINS = ("set", "frozenset", "list", "tuple", "dict")
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
+def _over_container(constructor: type) -> Callable[..., Any]:
+  def make(*args):
+    if len(args) > 1 or (args and not isinstance(args[0], _CONTAINERS)):
+      raise TypeError(f"{constructor.__name__}() is only allowed over a container the pickle "
+                      "holds")
+    return constructor(*args)
+  return make
+
+
+def _bytes_of_data(*args):
+  if not args or isinstance(args[0], (bytes, bytearray)) or (
+      isinstance(args[0], str) and len(args) == 2):
+    return bytes(*args)
+  raise TypeError("bytes() is only allowed of bytes or of a str and an encoding")
 
 
 class _Storage(NamedTuple):
@@ -161,7 +178,11 @@ def _fresh(fn: types.FunctionType) -> types.FunctionType:
 def _allowed_global(module: str, name: str) -> Any:
   """Returns the local stand-in for an allowed global, or None."""
   if module in ("builtins", "__builtin__"):
-    return _BUILTINS.get(name)
+    if name in _SCALAR_BUILTINS:
+      return getattr(builtins, name)
+    if name in _CONTAINER_BUILTINS:
+      return _over_container(getattr(builtins, name))
+    return _fresh(_bytes_of_data) if name == "bytes" else None
   if module == "collections" and name == "OrderedDict":
     return collections.OrderedDict
   if module == "_codecs" and name == "encode":
@@ -225,7 +246,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return root
     view_key, offset, view_numel = view
     if not (isinstance(offset, int) and isinstance(view_numel, int) and offset >= 0
-            and offset + view_numel <= root.numel):
+            and view_numel >= 0 and offset + view_numel <= root.numel):
       raise CheckpointError(f"storage view out of range in {self._path}: {view!r}")
     return _Storage(key, torch_dtype, view_numel, offset)
 

@@ -29,10 +29,11 @@ class _Global:
 
 class _Storage:
 
-  def __init__(self, key, storage_type, flat):
+  def __init__(self, key, storage_type, flat, view=None):
     self.key = key
     self.storage_type = storage_type
     self.flat = flat
+    self.view = view  # legacy files: (view key, offset, numel) of a view into this storage
 
 
 class _Tensor:
@@ -85,7 +86,7 @@ class _TorchLikePickler(pickle._Pickler):  # pylint: disable=protected-access
       return None
     self.storages[obj.key] = obj
     pid = ("storage", _Global("torch", obj.storage_type), obj.key, "cpu", obj.flat.size)
-    return pid + (None,) if self.legacy else pid
+    return pid + (obj.view,) if self.legacy else pid
 
 
 def _write_zip(path, obj, top="archive", byteorder="little"):
@@ -265,6 +266,49 @@ def test_malicious_archive_is_refused_without_running(tmp_path, module, name, co
                      "tensors and plain containers are allowed"):
     tc.load_torch_checkpoint(path)
   assert not marker.exists()
+
+
+def _call(module, name, arg_opcodes):
+  return pickle.GLOBAL + f"{module}\n{name}\n".encode() + arg_opcodes + pickle.TUPLE1 + pickle.REDUCE
+
+
+_INT_2_30 = pickle.BININT + struct.pack("<i", 2 ** 30)
+
+
+@pytest.mark.parametrize("body", [
+    _call("builtins", "bytearray", _INT_2_30),  # 1 GiB of zeros from a few bytes
+    _call("builtins", "bytes", _INT_2_30),
+    _call("builtins", "list", _call("builtins", "range",  # 2**20 ints (2**30 as easily)
+                                    pickle.BININT + struct.pack("<i", 2 ** 20))),
+    _call("builtins", "set", pickle.SHORT_BINBYTES + bytes([4]) + b"abcd"),  # one int per byte
+], ids=["bytearray", "bytes", "list_of_range", "set_of_bytes"])
+def test_builtins_cannot_make_memory_the_file_does_not_hold(tmp_path, body):
+  """The allowed builtins were plain callables: a 180-byte checkpoint asked for 1 GiB."""
+  path = tmp_path / "bomb.pth"
+  _zip_with_pickle(path, pickle.PROTO + bytes([3]) + body + pickle.STOP)
+  with pytest.raises(tc.CheckpointError, match=r"bomb\.pth"):
+    tc.load_torch_checkpoint(path)
+
+
+@pytest.mark.parametrize("view,ok", [(("v", 1, 2), True), (("v", 3, -1), False),
+                                     (("v", 2, 3), False)])
+def test_legacy_storage_views_must_lie_inside_their_storage(tmp_path, view, ok):
+  storage = _Storage("0", "FloatStorage", np.arange(4, dtype=np.float32), view=view)
+  path = tmp_path / "legacy_view.pt"
+  _write_legacy(path, {"w": _Tensor(storage, 0, (0,), (1,))})
+  if ok:
+    assert tc.load_torch_checkpoint(path)["w"].shape == (0,)
+  else:
+    with pytest.raises(tc.CheckpointError, match=r"storage view out of range in .*legacy_view"):
+      tc.load_torch_checkpoint(path)
+
+
+def test_the_builtins_a_checkpoint_uses_still_load(tmp_path):
+  """Sets, tuples and protocol-2 bytes (what `torch.save` pickles hold besides tensors)."""
+  path = tmp_path / "plain.pth"
+  obj = {"epoch": 3, "names": {"a", "b"}, "shape": (1, 2), "blob": b"\x00\xff", "lr": 0.5}
+  _zip_with_pickle(path, pickle.dumps(obj, protocol=2))
+  assert tc.load_torch_checkpoint(path) == obj
 
 
 def test_payload_is_live_with_plain_pickle(tmp_path):
