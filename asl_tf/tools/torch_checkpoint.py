@@ -4,8 +4,9 @@ A `torch.save` file is a pickle, and unpickling runs whatever callables the file
 here uses a restricted `pickle.Unpickler` whose `find_class` only hands out the handful of globals
 a checkpoint of tensors needs (tensor rebuild functions, storage and dtype names, `OrderedDict`,
 scalar builtins, containers built only over containers the pickle holds, `bytes` of bytes),
-replaced by local stand-ins, so that neither code nor memory the file does not hold is reached; any other global (`os.system`, `builtins.eval`,
-...) is refused when the pickle names it, before anything is called. Tensors become numpy arrays.
+replaced by local stand-ins, so that neither code nor memory the file does not hold is reached;
+any other global (`os.system`, `builtins.eval`, ...) is refused when the pickle names it, before
+anything is called. Tensors become numpy arrays.
 
 Both formats written by `torch.save` are read: the zip archive (torch >= 1.6, `<name>/data.pkl` plus
 one `<name>/data/<key>` record per storage) and the older stream of pickles followed by raw storage
