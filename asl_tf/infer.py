@@ -2,13 +2,16 @@
 
 `--features_path` is one `[T, C]` feature file (.npy / .npz) or a folder of them (the file stem,
 less `--file_prefix`, is the video id). Runs a training checkpoint (EMA weights) or, with
-`--saved_model=DIR`, an exported SavedModel; both give the same detections. Videos are never
-cut: longer ones are padded to the model's divisibility factor. Writes the ActivityNet results
-layout (`{"results": {video_id: [{"segment": [s, e], "label", "label_id", "score"}]}}`).
-Durations are taken as (T * feat_stride + num_frames) / fps, as ActionFormer does.
+`--saved_model=DIR`, an exported SavedModel; both give the same detections (the features
+resized as the training config says, seconds from each video's own feature count at `--fps`).
+Videos are never cut: longer ones are padded to the model's divisibility factor. Writes the
+ActivityNet results layout (`{"results": {video_id: [{"segment": [s, e], "label", "label_id",
+"score"}]}}`). Durations are taken as (T * feat_stride + num_frames) / fps of the file's T
+features, as ActionFormer does.
 """
 
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Sequence, Tuple
@@ -31,7 +34,7 @@ flags.DEFINE_string("results_file", "", "where to write the detections (Activity
 flags.DEFINE_boolean("overwrite", False, "replace an existing --results_file that is not an "
                      "ActivityNet results file.")
 flags.DEFINE_float("fps", 0.0, "fps of the videos (0 = --fps_override, else "
-                   "--default_fps).")
+                   "--default_fps; with --saved_model, the export's).")
 HELP_GROUPS = {"what": ("checkpoint", "saved_model", "features_path", "results_file",
                         "overwrite", "fps", "output_dir"),
                "data": ("input_dim", "npz_key", "file_prefix", "feat_stride", "num_frames",
@@ -94,11 +97,12 @@ def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],
   data = config.data
   per_video = {}
   for video_id, path in videos:
-    x = prepare(read_features(path, data.input_dim, data.npz_key), data)
-    feats, mask = inference.features_for_inference(x, data.max_seq_len,
+    raw = read_features(path, data.input_dim, data.npz_key)
+    feats, mask = inference.features_for_inference(resize_features(raw, data.resize_length),
+                                                   data.max_seq_len,
                                                    model.model_config.max_div_factor)
-    feat_stride, num_frames = _timebase(x.shape[0], path, data)
-    duration = timebase.duration_sec(x.shape[0], fps, feat_stride, num_frames)
+    feat_stride, num_frames, duration = video_timebase(raw.shape[0], fps, data.feat_stride,
+                                                       data.num_frames, data.resize_length)
     out = detect(feats, mask, *[np.array([v], np.float32)
                                 for v in (fps, duration, feat_stride, num_frames)])
     n = int(out["num_detections"][0])
@@ -107,20 +111,47 @@ def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],
   return per_video, inference.class_names(config)
 
 
+def _export_assets(saved_model: str) -> Tuple[dict, int, List[str]]:
+  """(timebase.json, the trained config's resize_length, class names) of an asl_tf export."""
+  assets = os.path.join(saved_model, "assets")
+  try:
+    with open(os.path.join(assets, "timebase.json")) as f:
+      info = json.load(f)
+    with open(os.path.join(assets, "class_names.txt")) as f:
+      class_names = [line.rstrip("\n") for line in f if line.strip()]
+    resize_length = 0
+    if os.path.exists(os.path.join(assets, "model_info.json")):
+      with open(os.path.join(assets, "model_info.json")) as f:
+        resize_length = int(json.load(f)["config"]["data"].get("resize_length", 0))
+    missing = [k for k in ("fps", "feat_stride", "num_frames", "input_dim") if k not in info]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise InferError(f"--saved_model={saved_model}: not an asl_tf export ({assets} unreadable: "
+                     f"{type(e).__name__}: {e}); pass the version folder asl_tf.export wrote"
+                     ) from None
+  if missing:
+    raise InferError(f"--saved_model={saved_model}: {assets}/timebase.json lacks "
+                     f"{', '.join(missing)}; pass a version folder asl_tf.export wrote")
+  return info, resize_length, class_names
+
+
 def run_saved_model(saved_model: str, config: config_lib.Config,
-                    videos: Sequence[Tuple[str, str]]):
-  """Detections of every video with an exported SavedModel's `serving_default`."""
+                    videos: Sequence[Tuple[str, str]], fps: float = 0.0):
+  """Detections of every video with an exported SavedModel's `serving_default`.
+
+  The features are resized as the export's training config resized them, and `segments_grid`
+  is turned into seconds with each video's own timebase at `fps` (0 = the export's), as
+  `run_checkpoint` does: the export's `segments_sec` assumes its baked fps and unresized videos.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(saved_model, "assets", "timebase.json")) as f:
-    info = json.load(f)
-  with open(os.path.join(saved_model, "assets", "class_names.txt")) as f:
-    class_names = [line.rstrip("\n") for line in f if line.strip()]
+  info, resize_length, class_names = _export_assets(saved_model)
+  fps = fps or float(info["fps"])
   loaded = tf.saved_model.load(saved_model)
   serve = loaded.signatures["serving_default"]
   max_frames = int(info.get("max_frames", 0))
   per_video = {}
   for video_id, path in videos:
-    x = read_features(path, int(info["input_dim"]), config.data.npz_key)
+    raw = read_features(path, int(info["input_dim"]), config.data.npz_key)
+    x = resize_features(raw, resize_length)
     if max_frames and x.shape[0] > max_frames:
       raise InferError(f"{path}: {x.shape[0]} features, but {saved_model} serves at most "
                        f"{max_frames} (its export's --max_frames); re-export with a larger "
@@ -130,25 +161,33 @@ def run_saved_model(saved_model: str, config: config_lib.Config,
     except tf.errors.InvalidArgumentError as e:
       raise InferError(f"{path}: the SavedModel refused it: {e.message.splitlines()[0]}") from None
     n = int(out["num_detections"][0])
-    per_video[video_id] = {k: out[k].numpy()[0, :n] for k in ("segments_sec", "scores",
-                                                              "labels")}
+    feat_stride, num_frames, duration = video_timebase(
+        raw.shape[0], fps, float(info["feat_stride"]), float(info["num_frames"]), resize_length)
+    per_video[video_id] = {
+        "segments_sec": timebase.grid_to_sec(out["segments_grid"].numpy()[0, :n], fps,
+                                             feat_stride, num_frames, duration),
+        "scores": out["scores"].numpy()[0, :n], "labels": out["labels"].numpy()[0, :n]}
   return per_video, class_names
 
 
-def prepare(x: np.ndarray, data: config_lib.DataConfig) -> np.ndarray:
-  """ANet-style linear resize when `resize_length` is set."""
-  if data.resize_length > 0 and x.shape[0] != data.resize_length:
+def resize_features(x: np.ndarray, resize_length: int) -> np.ndarray:
+  """ANet-style linear resize to `resize_length` features (0 = none)."""
+  if resize_length > 0 and x.shape[0] != resize_length:
     from asl_tf.data import features  # pylint: disable=g-import-not-at-top
-    return features.resize_linear(x, data.resize_length)
+    return features.resize_linear(x, resize_length)
   return x
 
 
-def _timebase(num_features: int, path: str, data: config_lib.DataConfig):
-  del path
-  if data.resize_length > 0:
-    return timebase.resized_timebase(num_features, data.feat_stride, data.num_frames,
-                                     data.resize_length)
-  return data.feat_stride, data.num_frames
+def video_timebase(num_features: int, fps: float, feat_stride: float, num_frames: float,
+                   resize_length: int) -> Tuple[float, float, float]:
+  """(feat_stride, num_frames, duration_sec) of the model's input for a video of `num_features`
+  features in its file: the duration from the file, and after a resize the resized timebase
+  (`timebase.resized_timebase`), both from the count before resizing."""
+  duration = timebase.duration_sec(num_features, fps, feat_stride, num_frames)
+  if resize_length > 0:
+    feat_stride, num_frames = timebase.resized_timebase(num_features, feat_stride, num_frames,
+                                                        resize_length)
+  return feat_stride, num_frames, duration
 
 
 def results_path(config: config_lib.Config, results_file: str, saved_model: str,
@@ -208,10 +247,14 @@ def main(argv):
           f"{', '.join('--' + name for name in baked)} cannot change --saved_model: an export "
           "computes and post-processes as it was exported (its assets/model_info.json says "
           "how); re-export with the flag, or run the checkpoint (--checkpoint)")
+    if not (math.isfinite(f.fps) and f.fps >= 0):
+      raise InferError(f"--fps={f.fps}: the videos' frames per second, a positive number (0 = "
+                       "the run's --fps_override, else --default_fps; with --saved_model the "
+                       "export's)")
     out_path = results_path(config, f.results_file, f.saved_model, f.overwrite)
     videos = list_feature_files(f.features_path, config.data.file_prefix)
     if f.saved_model:
-      per_video, class_names = run_saved_model(f.saved_model, config, videos)
+      per_video, class_names = run_saved_model(f.saved_model, config, videos, f.fps)
     else:
       config = asl_flags.checkpoint_tool_config(config.export.checkpoint, config)
       fps = f.fps or config.data.fps_override or config.data.default_fps

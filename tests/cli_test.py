@@ -311,3 +311,92 @@ def test_score_curve_is_the_max_over_levels_per_frame():
   np.testing.assert_allclose(visualize.max_over_levels(probs, points, 4),
                              [[0.5, 0.0], [0.5, 0.0], [0.3, 0.9], [0.4, 0.6]])
   np.testing.assert_allclose(visualize.max_over_levels(probs, points, 3)[:, 1], [0.0, 0.0, 0.9])
+
+
+def _resized_run(run_dir, tmp_path, resize_length):
+  """A copy of the run whose config resizes every video to `resize_length` features (ANet)."""
+  copy = _copy_run(run_dir, tmp_path)
+  config = config_lib.Config.load(os.path.join(copy, "config.json"))
+  config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                resize_length=resize_length))
+  config.save(os.path.join(copy, "config.json"))
+  return copy
+
+
+def test_infer_of_a_resized_run_times_each_video_by_its_own_length(run_dir, tmp_path):
+  """With --resize_length (ActivityNet), seconds come from the file's feature count: infer
+  took the timebase of the resized count, so a 200-feature video's detections came out at
+  about a fifth of their time."""
+  copy = _resized_run(run_dir, tmp_path, 96)
+  raw = np.random.default_rng(3).normal(size=[200, 8]).astype(np.float32)
+  video = tmp_path / "long_video.npy"
+  np.save(video, raw)
+  out = tmp_path / "det.json"
+  _run(infer.main, [f"--checkpoint={copy}", f"--features_path={video}", f"--results_file={out}"])
+  got = json.loads(out.read_text())["results"]["long_video"]
+  model = run_dir["model"]
+  from asl_tf.data import features  # pylint: disable=g-import-not-at-top
+  padded, mask = inference.features_for_inference(features.resize_linear(raw, 96), 96,
+                                                  model.model_config.max_div_factor)
+  stride = (199 * 4 + 16) / 96  # ((T - 1) * feat_stride + num_frames) / resize_length
+  duration = (200 * 4 + 16) / 30.0
+  direct = inference.detect_function(model)(padded, mask, *[
+      np.array([v], np.float32) for v in (30, duration, stride, stride)])
+  n = int(direct["num_detections"][0])
+  assert len(got) == n > 0
+  np.testing.assert_allclose([d["segment"] for d in got], direct["segments_sec"][0, :n],
+                             atol=1e-3)
+  assert max(d["segment"][1] for d in got) > 0.5 * duration
+
+
+@pytest.mark.parametrize("resize_length", [0, 96])
+def test_infer_with_a_saved_model_equals_the_checkpoint_at_any_fps(run_dir, tmp_path,
+                                                                   resize_length):
+  """`--saved_model` ignored --fps (and never resized): its seconds were the export's baked
+  timebase whatever the videos were."""
+  from asl_tf.serving import module as module_lib  # pylint: disable=g-import-not-at-top
+  copy = _resized_run(run_dir, tmp_path, resize_length)
+  model, config = inference.load_model(copy)
+  version = module_lib.export_saved_model(model, config, str(tmp_path / "export"), warmup=False)
+  raw = np.random.default_rng(4).normal(size=[150, 8]).astype(np.float32)
+  video = tmp_path / "video.npy"
+  np.save(video, raw)
+  results = {}
+  for source in (f"--checkpoint={copy}", f"--saved_model={version}"):
+    for fps in (15, 30):
+      out = tmp_path / f"det_{source[2:6]}_{fps}.json"
+      _run(infer.main, [source, f"--features_path={video}", f"--results_file={out}",
+                        f"--fps={fps}"])
+      results[source[2:6], fps] = json.loads(out.read_text())["results"]["video"]
+  for fps in (15, 30):
+    ckpt, served = results["chec", fps], results["save", fps]
+    assert len(ckpt) == len(served) > 0
+    np.testing.assert_allclose([d["segment"] for d in served], [d["segment"] for d in ckpt],
+                               atol=1e-3)
+    np.testing.assert_allclose([d["score"] for d in served], [d["score"] for d in ckpt],
+                               atol=1e-5)
+  top = lambda fps: max(d["segment"][1] for d in results["save", fps])
+  assert top(15) > 1.5 * top(30)
+
+
+@pytest.mark.parametrize("fps", ["-30", "nan", "inf"])
+def test_infer_refuses_an_fps_that_is_not_a_rate(tmp_path, fps):
+  with pytest.raises(SystemExit, match=r"^asl_tf.infer: --fps=\S+: the videos' frames per "
+                                       "second"):
+    _run(infer.main, [f"--saved_model={tmp_path}", f"--features_path={tmp_path}",
+                      f"--results_file={tmp_path / 'd.json'}", f"--fps={fps}"])
+
+
+def test_infer_names_a_saved_model_that_is_not_an_asl_tf_export(tmp_path):
+  """A timebase without input_dim was a KeyError traceback."""
+  version = tmp_path / "1"
+  (version / "assets").mkdir(parents=True)
+  (version / "assets" / "timebase.json").write_text('{"fps": 30, "feat_stride": 4, '
+                                                     '"num_frames": 16}')
+  (version / "assets" / "class_names.txt").write_text("a\n")
+  video = tmp_path / "v.npy"
+  np.save(video, np.zeros([10, 8], np.float32))
+  with pytest.raises(SystemExit, match=r"^asl_tf.infer: --saved_model=.*/1: .*timebase.json "
+                                       r"lacks input_dim; pass a version folder asl_tf.export"):
+    _run(infer.main, [f"--saved_model={version}", f"--features_path={video}",
+                      f"--results_file={tmp_path / 'd.json'}"])
