@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from asl_tf import config as config_lib
+from asl_tf import files
 from asl_tf import flags as asl_flags
 from asl_tf.data import timebase
 
@@ -210,7 +211,7 @@ def results_path(config: config_lib.Config, results_file: str, saved_model: str,
                         "detections.json")
   if os.path.isdir(path):
     raise InferError(f"--results_file={path} is a folder; name a .json file")
-  if os.path.exists(path) and not overwrite and not _is_results_file(path):
+  if os.path.exists(path) and not overwrite and not files.is_results_file(path):
     raise InferError(f"--results_file={path} exists and is not an ActivityNet results file; "
                      "choose another path or pass --overwrite to replace it")
   folder = os.path.dirname(os.path.abspath(path))
@@ -221,15 +222,6 @@ def results_path(config: config_lib.Config, results_file: str, saved_model: str,
   if not os.access(folder, os.W_OK):
     raise InferError(f"--results_file={path}: {folder} is not writable")
   return path
-
-
-def _is_results_file(path: str) -> bool:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(data, dict) and isinstance(data.get("results"), dict)
 
 
 def main(argv):

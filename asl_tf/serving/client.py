@@ -411,8 +411,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "(GetModelMetadata) before sending.", flag_values=fv)
   flags.DEFINE_integer("max_print", 20, "Detections printed per video (all go to --output_json).",
                        flag_values=fv)
-  flags.DEFINE_string("output_json", "", "Write all detections here (ActivityNet layout).",
-                      flag_values=fv)
+  flags.DEFINE_string("output_json", "", "Write all detections here (ActivityNet layout); an "
+                      "existing file is replaced only if it is a results file, or with "
+                      "--overwrite.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_json that is not an "
+                       "ActivityNet results file.", flag_values=fv)
 
 
 def _input_file_problem(fv: flags.FlagValues) -> str:
@@ -427,6 +430,10 @@ def _input_file_problem(fv: flags.FlagValues) -> str:
       return f"--output_json={fv.output_json} is a folder; name a .json file"
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
       return f"--output_json={fv.output_json}: folder {folder} does not exist or is not writable"
+    if (os.path.exists(fv.output_json) and not fv.overwrite
+        and not files.is_results_file(fv.output_json)):
+      return (f"--output_json={fv.output_json} exists and is not an ActivityNet results file; "
+              "choose another path or pass --overwrite to replace it")
   return ""
 
 

@@ -259,6 +259,23 @@ def test_command_line_rest_and_errors(server, tmp_path, capsys):
   assert code == 1 and not out
 
 
+def test_output_json_never_replaces_a_file_it_did_not_write(server, tmp_path, capsys):
+  """--output_json overwrote any file (an annotation file, say) without a word."""
+  np.save(tmp_path / "video.npy", np.stack(_videos([20], seed=7)))
+  precious = tmp_path / "annotations.json"
+  precious.write_text('{"database": {}}')
+  argv = [f"--server={server.address}", f"--features={tmp_path / 'video.npy'}",
+          f"--output_json={precious}"]
+  code, out = _run_cli(argv)
+  err = capsys.readouterr().err
+  assert code == 2 and not out and precious.read_text() == '{"database": {}}'
+  assert re.search(r"annotations.json exists and is not an ActivityNet results file; .* "
+                   r"--overwrite", err) and len(err.strip().splitlines()) == 1
+  assert _run_cli(argv + ["--overwrite"])[0] == 0
+  assert "0" in json.loads(precious.read_text())["results"]
+  assert _run_cli(argv)[0] == 0  # its own results file: replaced
+
+
 @pytest.mark.parametrize("setup,extra,message", [
     (None, [], "does not exist"),
     (lambda d: np.save(d / "video.npy", np.zeros([5], np.float32)), [],
