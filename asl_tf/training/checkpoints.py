@@ -363,6 +363,11 @@ def newest_checkpoint_file(run_dir: str) -> Optional[str]:
   return files[-1] if files else None
 
 
+def best_checkpoint_files(run_dir: str) -> List[str]:
+  """Prefixes of the best-checkpoint folder's checkpoints (`checkpoints/best/ckpt-N`)."""
+  return _checkpoints_in(os.path.join(run_dir, BEST_DIR))
+
+
 def remove_leftover_writes(run_dir: str) -> List[str]:
   """Removes the `ckpt-N_temp*` files / folders of checkpoint writes that were killed, in
   `run_dir/checkpoints` and its `best/`; returns what was removed (logged)."""

@@ -72,7 +72,10 @@ def setup_run(config: config_lib.Config) -> None:
 def check_run_folder(config: config_lib.Config) -> None:
   """Refuses a run folder that would be corrupted: checkpoints without --resume, or --resume
   with a configuration that differs from the saved one (the message names the fields)."""
-  latest = ckpt_lib.newest_checkpoint_file(config.train.output_dir)
+  # A folder whose epoch checkpoints were deleted but whose best one was kept is a run too: a
+  # new run there would replace that best checkpoint at its first evaluation.
+  latest = (ckpt_lib.newest_checkpoint_file(config.train.output_dir)
+            or (ckpt_lib.best_checkpoint_files(config.train.output_dir) or [None])[-1])
   if config.train.resume:
     ckpt_lib.check_resume_config(config.train.output_dir, config)
   elif latest:
