@@ -249,7 +249,7 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
   Args:
     config: the resolved configuration (the model must match the checkpoint).
     torch_checkpoint_path: a `torch.save` file with `state_dict` / `state_dict_ema`.
-    output_dir: the run folder to write; it must not hold checkpoints yet.
+    output_dir: the run folder to write; it must not hold checkpoints or a config.json yet.
     use_ema: import `state_dict_ema` (else `state_dict`).
     allow_missing: keep trainable ASL-only variables absent from the source at their
       initialization instead of raising.
@@ -277,15 +277,25 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
   if problems:
     raise ImportTorchError("the checkpoint does not match the flags; nothing was copied:\n  - "
                            + "\n  - ".join(problems))
+  diverged = sorted(k for k, v in state.items()
+                    if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating)
+                    and not np.isfinite(v).all())
+  if diverged:
+    raise ImportTorchError(f"{torch_checkpoint_path}: NaN or Inf in {len(diverged)} tensors of "
+                           f"{report.state_dict_key} ({', '.join(diverged[:5])}"
+                           f"{', ...' if len(diverged) > 5 else ''}): the run had diverged; "
+                           "import an earlier epoch's checkpoint")
   converted = sensitivity_values(state, config.model)
-  checkpoint_dir = os.path.join(output_dir, "checkpoints")
   # TensorFlow is imported once the checkpoint has been read and checked: mistakes fail fast.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from asl_tf import inference  # pylint: disable=g-import-not-at-top
   from asl_tf.modeling import weight_mapping  # pylint: disable=g-import-not-at-top
   from asl_tf.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  if tf.train.latest_checkpoint(checkpoint_dir):
-    raise ImportTorchError(f"{checkpoint_dir} already holds checkpoints; choose a new --output")
+  # Read from the files (not TensorFlow's state file, which a kill can leave empty).
+  held = (ckpt_lib.checkpoint_files(output_dir) + ckpt_lib.best_checkpoint_files(output_dir)
+          + [p for p in [os.path.join(output_dir, ckpt_lib.CONFIG_FILE)] if os.path.exists(p)])
+  if held:
+    raise ImportTorchError(f"--output={output_dir} already holds a run ({held[-1]}); choose a "
+                           "new --output")
 
   model = inference.build_detector(config)
   # Checks the rest of the architecture and every shape, and only then copies.

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from asl_tf import inference
 from asl_tf.modeling import sensitivity
 from asl_tf.modeling import weight_mapping
 from asl_tf.tools import import_torch
+from asl_tf.tools import torch_checkpoint
 from parity_cases import load_parity_case, parity_file
 from torch_checkpoint_test import _reduce_payload, _Storage, _Tensor, _write_zip, _zip_with_pickle
 
@@ -145,6 +147,38 @@ def test_plain_checkpoint_into_asl_model_needs_allow_missing(tmp_path):
                "instance_evaluator/output_conv/kernel", "contrastive_projection/dense_1/bias"):
     assert name in message
   assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("held", ["checkpoints/ckpt-3.index", "checkpoints/best/ckpt-9.index",
+                                  "config.json"])
+def test_an_output_folder_holding_a_run_is_left_alone(tmp_path, held):
+  """The check read TensorFlow's `checkpoint` state file: without it (a kill can leave it
+  empty), a run's checkpoints and config.json were overwritten."""
+  case = load_parity_case("thumos_like")
+  run_dir = tmp_path / "run"
+  (run_dir / held).parent.mkdir(parents=True, exist_ok=True)
+  (run_dir / held).write_text("theirs")
+  with pytest.raises(SystemExit, match=r"--output=.*run already holds a run \(.*run/"
+                                       r"(checkpoints/|config.json).*\); choose a new --output"):
+    _run_cli(str(tmp_path), _case_flags(case) + _ASL_ONLY,
+             f"--torch_checkpoint={_fixture(case.name)}", f"--output={run_dir}", "--allow_missing")
+  assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()) == [held]
+  assert (run_dir / held).read_text() == "theirs"
+
+
+def test_a_diverged_checkpoint_is_refused_naming_its_tensors(tmp_path):
+  case = load_parity_case("thumos_like")
+  state = dict(torch_checkpoint.load_torch_checkpoint(_fixture(case.name))["state_dict_ema"])
+  name = sorted(state)[0]
+  state[name] = np.full(state[name].shape, np.nan, np.float32)
+  path = tmp_path / "diverged.pth.tar"
+  _write_checkpoint(path, state)
+  with pytest.raises(SystemExit, match=rf"diverged.pth.tar: NaN or Inf in 1 tensors of "
+                                       rf"state_dict_ema \({re.escape(name)}\): the run had "
+                                       "diverged"):
+    _run_cli(str(tmp_path), _case_flags(case) + _ASL_ONLY, f"--torch_checkpoint={path}",
+             f"--output={tmp_path / 'run'}", "--allow_missing")
+  assert not (tmp_path / "run").exists()
 
 
 def test_config_mismatch_names_both_values_before_copying(tmp_path):
