@@ -33,13 +33,18 @@ def write_text_atomic(path: str, text: str) -> None:
   Raises:
     OSError: the folder is missing or not writable, or the disk is full; `path` is unchanged.
   """
+  write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+  """Replaces `path` with `data` atomically, as `write_text_atomic` does."""
   path = os.path.realpath(path)
   folder = os.path.dirname(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
   try:
     os.fchmod(fd, _mode_for(path))
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

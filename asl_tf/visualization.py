@@ -16,11 +16,14 @@ NumPy is needed otherwise (no TensorFlow import).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+from asl_tf import files
 
 # 20 distinguishable colours (matplotlib tab20, the saturated half first), indexed by class id.
 _PALETTE = (
@@ -99,9 +102,13 @@ def _matplotlib() -> _Mpl:
 
 
 def _save(fig, mpl: _Mpl, output_path: str) -> str:
+  """Renders `fig` as PNG and replaces `output_path` with it atomically (a failed or killed
+  drawing leaves the previous picture whole)."""
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   mpl.canvas(fig)
-  fig.savefig(output_path, dpi=DPI)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=DPI)
+  files.write_bytes_atomic(output_path, png.getvalue())
   return output_path
 
 

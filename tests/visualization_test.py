@@ -234,3 +234,29 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
                             str(tmp_path / "x.png"))
   with pytest.raises(ImportError, match=_HOW_TO_INSTALL):
     vis.plot_sensitivity_curves(_params(1), NAMES[:1], str(tmp_path / "s.png"))
+
+
+def test_a_failed_drawing_leaves_the_previous_picture_whole(tmp_path, monkeypatch):
+  """savefig wrote into the picture's path: a drawing that failed half-way (a full disk, a
+  kill) left a truncated PNG where the previous one had been."""
+  path = str(tmp_path / "video.png")
+  vis.plot_video_timeline("video", 50.0, np.zeros((0, 2)), [], *NO_DETS, NAMES, path)
+  with open(path, "rb") as f:
+    before = f.read()
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  def fail_half_way(self, target, **kwargs):
+    del self, kwargs
+    if isinstance(target, str):
+      with open(target, "wb") as f:
+        f.write(b"\x89PNG half")
+    else:
+      target.write(b"\x89PNG half")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(Figure, "savefig", fail_half_way)
+  with pytest.raises(OSError, match="No space left"):
+    vis.plot_video_timeline("video", 60.0, np.zeros((0, 2)), [], *NO_DETS, NAMES, path)
+  with open(path, "rb") as f:
+    assert f.read() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["video.png"]
