@@ -133,6 +133,10 @@ class Trainer:
       demo_lib.ensure_demo_data(config.data)
     self.records, self.data_report = annotations_lib.load_video_records(
         config.data, config.data.train_subset)
+    if self.evaluate_fn is not None and self.chief and config.train.eval_every >= 0:
+      # Evaluation reads its subset after the first epoch it runs: a missing feature file or a
+      # misspelt --eval_subset is found now, not after hours of training.
+      annotations_lib.load_video_records(config.data, config.data.eval_subset)
     self.steps_per_epoch = pipeline_lib.train_steps_per_epoch(self.records, config.data,
                                                               self.global_batch)
     if self.steps_per_epoch == 0:
@@ -228,7 +232,14 @@ class Trainer:
       for epoch in range(start_epoch, total_epochs):
         history.append(self._train_one_epoch(iterator, epoch, total_epochs, writer, profiler))
         self.epoch_var.assign(epoch + 1)
-        metrics, best = self._maybe_evaluate(epoch, total_epochs, writer) or (metrics, False)
+        try:
+          metrics, best = self._maybe_evaluate(epoch, total_epochs, writer) or (metrics, False)
+        except Exception:
+          # The epoch's training is kept: fix what evaluation tripped on, then `--resume` (or
+          # `asl_tf.evaluate`) from this checkpoint.
+          logging.error("evaluation after epoch %d failed; its checkpoint is %s", epoch + 1,
+                        self.checkpointer.save(epoch + 1, best=False))
+          raise
         if cfg.model.class_sensitivity:
           writer.sensitivity(self._global_step(), self.model, epoch,
                              image_every=max(1, total_epochs // 4))

@@ -300,6 +300,33 @@ def test_non_finite_loss_stops_and_names_step_terms_and_checkpoint(tiny_data, tm
           "ckpt-1.index"]
 
 
+def test_a_bad_evaluation_subset_is_found_before_training(tiny_data, tmp_path):
+  """A misspelt --eval_subset (or a missing evaluation feature file) surfaced only after the
+  last epoch, when evaluation first read its data."""
+  from asl_tf.data import annotations  # pylint: disable=g-import-not-at-top
+  config = _config(tiny_data, tmp_path / "run", eval_every=0, eval_subset="valdation")
+  with pytest.raises(annotations.AnnotationError, match="valdation"):
+    loop.Trainer(config, evaluate_fn=lambda model, cfg: pytest.fail("evaluated"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  loop.Trainer(_config(tiny_data, tmp_path / "run", eval_every=-1, eval_subset="valdation"),
+               evaluate_fn=lambda model, cfg: {})  # no evaluation: nothing to check
+
+
+def test_the_epochs_checkpoint_is_kept_when_its_evaluation_fails(tiny_data, tmp_path):
+  """Evaluation ran before the epoch's checkpoint was written: when it failed (a NaN in an
+  evaluation feature file, say), the epoch's training was lost with it."""
+  config = _config(tiny_data, tmp_path / "run", epochs=1, warmup_epochs=0, eval_every=0)
+  loop.setup_run(config)
+
+  def fail(model, cfg):
+    raise ValueError("validation_03.npy: non-finite value")
+
+  with pytest.raises(ValueError, match="non-finite"):
+    loop.Trainer(config, evaluate_fn=fail).train()
+  assert ckpt_lib.checkpoint_files(str(tmp_path / "run"))[-1].endswith("ckpt-1")
+  assert not ckpt_lib.best_checkpoint_files(str(tmp_path / "run"))
+
+
 # -- precision and XLA ---------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{"mixed_precision": "mixed_float16"},
