@@ -33,7 +33,8 @@ def main(argv):
     output_dir = (asl_flags.FLAGS.output_dir if "output_dir" in asl_flags.COMMAND_LINE_FLAGS
                   else checkpoints.run_folder(checkpoint))
     model, config = inference.load_model(checkpoint, config)
-    metrics = inference.evaluate_model(model, config, output_dir=output_dir)
+    metrics = inference.evaluate_model(model, config, output_dir=output_dir,
+                                       trained_names=inference.trained_class_names(checkpoint))
   except (config_lib.ConfigError, checkpoints.CheckpointError, annotations.AnnotationError,
           features.FeatureError, ValueError) as e:
     sys.exit(f"asl_tf.evaluate: {e}")

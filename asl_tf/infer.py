@@ -109,7 +109,8 @@ def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],
     n = int(out["num_detections"][0])
     per_video[video_id] = {k: out[k].numpy()[0, :n] for k in ("segments_sec", "scores",
                                                               "labels")}
-  return per_video, inference.class_names(config)
+  return per_video, (inference.trained_class_names(config.export.checkpoint)
+                     or inference.class_names(config))
 
 
 def _export_assets(saved_model: str) -> Tuple[dict, int, List[str]]:

@@ -163,6 +163,40 @@ def class_names(config: config_lib.Config) -> List[str]:
     return [f"class_{i}" for i in range(config.data.num_classes)]
 
 
+def trained_class_names(checkpoint: str) -> Optional[List[str]]:
+  """The class names the checkpoint's run trained on (its `class_names.json`), or None for runs
+  written before the file existed and for imported checkpoints."""
+  path = os.path.join(ckpt_lib.run_folder(checkpoint), ckpt_lib.CLASS_NAMES_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      names = json.load(f)["class_names"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ckpt_lib.CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+  return [str(n) for n in names]
+
+
+def check_class_names(names: Sequence[str], trained: Optional[Sequence[str]],
+                      config: config_lib.Config) -> None:
+  """Refuses annotations whose label ids name other classes than the run trained on: their
+  detections would be scored or labelled against the wrong classes, silently.
+
+  Raises:
+    config_lib.ConfigError: naming the first classes that differ.
+  """
+  if trained is None or config.data.num_classes == 1 or list(names) == list(trained):
+    return
+  differ = [f"id {i}: {a!r} here, {b!r} in training"
+            for i, (a, b) in enumerate(zip(names, trained)) if a != b]
+  if len(names) != len(trained):
+    differ.append(f"{len(names)} classes here, {len(trained)} in training")
+  raise config_lib.ConfigError(
+      f"{config.data.annotation_file} maps label ids to other classes than the run trained on "
+      f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): pass the training's "
+      "--label_map_file, or an annotation file with the training's label ids")
+
+
 def detect_function(model: detector_lib.ASLDetector):
   """`model.detect` as a tf.function over any batch size and length (one trace)."""
   input_dim = model.model_config.input_dim
@@ -205,17 +239,22 @@ def fused_ground_truth(config: config_lib.Config, class_names: Sequence[str]):
 
 
 def evaluate_model(model: detector_lib.ASLDetector, config: config_lib.Config,
-                   output_dir: Optional[str] = None) -> dict:
+                   output_dir: Optional[str] = None,
+                   trained_names: Optional[Sequence[str]] = None) -> dict:
   """Detects on the evaluation subset, scores the detections and writes `eval/` files.
 
   Writes `<output_dir>/eval/metrics.json` (`tiou_thresholds`, `mAP`, `average_mAP` as
   fractions, per-class AP, Recall@1x/5x), `detections.json` (ActivityNet results layout) and
   `per_class_ap.csv`.
 
+  `trained_names` (the run's class names, `trained_class_names`) are checked against the
+  annotation file's (`check_class_names`) before anything runs.
+
   Returns:
     the metrics dict.
   """
   records, report = annotations_lib.load_video_records(config.data, config.data.eval_subset)
+  check_class_names(report.class_names, trained_names, config)
   dataset = pipeline_lib.make_eval_dataset(records, config.data, config.model.max_div_factor,
                                            batch_size=config.eval.batch_size)
   per_video = predict(model, dataset)

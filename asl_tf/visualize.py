@@ -73,6 +73,8 @@ def main(argv):
     config = asl_flags.checkpoint_tool_config(checkpoint, config)
     model, config = inference.load_model(checkpoint, config)
     records, report = annotations.load_video_records(config.data, config.data.eval_subset)
+    inference.check_class_names(report.class_names, inference.trained_class_names(checkpoint),
+                                config)
     by_id = {r.video_id: r for r in records}
     wanted = list(f.video_ids) or [r.video_id for r in records[:f.num_videos]]
     unknown = [v for v in wanted if v not in by_id]

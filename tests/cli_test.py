@@ -400,3 +400,29 @@ def test_infer_names_a_saved_model_that_is_not_an_asl_tf_export(tmp_path):
                                        r"lacks input_dim; pass a version folder asl_tf.export"):
     _run(infer.main, [f"--saved_model={version}", f"--features_path={video}",
                       f"--results_file={tmp_path / 'd.json'}"])
+
+
+def test_an_annotation_file_that_renames_the_classes_is_refused(run_dir, tmp_path):
+  """Evaluating on a file whose label ids name other classes than training's scored every
+  detection against the wrong class: a lower mAP, silently."""
+  copy = _copy_run(run_dir, tmp_path)
+  with open(os.path.join(run_dir["data"], "annotations.json")) as f:
+    database = json.load(f)
+  names = inference.class_names(run_dir["config"])
+  with open(os.path.join(copy, "class_names.json"), "w") as f:
+    json.dump({"class_names": names}, f)
+  swapped = {0: 1, 1: 0}
+  for video in database["database"].values():
+    for ann in video["annotations"]:
+      ann["label_id"] = swapped.get(ann["label_id"], ann["label_id"])
+  other = tmp_path / "swapped.json"
+  other.write_text(json.dumps(database))
+  for tool in (evaluate.main, visualize.main):
+    with pytest.raises(SystemExit, match=rf"swapped.json maps label ids to other classes than "
+                                         rf"the run trained on \(id 0: {names[1]!r} here, "
+                                         rf"{names[0]!r} in training; id 1: .*--label_map_file"):
+      _run(tool, [f"--checkpoint={copy}", f"--annotation_file={other}",
+                  f"--output_dir={tmp_path / 'out'}"])
+  assert not (tmp_path / "out" / "eval").exists()
+  _run(evaluate.main, [f"--checkpoint={copy}", f"--output_dir={tmp_path / 'out'}"])
+  assert (tmp_path / "out" / "eval" / "metrics.json").exists()

@@ -28,6 +28,7 @@ from absl import logging
 from asl_tf import config as config_lib
 
 CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.json"  # the training data's class names, in label-id order
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = os.path.join(CHECKPOINT_DIR, "best")

@@ -2,6 +2,7 @@
 non-finite losses, failing checkpoint writes, mixed precision and XLA."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -325,6 +326,8 @@ def test_the_epochs_checkpoint_is_kept_when_its_evaluation_fails(tiny_data, tmp_
     loop.Trainer(config, evaluate_fn=fail).train()
   assert ckpt_lib.checkpoint_files(str(tmp_path / "run"))[-1].endswith("ckpt-1")
   assert not ckpt_lib.best_checkpoint_files(str(tmp_path / "run"))
+  with open(tmp_path / "run" / ckpt_lib.CLASS_NAMES_FILE) as f:  # what evaluate checks against
+    assert json.load(f) == {"class_names": ["class_0", "class_1", "class_2"]}
 
 
 # -- precision and XLA ---------------------------------------------------------------------------
