@@ -18,7 +18,8 @@ from asl_tf import flags as asl_flags
 
 flags.DEFINE_list("video_ids", [], "videos to draw (default: the first --num_videos of "
                   "--eval_subset).")
-flags.DEFINE_integer("num_videos", 3, "how many videos to draw without --video_ids.")
+flags.DEFINE_integer("num_videos", 3, "how many videos to draw without --video_ids (>= 1).",
+                     lower_bound=1)
 flags.DEFINE_string("plot_dir", "", "output folder (default <output_dir>/plots).")
 HELP_GROUPS = {"what": ("checkpoint", "video_ids", "num_videos", "plot_dir"),
                "data": asl_flags.DATA_FLAGS,
@@ -82,6 +83,8 @@ def main(argv):
       raise ValueError(f"videos {unknown} are not in subset {config.data.eval_subset!r} of "
                        f"{config.data.annotation_file} (e.g. {list(by_id)[:3]})")
     plot_dir = f.plot_dir or os.path.join(config.train.output_dir, "plots")
+    if os.path.exists(plot_dir) and not os.path.isdir(plot_dir):
+      raise ValueError(f"--plot_dir={plot_dir} is a file; name a folder for the pictures")
     os.makedirs(plot_dir, exist_ok=True)
     detect = inference.detect_function(model)
     class_names = list(report.class_names)

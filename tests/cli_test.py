@@ -426,3 +426,16 @@ def test_an_annotation_file_that_renames_the_classes_is_refused(run_dir, tmp_pat
   assert not (tmp_path / "out" / "eval").exists()
   _run(evaluate.main, [f"--checkpoint={copy}", f"--output_dir={tmp_path / 'out'}"])
   assert (tmp_path / "out" / "eval" / "metrics.json").exists()
+
+
+def test_visualize_refuses_a_plot_dir_that_is_a_file_and_no_videos(run_dir, tmp_path):
+  """--plot_dir naming a file was a FileExistsError traceback; --num_videos=-3 drew all but
+  three videos (a Python slice), 0 drew nothing and said nothing."""
+  taken = tmp_path / "det.json"
+  taken.write_text("{}")
+  with pytest.raises(SystemExit, match=r"^asl_tf.visualize: --plot_dir=.*det.json is a file"):
+    _run(visualize.main, [f"--checkpoint={run_dir['run']}", f"--plot_dir={taken}"])
+  for bad in ("-3", "0"):
+    with pytest.raises(config_lib.ConfigError, match=f"--num_videos={bad}: {bad} is not a "
+                                                     "positive integer"):
+      _run(visualize.main, [f"--checkpoint={run_dir['run']}", f"--num_videos={bad}"])

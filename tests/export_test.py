@@ -225,6 +225,17 @@ def test_exports_take_the_next_free_version(run_dir, tmp_path, parsed_flags):
     export_main.main([])
 
 
+def test_an_export_dir_that_is_a_file_is_one_line(run_dir, tmp_path, parsed_flags):
+  """A FileExistsError traceback from os.makedirs before."""
+  taken = tmp_path / "det.json"
+  taken.write_text("{}")
+  parsed_flags(f"--checkpoint={run_dir}", f"--export_dir={taken}")
+  with pytest.raises(SystemExit, match=r"^asl_tf.export: --export_dir=.*det.json is a file; "
+                                       "name the model's folder"):
+    export_main.main([])
+  assert taken.read_text() == "{}"
+
+
 def test_flags_contradicting_the_checkpoint_are_one_clear_error(run_dir, tmp_path,
                                                                 parsed_flags):
   args = [f"--input_dim={C}", "--num_classes=3", "--max_seq_len=32", "--backbone_arch=1,1,1",

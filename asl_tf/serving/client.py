@@ -18,6 +18,7 @@ long video exceeds ([18432, 2048] float32 features are ~151 MB).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
@@ -260,6 +261,10 @@ class ASLServingClient:
                                                               TimeoutError)
               else grpc.StatusCode.UNAVAILABLE)
       raise ServingError(code, str(getattr(e, "reason", e))) from e
+    except (http.client.HTTPException, ValueError) as e:  # not an HTTP / JSON answer
+      raise ServingError(grpc.StatusCode.UNKNOWN,
+                         f"{url} did not answer as TF Serving's REST API ({type(e).__name__}); "
+                         "is --rest its REST port (8501 by default), not the gRPC one?") from e
 
   def signature_defs(self) -> Dict[str, object]:
     """The served signatures (cached): name -> `SignatureDef`, via GetModelMetadata."""

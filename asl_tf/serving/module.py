@@ -306,6 +306,9 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
   if version < 0:
     raise ExportError(f"version {version}: TF Serving versions are positive integers (0 = the "
                       "next free one)")
+  if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+    raise ExportError(f"--export_dir={export_dir} is a file; name the model's folder (TF "
+                      "Serving's base path, e.g. export/models/asl)")
   version = version or next_version(export_dir)
   path = os.path.join(export_dir, str(version))
   if os.path.exists(path):

@@ -259,6 +259,17 @@ def test_command_line_rest_and_errors(server, tmp_path, capsys):
   assert code == 1 and not out
 
 
+def test_rest_pointed_at_the_grpc_port_is_one_line(server, tmp_path, capsys):
+  """The 8500 / 8501 mix-up: the gRPC port's binary answer was an http.client traceback."""
+  np.save(tmp_path / "video.npy", _videos([8])[0])
+  code, out = _run_cli(["--server=unused:1", f"--rest={server.address}", "--max_attempts=1",
+                        f"--features_path={tmp_path / 'video.npy'}"])
+  err = capsys.readouterr().err
+  assert code == 1 and not out and "Traceback" not in err
+  assert re.search(r"did not answer as TF Serving's REST API \(\w+\); is --rest its REST "
+                   r"port", err)
+
+
 def test_output_json_never_replaces_a_file_it_did_not_write(server, tmp_path, capsys):
   """--output_json overwrote any file (an annotation file, say) without a word."""
   np.save(tmp_path / "video.npy", np.stack(_videos([20], seed=7)))
