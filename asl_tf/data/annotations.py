@@ -307,23 +307,40 @@ def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
     # The file's ids, wherever a row gives one; a row without one must name a label that
     # another row gives an id (anything else would need a guess).
     name_to_id, id_to_name = {}, {}
+    seen_in = {}  # ("name", name) / ("id", id) -> the first video that gave that pair
+    unnamed = {}  # ids of rows without a label -> the first such video
     for video_id, entry in database.items():
       for a in _annotations_of(entry):
         if not isinstance(a, dict) or "label_id" not in a:
           continue
-        name, label_id = str(a.get("label", a["label_id"])), a["label_id"]
+        label_id = a["label_id"]
         if not isinstance(label_id, int) or isinstance(label_id, bool) or label_id < 0:
           raise AnnotationError(f"{path}: video {video_id!r}: label_id {label_id!r} of label "
-                                f"{name!r} is not a non-negative integer")
+                                f"{a.get('label')!r} is not a non-negative integer")
+        if "label" not in a:  # named by the rows that give this id a label, else by the id
+          unnamed.setdefault(label_id, video_id)
+          continue
+        name = str(a["label"])
+        seen_in.setdefault(("name", name), video_id)
+        seen_in.setdefault(("id", label_id), video_id)
         if name_to_id.setdefault(name, label_id) != label_id:
           raise AnnotationError(
               f"{path}: video {video_id!r}: label {name!r} has label_id {label_id} here but "
-              f"{name_to_id[name]} elsewhere; fix the file or pin ids with --label_map_file")
+              f"{name_to_id[name]} in video {seen_in['name', name]!r}; fix the file or pin ids "
+              "with --label_map_file")
         if id_to_name.setdefault(label_id, name) != name:
           raise AnnotationError(
               f"{path}: video {video_id!r}: label_id {label_id} names {name!r} here but "
-              f"{id_to_name[label_id]!r} elsewhere; fix the file or pin ids with "
-              "--label_map_file")
+              f"{id_to_name[label_id]!r} in video {seen_in['id', label_id]!r}; fix the file or "
+              "pin ids with --label_map_file")
+    for label_id, video_id in unnamed.items():
+      if label_id not in id_to_name:
+        if name_to_id.setdefault(str(label_id), label_id) != label_id:
+          raise AnnotationError(
+              f"{path}: video {video_id!r}: a row with label_id {label_id} and no label takes "
+              f"the name {str(label_id)!r}, which video {seen_in['name', str(label_id)]!r} "
+              "gives another id; add the row's label or pin ids with --label_map_file")
+        id_to_name[label_id] = str(label_id)
     for video_id, entry in database.items():
       for a in _annotations_of(entry):
         if isinstance(a, dict) and "label_id" not in a and str(a.get("label")) not in name_to_id:

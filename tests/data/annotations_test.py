@@ -200,6 +200,33 @@ def test_a_video_id_that_would_leave_the_feature_folder_is_refused(tmp_path, vid
   assert [r.video_id for r in records] == ["fine..name"]
 
 
+def test_a_label_id_clash_names_both_videos(tmp_path):
+  """The message blamed the second video's correct row and said 'elsewhere'."""
+  entry = lambda label, label_id: {"subset": "training", "duration": 9.0,
+                                   "annotations": [_ann(label, label_id, 1, 2)]}
+  path = _write(tmp_path, {"database": {"v_first": entry("a", 0), "v_second": entry("b", 0)}})
+  with pytest.raises(annotations.AnnotationError, match=r"video 'v_second': label_id 0 names "
+                                                        r"'b' here but 'a' in video 'v_first'"):
+    annotations.load_annotations(path, "training", num_classes=2)
+
+
+def test_a_row_with_a_label_id_and_no_label_takes_the_name_other_rows_give_it(tmp_path):
+  """Such a row was read as a class named '1', clashing with the row that names id 1 'b'."""
+  row = {"label_id": 1, "segment": [3, 4]}
+  path = _write(tmp_path, {"database": {
+      "v1": {"subset": "training", "duration": 9.0,
+             "annotations": [_ann("a", 0, 1, 2), _ann("b", 1, 5, 6)]},
+      "v2": {"subset": "training", "duration": 9.0, "annotations": [row]}}})
+  records, report = annotations.load_annotations(path, "training", num_classes=2)
+  assert report.class_names == ("a", "b") and list(records[1].labels) == [1]
+  ids_only = _write(tmp_path, {"database": {"v": {"subset": "training", "duration": 9.0,
+                                                  "annotations": [row, {"label_id": 0,
+                                                                        "segment": [1, 2]}]}}},
+                    name="ids.json")
+  _, report = annotations.load_annotations(ids_only, "training", num_classes=2)
+  assert report.class_names == ("0", "1")
+
+
 def test_huge_json_integers_are_named_not_overflowing(tmp_path):
   huge = 10 ** 400
   path = _write(tmp_path, {"database": {"v": {"subset": "training", "duration": huge,
