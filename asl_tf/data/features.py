@@ -227,7 +227,8 @@ def probe_features(video_id: str, data_config: config_lib.DataConfig
   if channels != data_config.input_dim:
     per_file = ", ".join(f"{p}: {s[1]}" for p, s in zip(paths, shapes))
     raise FeatureError(f"video {video_id!r}: features have {channels} channels ({per_file}); "
-                       f"expected input_dim={data_config.input_dim} (--input_dim)")
+                       f"expected input_dim={data_config.input_dim} (--input_dim; if every "
+                       f"video's features have {channels}, set --input_dim={channels})")
   lengths = [s[0] for s in shapes]
   raw_length, crop_detail = min(lengths), None
   if max(lengths) - raw_length > MAX_STREAM_LENGTH_DIFF:
@@ -259,8 +260,14 @@ def scan_features(video_ids: Sequence[str], data_config: config_lib.DataConfig
     FEATURE_RULES kind to (video_id, detail) pairs.
 
   Raises:
-    FeatureError: the first bad video, when `on_bad_feature='error'`.
+    FeatureError: a `feature_dir` that is not a folder, or the first bad video when
+      `on_bad_feature='error'`.
   """
+  missing = [d for d in data_config.feature_dir if not os.path.isdir(d)]
+  if missing:
+    raise FeatureError(f"--feature_dir={missing[0]} is not a folder (it does not exist, or is a "
+                       "file); point --feature_dir at the folder of feature files",
+                       "skipped_missing_features")
   infos, events = {}, collections.defaultdict(list)
   for video_id in video_ids:
     try:

@@ -90,6 +90,23 @@ def test_missing_file_error_and_counted_skip(tmp_path):
   assert [v for v, _ in events["skipped_bad_features"]] == ["rank3"]
 
 
+@pytest.mark.parametrize("on_bad_feature", ["error", "skip"])
+def test_a_feature_dir_that_is_not_a_folder_is_named_once(tmp_path, on_bad_feature):
+  """It was reported file by file (and, with skip, every video skipped)."""
+  _save(tmp_path / "ok", "v.npy", np.zeros([3, 6], np.float32))
+  missing = tmp_path / "nodir"
+  with pytest.raises(features.FeatureError, match=r"--feature_dir=.*nodir is not a folder"):
+    features.scan_features(["v"], _config([tmp_path / "ok", missing],
+                                          on_bad_feature=on_bad_feature))
+
+
+def test_a_channel_mismatch_says_which_input_dim_the_files_have(tmp_path):
+  _save(tmp_path, "v.npy", np.zeros([3, 6], np.float32))
+  with pytest.raises(features.FeatureError, match=r"features have 6 channels .*expected "
+                                                  r"input_dim=7 .*set --input_dim=6"):
+    features.scan_features(["v"], _config([tmp_path], input_dim=7))
+
+
 def test_non_finite_detected_on_read(tmp_path):
   x = np.zeros([8, 6], np.float32)
   x[5, 2] = np.nan
