@@ -127,9 +127,13 @@ def _export_assets(saved_model: str) -> Tuple[dict, int, List[str]]:
         resize_length = int(json.load(f)["config"]["data"].get("resize_length", 0))
     missing = [k for k in ("fps", "feat_stride", "num_frames", "input_dim") if k not in info]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    versions = sorted((int(d) for d in os.listdir(saved_model) if d.isdigit()),
+                      reverse=True) if os.path.isdir(saved_model) else []
+    hint = (f"it is the model's base path: pass a version folder such as "
+            f"{os.path.join(saved_model, str(versions[0]))}" if versions else
+            "pass the version folder asl_tf.export wrote")
     raise InferError(f"--saved_model={saved_model}: not an asl_tf export ({assets} unreadable: "
-                     f"{type(e).__name__}: {e}); pass the version folder asl_tf.export wrote"
-                     ) from None
+                     f"{type(e).__name__}); {hint}") from None
   if missing:
     raise InferError(f"--saved_model={saved_model}: {assets}/timebase.json lacks "
                      f"{', '.join(missing)}; pass a version folder asl_tf.export wrote")

@@ -400,6 +400,11 @@ def test_infer_names_a_saved_model_that_is_not_an_asl_tf_export(tmp_path):
                                        r"lacks input_dim; pass a version folder asl_tf.export"):
     _run(infer.main, [f"--saved_model={version}", f"--features_path={video}",
                       f"--results_file={tmp_path / 'd.json'}"])
+  with pytest.raises(SystemExit, match=r"^asl_tf.infer: --saved_model=.*: not an asl_tf export "
+                                       r".*; it is the model's base path: pass a version folder "
+                                       r"such as .*/1$"):
+    _run(infer.main, [f"--saved_model={tmp_path}", f"--features_path={video}",
+                      f"--results_file={tmp_path / 'd.json'}"])
 
 
 def test_an_annotation_file_that_renames_the_classes_is_refused(run_dir, tmp_path):
