@@ -13,18 +13,16 @@ flag ends the program with one line naming it.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import sys
 import typing
-import warnings
 from typing import List, Mapping, Sequence
 
 from absl import flags
-from absl import logging as absl_logging
 
 from asl_tf import config as config_lib
+from asl_tf import tool_process
 
 FLAGS = flags.FLAGS
 
@@ -169,7 +167,7 @@ def first_sentence(text: str) -> str:
 def cli_parser(prog: str, help_groups: Mapping[str, Sequence[str]]):
   """An absl `flags_parser` for entry point `prog`: `--help` prints `tool_help` (the flags of
   `help_groups`); otherwise `parse_argv`, ending the program with one line `prog: message` (no
-  traceback) on a flag error, then `prepare_tensorflow()`."""
+  traceback) on a flag error, then `tool_process.prepare_tensorflow()`."""
 
   def parse(argv: List[str]) -> List[str]:
     if any(a in _HELP_ARGS for a in argv[1:]):
@@ -180,48 +178,10 @@ def cli_parser(prog: str, help_groups: Mapping[str, Sequence[str]]):
       rest = parse_argv(argv)
     except config_lib.ConfigError as e:
       sys.exit(f"{prog}: {e}")
-    prepare_tensorflow(FLAGS.verbosity)
+    tool_process.prepare_tensorflow(FLAGS.verbosity)
     return rest
 
   return parse
-
-
-def prepare_tensorflow(verbosity: int) -> None:
-  """Process settings of the command-line tools, made before TensorFlow is imported.
-
-  Turns oneDNN's CPU kernels on unless `TF_ENABLE_ONEDNN_OPTS` is set, and hides TensorFlow's
-  own log lines unless `--verbosity >= 1`.
-
-  On a healthy CPU run TensorFlow prints dozens of C++ lines, some at error level ("failed call
-  to cuInit" without a GPU, oneDNN notes), and Python deprecation warnings; a real failure still
-  reaches the user as an exception, which every tool turns into one line. A
-  `TF_CPP_MIN_LOG_LEVEL` set by the user wins.
-  """
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-  verbose = verbosity >= 1
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
-  if verbose or "tensorflow" in sys.modules:
-    return
-  warnings.filterwarnings("ignore", module=r"(tensorflow|keras)(\.|$)")
-  # TensorFlow's C++ side prints a few lines while it loads, before TF_CPP_MIN_LOG_LEVEL is read;
-  # importing it with stderr pointed at /dev/null hides them (a failed import still raises).
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, "w") as null:
-      os.dup2(null.fileno(), 2)
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-  logging.getLogger("tensorflow").setLevel(logging.ERROR)  # after the import, which resets it
-  # Some of TensorFlow logs through absl directly (checkpoint saving: "Sharding callback ...").
-  absl_logging.get_absl_handler().addFilter(_drop_tensorflow_info)
-
-
-def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
-  """A log filter: TensorFlow's and Keras' own records below WARNING are dropped."""
-  return record.levelno >= logging.WARNING or not re.search(r"[/\\](tensorflow|keras)[/\\]",
-                                                             record.pathname)
 
 
 def _flag_name(arg: str) -> str:

@@ -26,6 +26,28 @@ def test_tools_turn_onednn_on_unless_the_user_chose(preset, expected):
   assert "port.cc" not in out.stderr and "cudart_stub" not in out.stderr  # TF loaded quietly
 
 
+@pytest.mark.parametrize("tool,args", [
+    ("asl_tf.serving.client", ["--server=127.0.0.1:1", "--features_path=/nonexistent/v.npy"]),
+    ("asl_tf.serving.testing_server", ["--model_base_path=/nonexistent/models/asl"]),
+])
+def test_the_serving_tools_print_one_line_and_no_tensorflow_lines(tool, args):
+  """They imported TensorFlow before the tools' quiet start: ~9 C++ lines (among them "failed
+  call to cuInit" at error level) came before every message, even a missing file's."""
+  out = subprocess.run([sys.executable, "-m", tool] + args, env=_env(), capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert "/nonexistent/" in out.stderr
+
+
+def test_argv_verbosity_reads_absl_spellings():
+  from asl_tf import tool_process  # pylint: disable=g-import-not-at-top
+  assert tool_process.argv_verbosity(["prog", "--server=x"]) == 0
+  for argv in (["prog", "--verbosity=1"], ["prog", "-v", "1"], ["prog", "-v=1"],
+               ["prog", "--verbosity", "1"]):
+    assert tool_process.argv_verbosity(argv) == 1, argv
+
+
 def test_package_import_changes_nothing_and_loads_no_tensorflow():
   code = ("import os, sys, asl_tf; print('tensorflow' in sys.modules, "
           "'TF_ENABLE_ONEDNN_OPTS' in os.environ)")

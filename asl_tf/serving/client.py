@@ -18,11 +18,16 @@ long video exceeds ([18432, 2048] float32 features are ~151 MB).
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the command line: TensorFlow's start-up lines hidden before it loads
+  from asl_tf import tool_process  # pylint: disable=g-import-not-at-top
+  tool_process.prepare_tensorflow(tool_process.argv_verbosity(sys.argv))
+
 import http.client
 import json
 import os
 import ssl
-import sys
 import time
 import urllib.error
 import urllib.request

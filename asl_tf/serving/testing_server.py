@@ -20,6 +20,12 @@ deterministic functions of the input.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the command line: TensorFlow's start-up lines hidden before it loads
+  from asl_tf import tool_process  # pylint: disable=g-import-not-at-top
+  tool_process.prepare_tensorflow(tool_process.argv_verbosity(sys.argv))
+
 import http.server
 import json
 import os
@@ -206,6 +212,9 @@ def check_tensor_size(key: str, proto, max_frames: int) -> None:
 
 def latest_version(model_base_path: str) -> int:
   """The highest integer sub-folder of a TF Serving base path that holds a SavedModel."""
+  if not os.path.isdir(model_base_path):
+    raise FileNotFoundError(f"--model_base_path={model_base_path} is not a folder; point it at "
+                            "the model's base folder (the one holding <version>/)")
   versions = [int(d) for d in os.listdir(model_base_path)
               if d.isdigit() and tf.saved_model.contains_saved_model(
                   os.path.join(model_base_path, d))]
@@ -666,10 +675,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
-  server = TestingServer(f.model_base_path, f.model_name, f.model_version, host=f.host,
-                         port=f.port, rest_api_port=f.rest_api_port or None,
-                         max_workers=f.grpc_max_threads, tls_cert_file=f.ssl_cert_file,
-                         tls_key_file=f.ssl_key_file).start()
+  try:
+    server = TestingServer(f.model_base_path, f.model_name, f.model_version, host=f.host,
+                           port=f.port, rest_api_port=f.rest_api_port or None,
+                           max_workers=f.grpc_max_threads, tls_cert_file=f.ssl_cert_file,
+                           tls_key_file=f.ssl_key_file).start()
+  except (OSError, ValueError, RuntimeError) as e:
+    sys.exit(f"asl_tf.serving.testing_server: {e}")
   print(f"testing server (not TF Serving): model {f.model_name!r} version "
         f"{server.servable.version} on grpc {server.address}"
         + (f", rest {server.rest_address}" if f.rest_api_port else ""), flush=True)
