@@ -51,7 +51,7 @@ DIRTY_ROW_RULES = collections.OrderedDict([
                   "dropped"),
     ("label_id_overridden", "the segment's label_id disagrees with the label map: the map's id "
                             "(looked up by name) is used"),
-    ("missing_fps", "video without fps: DataConfig.default_fps is used"),
+    ("missing_fps", "video without fps: --default_fps is used"),
     ("video_without_segments", "video with no segment left: kept for evaluation / inference, "
                                "excluded from training"),
 ])

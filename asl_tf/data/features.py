@@ -81,6 +81,10 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 def _unreadable(path: str, error: BaseException) -> FeatureError:
   kind = ".npz" if path.endswith(".npz") else ".npy"
+  if "allow_pickle" in str(error):  # numpy would suggest loading it "unsafely": never here
+    return FeatureError(f"feature file {path} cannot be read as {kind}: it holds pickled Python "
+                        "objects or is not a NumPy file at all; feature files are never "
+                        "unpickled: save the features with numpy.save of a float array")
   return FeatureError(f"feature file {path} cannot be read as {kind} "
                       f"({type(error).__name__}: {error or 'empty file'})")
 

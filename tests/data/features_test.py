@@ -165,7 +165,11 @@ def _zip_named_npy(path):
     (lambda p: np.save(p, np.ones([4, 6], np.complex64)), r"dtype complex64"),
     (lambda p: np.save(p, np.array([["a"] * 6] * 2)), r"dtype <U1"),
     (lambda p: np.save(p, np.full([4, 6], 1e300)), r"values beyond float32's range"),
-    (lambda p: np.save(p, np.array([[None] * 6], object)), r"cannot be read as \.npy"),
+    (lambda p: np.save(p, np.array([[None] * 6], object)), r"cannot be read as \.npy: it holds "
+                                                             r"pickled Python objects .*never "
+                                                             r"unpickled"),
+    (lambda p: p.write_text("a README, not features\n"), r"cannot be read as \.npy: it holds "
+                                                        r"pickled .* or is not a NumPy file"),
     (lambda p: np.save(p, np.zeros([6], np.float32)), r"shape \(6,\); expected \[T, C\]"),
     (lambda p: np.save(p, np.full([2, 6], np.inf, np.float32)),
      r"non-finite value at index \(0, 0\)"),
