@@ -32,14 +32,11 @@ import logging
 import os
 import pickle
 import reprlib
+import types
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
-try:
-  from numpy._core.multiarray import scalar as _numpy_scalar
-except ImportError:  # NumPy 1.x
-  from numpy.core.multiarray import scalar as _numpy_scalar
 
 from asl_tf.config import EvalConfig
 from asl_tf.data import timebase
@@ -362,27 +359,54 @@ class VideoScores:
     return None
 
 
-class _PickledArrayType:
-  """What `numpy.ndarray` unpickles to in a score file: a token that only `_reconstruct`
-  accepts (calling it directly, which would allocate an array of any size, fails)."""
+class _ArrayToken:
+  """What `numpy.ndarray` unpickles to in a score file: a token only `_empty_array` accepts
+  (calling it, which would allocate an array of any size, fails; it takes no attributes)."""
+
+  __slots__ = ()
 
 
-def _empty_array(subtype, shape, typecode):
+_ARRAY_TOKEN = _ArrayToken()
+_NUMBER_KINDS = "biuf"  # bool, signed / unsigned integers, floats: what scores are made of
+
+
+def _plain_dtype(spec, *unused):
+  """`numpy.dtype` as NumPy's pickles call it, for a plain number type only (no fields, no
+  sub-arrays, no objects, no strings or voids: nothing whose layout or size the file could
+  choose). NumPy ignores a BUILD on such a built-in dtype."""
+  if isinstance(spec, bytes):
+    spec = spec.decode("latin1")
+  dtype = np.dtype(spec) if isinstance(spec, str) and len(spec) <= 4 else None
+  if dtype is None or dtype.kind not in _NUMBER_KINDS or dtype.fields or dtype.subdtype:
+    raise pickle.UnpicklingError(f"dtype {reprlib.repr(spec)}: a score file holds numbers only")
+  return dtype
+
+
+def _empty_array(token, shape, typecode):
   """numpy's `_reconstruct` as NumPy's own pickles call it: an empty array that the pickle's
   BUILD then fills from the bytes it carries (NumPy checks their length), never an array of a
   shape the file merely names."""
-  if subtype is not _PickledArrayType or tuple(shape) != (0,):
+  if token is not _ARRAY_TOKEN or tuple(shape) != (0,):
     raise pickle.UnpicklingError(f"numpy _reconstruct of shape {reprlib.repr(shape)}: NumPy's "
                                  "pickles reconstruct empty arrays only")
-  return np.ndarray((0,), np.dtype(np.int8) if typecode in (b"b", "b") else typecode)
+  return np.ndarray((0,), _plain_dtype(typecode))
+
+
+def _number(dtype, data=None):
+  """numpy's `scalar` (a NumPy number in a pickle): `data` must be exactly its bytes."""
+  if (not isinstance(dtype, np.dtype) or dtype.kind not in _NUMBER_KINDS
+      or not isinstance(data, bytes) or len(data) != dtype.itemsize):
+    raise pickle.UnpicklingError("numpy scalar other than a number from its own bytes")
+  return np.frombuffer(data, dtype)[0]
 
 
 def _array_from_bytes(buffer, dtype, shape, order="C"):
   """numpy's `_frombuffer` (protocol-5 pickles): the bytes in the file, viewed as `shape`
   (NumPy refuses a shape they do not fill exactly)."""
-  if not isinstance(buffer, (bytes, bytearray)):
-    raise pickle.UnpicklingError("numpy _frombuffer of something other than bytes")
-  return np.frombuffer(buffer, np.dtype(dtype)).reshape(shape, order=order)
+  if (not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype)
+      or dtype.kind not in _NUMBER_KINDS or order not in ("C", "F")):
+    raise pickle.UnpicklingError("numpy _frombuffer other than of numbers from bytes")
+  return np.frombuffer(bytes(buffer), dtype).reshape(shape, order=order)
 
 
 def _latin1_encode(text, encoding="utf-8"):
@@ -392,18 +416,23 @@ def _latin1_encode(text, encoding="utf-8"):
   return text.encode("latin1")
 
 
-# Globals a pickled score file may name: NumPy's array reconstruction, nothing callable beyond
-# it. Everything else (os.system, builtins.eval, ...) is refused before it is called.
+def _fresh(fn: types.FunctionType) -> types.FunctionType:
+  """A private copy of `fn` per use, so that a BUILD in one file cannot change the module's."""
+  return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
+
+
+# The globals a pickled score file may name, each a stand-in that builds numbers from the file's
+# own bytes. Everything else (os.system, builtins.eval, ...) is refused before it is called.
 _SCORE_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _empty_array,
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _empty_array,
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_scalar,
-    ("numpy.core.numeric", "_frombuffer"): lambda: _array_from_bytes,
-    ("numpy._core.numeric", "_frombuffer"): lambda: _array_from_bytes,
-    ("numpy", "ndarray"): lambda: _PickledArrayType,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _fresh(_empty_array),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _fresh(_empty_array),
+    ("numpy.core.multiarray", "scalar"): lambda: _fresh(_number),
+    ("numpy._core.multiarray", "scalar"): lambda: _fresh(_number),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _fresh(_array_from_bytes),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _fresh(_array_from_bytes),
+    ("numpy", "ndarray"): lambda: _ARRAY_TOKEN,
+    ("numpy", "dtype"): lambda: _fresh(_plain_dtype),
+    ("_codecs", "encode"): lambda: _fresh(_latin1_encode),
 }
 
 
@@ -428,8 +457,8 @@ def load_video_scores(path: str) -> VideoScores:
   JSON (`.json`): `{"results": {video_id: [score per class]}, "class": [names]}` (CUHK layout; a
   bare `{video_id: [scores]}` dict also works). Pickle (`.pkl` / `.pickle`): `{video_id:
   [scores]}` (UntrimmedNet THUMOS), read by an unpickler that admits only containers and NumPy
-  arrays built from the bytes in the file, so a crafted file can neither run code nor allocate an
-  array it does not carry. CUHK keys carry no `v_` prefix;
+  numbers and arrays built from the bytes in the file: a crafted file cannot run code, and its
+  arrays hold only the numbers it carries. CUHK keys carry no `v_` prefix;
   `VideoScores.lookup` matches ids with or without it.
 
   Raises:
@@ -449,7 +478,8 @@ def load_video_scores(path: str) -> VideoScores:
   except OSError as e:
     raise ValueError(f"{where}: cannot read it ({e.strerror})") from None
   except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError,
-          RecursionError, MemoryError, OverflowError) as e:
+          AttributeError, KeyError, IndexError, RecursionError, MemoryError,
+          OverflowError) as e:
     if isinstance(e, ValueError) and str(e).startswith(where):
       raise  # the unpickler's own refusal
     raise ValueError(f"{where}: not a valid {ext[1:].upper()} score file "

@@ -434,7 +434,7 @@ class _Reduce:
 
 @pytest.mark.parametrize("array", [
     _Reduce(np.ndarray, (20,), "f8"),  # an array of a shape the file only names
-    _Reduce(np.ndarray, (2 ** 31,), "f8"),  # 16 GiB from a 50-byte file
+    _Reduce(np.ndarray, (2 ** 20,), "f8"),  # 8 MiB from a 50-byte file (16 GiB as easily)
     _Reduce(_numpy_reconstruct, np.ndarray, (20,), b"b"),  # NumPy's own call, no bytes
 ])
 def test_a_score_pickle_gets_no_array_it_does_not_carry(tmp_path, array):
@@ -446,7 +446,61 @@ def test_a_score_pickle_gets_no_array_it_does_not_carry(tmp_path, array):
     postprocess.load_video_scores(str(path))
 
 
+def _global(module, name):
+  return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _str(text):
+  return pickle.SHORT_BINUNICODE + bytes([len(text)]) + text.encode()
+
+
+def _score_pickle(value_opcodes):
+  """A protocol-2 pickle of {"v": <value_opcodes>}."""
+  return (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _str("v") + value_opcodes + pickle.SETITEM
+          + pickle.STOP)
+
+
+_DTYPE_V1M = _global("numpy", "dtype") + _str("V1000000") + pickle.TUPLE1 + pickle.REDUCE
+
+
+@pytest.mark.parametrize("value,message", [
+    # an object array, which NumPy's BUILD then reads past the end of its list (a crash)
+    (_global("numpy._core.multiarray", "_reconstruct") + pickle.MARK + _global("numpy", "ndarray")
+     + pickle.MARK + pickle.BININT1 + b"\x00" + pickle.TUPLE + _str("O") + pickle.TUPLE
+     + pickle.REDUCE, r"dtype 'O': a score file holds numbers only"),
+    # a 1 MB void scalar from 60 bytes (500 MB as easily), zero-filled by NumPy
+    (_global("numpy._core.multiarray", "scalar") + _DTYPE_V1M + pickle.TUPLE1 + pickle.REDUCE,
+     r"dtype 'V1000000': a score file holds numbers only"),
+    # a structured dtype, whose fields a BUILD could place outside the bytes
+    (_global("numpy", "dtype") + _str("V8") + pickle.TUPLE1 + pickle.REDUCE,
+     r"dtype 'V8': a score file holds numbers only"),
+])
+def test_a_score_pickle_gets_numbers_only(tmp_path, value, message):
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(_score_pickle(value))
+  with pytest.raises(ValueError, match=rf"scores.pkl: not a valid PKL score file .*{message}"):
+    postprocess.load_video_scores(str(path))
+
+
+def test_a_score_pickle_cannot_change_the_readers_own_objects(tmp_path):
+  """find_class handed out the module's own functions and classes, which a BUILD can set
+  attributes on (for every later file)."""
+  build_attr = (pickle.NONE + pickle.EMPTY_DICT + _str("pwned") + _str("yes") + pickle.SETITEM
+                + pickle.TUPLE2 + pickle.BUILD)
+  for target in (_global("numpy", "ndarray"), _global("numpy._core.numeric", "_frombuffer"),
+                 _global("numpy", "dtype")):
+    path = tmp_path / "scores.pkl"
+    path.write_bytes(_score_pickle(target + build_attr))
+    try:
+      postprocess.load_video_scores(str(path))
+    except ValueError:
+      pass
+  leaked = [name for name in dir(postprocess) if hasattr(getattr(postprocess, name), "pwned")]
+  assert not leaked
+
+
 def test_a_score_pickle_whose_bytes_do_not_fill_its_shape_is_refused(tmp_path):
+  """NumPy's own check, kept by the reader's BUILD path (an invariant, not a regression)."""
   good = pickle.dumps({"v": np.arange(3.0)}, protocol=4)
   bad = good.replace(b"K\x03\x85", b"K\x04\x85")  # the state's shape (3,) -> (4,)
   assert bad != good

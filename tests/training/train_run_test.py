@@ -150,5 +150,6 @@ def test_one_device_equals_two_cpu_replicas_equals_two_workers(tiny_data, tmp_pa
     assert len(glob.glob(os.path.join(tmp_path, name, "logs", "events.*"))) == 1
   np.testing.assert_allclose(losses["mirrored"], losses["one"], rtol=1e-4)
   np.testing.assert_allclose(losses["multi"], losses["one"], rtol=1e-4)
-  assert sorted(os.listdir(tmp_path / "multi")) == [".lock", "checkpoints", "config.json", "logs"]
+  assert sorted(os.listdir(tmp_path / "multi")) == [".lock", "checkpoints", "class_names.json",
+                                                    "config.json", "logs"]
   assert tf.train.latest_checkpoint(str(tmp_path / "multi" / "checkpoints")).endswith("ckpt-2")
