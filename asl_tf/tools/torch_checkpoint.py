@@ -3,8 +3,8 @@
 A `torch.save` file is a pickle, and unpickling runs whatever callables the file names. The reader
 here uses a restricted `pickle.Unpickler` whose `find_class` only hands out the handful of globals
 a checkpoint of tensors needs (tensor rebuild functions, storage and dtype names, `OrderedDict`,
-scalar builtins, containers built only over containers the pickle holds, `bytes` of bytes),
-replaced by local stand-ins, so that neither code nor memory the file does not hold is reached;
+numbers, strings and containers built only from values the pickle holds), replaced by local
+stand-ins, so that no code is reached and no builtin turns a few bytes into gigabytes;
 any other global (`os.system`, `builtins.eval`, ...) is refused when the pickle names it, before
 anything is called. Tensors become numpy arrays.
 
@@ -78,7 +78,8 @@ _STORAGE_TYPES = {
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
     "BoolStorage": "bool", "UntypedStorage": "uint8",
 }
-_SCALAR_BUILTINS = ("int", "float", "complex", "bool", "str", "slice")
+_NUMBER_BUILTINS = ("int", "float", "complex", "bool")
+_MAX_NUMBER_TEXT = 64  # characters of a number written out as text
 # Called only over a container the pickle itself holds: no lazy or sized argument (range(2**30),
 # bytes(2**30), list(b"..."): a file of a few bytes asking for gigabytes).
 _CONTAINER_BUILTINS = ("set", "frozenset", "list", "tuple", "dict")
@@ -92,6 +93,22 @@ def _over_container(constructor: type) -> Callable[..., Any]:
                       "holds")
     return constructor(*args)
   return make
+
+
+def _number_of(constructor: type) -> Callable[..., Any]:
+  def make(*args):
+    if len(args) > 1 or (args and not isinstance(args[0], (int, float, complex, bool)) and not (
+        isinstance(args[0], (str, bytes)) and len(args[0]) <= _MAX_NUMBER_TEXT)):
+      raise TypeError(f"{constructor.__name__}() is only allowed of a number or a short text")
+    return constructor(*args)
+  return make
+
+
+def _str_of_data(*args):
+  if not args or (len(args) == 1 and isinstance(args[0], str)) or (
+      len(args) == 2 and isinstance(args[0], bytes) and isinstance(args[1], str)):
+    return str(*args)
+  raise TypeError("str() is only allowed of a str, or of bytes and an encoding")
 
 
 def _bytes_of_data(*args):
@@ -179,11 +196,12 @@ def _fresh(fn: types.FunctionType) -> types.FunctionType:
 def _allowed_global(module: str, name: str) -> Any:
   """Returns the local stand-in for an allowed global, or None."""
   if module in ("builtins", "__builtin__"):
-    if name in _SCALAR_BUILTINS:
-      return getattr(builtins, name)
+    if name in _NUMBER_BUILTINS:
+      return _number_of(getattr(builtins, name))
     if name in _CONTAINER_BUILTINS:
       return _over_container(getattr(builtins, name))
-    return _fresh(_bytes_of_data) if name == "bytes" else None
+    return {"str": _fresh(_str_of_data), "bytes": _fresh(_bytes_of_data),
+            "slice": builtins.slice}.get(name)
   if module == "collections" and name == "OrderedDict":
     return collections.OrderedDict
   if module == "_codecs" and name == "encode":

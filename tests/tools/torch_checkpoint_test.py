@@ -303,6 +303,25 @@ def test_legacy_storage_views_must_lie_inside_their_storage(tmp_path, view, ok):
       tc.load_torch_checkpoint(path)
 
 
+def _doubling_lists(depth):
+  """Pickle opcodes leaving L_depth on the stack, L_0 = [], L_i = [L_(i-1), L_(i-1)] (memo
+  references: 2**depth leaves from a few bytes per level)."""
+  ops = pickle.EMPTY_LIST + pickle.BINPUT + b"\x00"
+  for i in range(1, depth + 1):
+    ops += (pickle.MARK + pickle.BINGET + bytes([i - 1]) + pickle.BINGET + bytes([i - 1])
+            + pickle.LIST + pickle.BINPUT + bytes([i]))
+  return ops
+
+
+def test_str_of_a_shared_structure_cannot_blow_up(tmp_path):
+  """str() of nested lists sharing their halves: 249 bytes made a 100 MB string at depth 24."""
+  path = tmp_path / "bomb.pth"
+  _zip_with_pickle(path, pickle.PROTO + bytes([3]) + _doubling_lists(16) + pickle.POP
+                   + _call("builtins", "str", pickle.BINGET + bytes([16])) + pickle.STOP)
+  with pytest.raises(tc.CheckpointError, match=r"bomb\.pth"):
+    tc.load_torch_checkpoint(path)
+
+
 def test_the_builtins_a_checkpoint_uses_still_load(tmp_path):
   """Sets, tuples and protocol-2 bytes (what `torch.save` pickles hold besides tensors)."""
   path = tmp_path / "plain.pth"
