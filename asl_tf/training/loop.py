@@ -71,18 +71,23 @@ def setup_run(config: config_lib.Config) -> None:
 
 
 def check_run_folder(config: config_lib.Config) -> None:
-  """Refuses a run folder that would be corrupted: checkpoints without --resume, or --resume
-  with a configuration that differs from the saved one (the message names the fields)."""
-  # A folder whose epoch checkpoints were deleted but whose best one was kept is a run too: a
-  # new run there would replace that best checkpoint at its first evaluation.
-  latest = (ckpt_lib.newest_checkpoint_file(config.train.output_dir)
-            or (ckpt_lib.best_checkpoint_files(config.train.output_dir) or [None])[-1])
+  """Refuses a run folder that would be corrupted: checkpoints without --resume, --resume with a
+  configuration that differs from the saved one (the message names the fields), or a folder
+  whose only checkpoint is its best one (nothing to resume from; a new run would replace it)."""
+  out = config.train.output_dir
+  latest = ckpt_lib.newest_checkpoint_file(out)
+  best = ckpt_lib.best_checkpoint_files(out)
+  if best and not latest:
+    raise ckpt_lib.CheckpointError(
+        f"{out} holds a best checkpoint ({best[-1]}) but no epoch checkpoint to resume from; a "
+        "run there would replace it: choose a new --output_dir (evaluate or export that "
+        "checkpoint with --checkpoint)")
   if config.train.resume:
-    ckpt_lib.check_resume_config(config.train.output_dir, config)
+    ckpt_lib.check_resume_config(out, config)
   elif latest:
     raise ckpt_lib.CheckpointError(
-        f"{config.train.output_dir} already holds checkpoints ({latest}); pass --resume to "
-        "continue that run or choose a new --output_dir")
+        f"{out} already holds checkpoints ({latest}); pass --resume to continue that run or "
+        "choose a new --output_dir")
 
 
 class Trainer:

@@ -51,15 +51,18 @@ def test_existing_checkpoints_without_resume_are_refused(tiny_data, tmp_path):
 
 def test_a_folder_holding_only_a_best_checkpoint_is_a_run_too(tiny_data, tmp_path):
   """Epoch checkpoints deleted to save space, the best one kept: a new run without --resume
-  was accepted there and replaced that checkpoint at its first evaluation."""
+  was accepted there and replaced that checkpoint at its first evaluation; with --resume it
+  starts from epoch 1 and does the same."""
   run = str(tmp_path / "run")
   os.makedirs(run)
   tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)),
                              os.path.join(run, ckpt_lib.BEST_DIR), 1,
                              checkpoint_name="ckpt").save(3)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"already holds checkpoints \(.*best/ckpt-3"
-                                                     r"\); pass --resume"):
-    loop.check_run_folder(_config(tiny_data, run))
+  for resume in (False, True):  # --resume would start at epoch 1 and replace it as well
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"holds a best checkpoint \(.*best/ckpt-3"
+                                                       r"\) but no epoch checkpoint to resume "
+                                                       r"from; .* choose a new --output_dir"):
+      loop.check_run_folder(_config(tiny_data, run, resume=resume))
 
 
 _HOLDER = """
