@@ -67,7 +67,12 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
       json.dump(dict(params), f, indent=1, sort_keys=True)
     if os.path.exists(out_dir):
       os.rename(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+      os.replace(tmp, out_dir)
+    except BaseException:
+      if os.path.exists(old) and not os.path.exists(out_dir):
+        os.rename(old, out_dir)  # the swap failed: the previous dataset goes back
+      raise
   finally:
     for leftover in (tmp, old):
       if os.path.exists(leftover):

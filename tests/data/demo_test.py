@@ -154,3 +154,24 @@ def test_an_empty_folder_is_filled(tmp_path):
   demo.ensure_demo_data(cfg)
   assert json.load(open(os.path.join(cfg.demo_dir, "manifest.json"))) == (
       demo.demo_parameters(cfg))
+
+
+def test_a_failed_swap_puts_the_previous_dataset_back(tmp_path, monkeypatch):
+  """The old folder, renamed aside for the swap, was deleted when the swap itself failed."""
+  cfg = _demo_config(tmp_path)
+  demo.ensure_demo_data(cfg)
+  before = sorted(os.listdir(os.path.join(cfg.demo_dir, "features")))
+  real_replace = os.replace
+
+  def fail_on_the_folder(src, dst):
+    if os.path.abspath(dst) == os.path.abspath(cfg.demo_dir):
+      raise OSError(28, "No space left on device")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", fail_on_the_folder)
+  with pytest.raises(OSError, match="No space left"):
+    demo.ensure_demo_data(_demo_config(tmp_path, input_dim=8))
+  assert sorted(os.listdir(os.path.join(cfg.demo_dir, "features"))) == before
+  assert json.load(open(os.path.join(cfg.demo_dir, "manifest.json"))) == (
+      demo.demo_parameters(cfg))
+  assert sorted(os.listdir(tmp_path)) == ["demo"]
