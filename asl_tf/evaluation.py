@@ -416,3 +416,14 @@ def _label_id(item, name_to_id, video_id, path) -> int:
   if name not in name_to_id:
     raise ValueError(f"{path}: video {video_id!r} has unknown label {name!r}")
   return name_to_id[name]
+
+
+def is_results_file(path: str) -> bool:
+  """True when `path` holds an ActivityNet results file (`{"results": {...}}`): the kind of file
+  the tools write, which they may replace without `--overwrite`."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(data, dict) and isinstance(data.get("results"), dict)

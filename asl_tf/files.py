@@ -59,13 +59,3 @@ def write_json_atomic(path: str, obj: Any, **dump_kwargs) -> None:
   serialised before the file is touched)."""
   write_text_atomic(path, json.dumps(obj, **dump_kwargs))
 
-
-def is_results_file(path: str) -> bool:
-  """True when `path` holds an ActivityNet results file (`{"results": {...}}`): the kind of file
-  the tools write, which they may replace without `--overwrite`."""
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(data, dict) and isinstance(data.get("results"), dict)

@@ -21,7 +21,7 @@ from absl import app
 from absl import flags
 
 from asl_tf import config as config_lib
-from asl_tf import files
+from asl_tf import evaluation
 from asl_tf import flags as asl_flags
 from asl_tf.data import timebase
 
@@ -216,7 +216,7 @@ def results_path(config: config_lib.Config, results_file: str, saved_model: str,
                         "detections.json")
   if os.path.isdir(path):
     raise InferError(f"--results_file={path} is a folder; name a .json file")
-  if os.path.exists(path) and not overwrite and not files.is_results_file(path):
+  if os.path.exists(path) and not overwrite and not evaluation.is_results_file(path):
     raise InferError(f"--results_file={path} exists and is not an ActivityNet results file; "
                      "choose another path or pass --overwrite to replace it")
   folder = os.path.dirname(os.path.abspath(path))
@@ -256,7 +256,6 @@ def main(argv):
       config = asl_flags.checkpoint_tool_config(config.export.checkpoint, config)
       fps = f.fps or config.data.fps_override or config.data.default_fps
       per_video, class_names = run_checkpoint(config, videos, fps)
-    from asl_tf import evaluation  # pylint: disable=g-import-not-at-top
     evaluation.write_results_json(out_path, evaluation.Detections.from_per_video(per_video),
                                   class_names, [v for v, _ in videos])
   except (InferError, config_lib.ConfigError, checkpoints.CheckpointError, ValueError,

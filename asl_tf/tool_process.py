@@ -17,17 +17,19 @@ from absl import logging as absl_logging
 
 
 def argv_verbosity(argv: Sequence[str]) -> int:
-  """absl's `--verbosity` / `-v` as given in `argv` (0 without it), for tools that must make
-  the process settings before their flags are parsed."""
+  """absl's `--verbosity` (`-v`, `--v`) as given on the command line, the last one winning (0
+  without it; a flagfile's is not read), for tools that must make the process settings before
+  their flags are parsed."""
+  verbosity = 0
   for i, arg in enumerate(argv):
     name, eq, value = arg.partition("=")
-    if name in ("--verbosity", "-v", "-verbosity"):
+    if name in ("--verbosity", "-verbosity", "-v", "--v"):
       value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "0")
       try:
-        return int(value)
+        verbosity = int(value)
       except ValueError:
-        return 0
-  return 0
+        verbosity = 0
+  return verbosity
 
 
 def prepare_tensorflow(verbosity: int) -> None:

@@ -44,7 +44,7 @@ def test_argv_verbosity_reads_absl_spellings():
   from asl_tf import tool_process  # pylint: disable=g-import-not-at-top
   assert tool_process.argv_verbosity(["prog", "--server=x"]) == 0
   for argv in (["prog", "--verbosity=1"], ["prog", "-v", "1"], ["prog", "-v=1"],
-               ["prog", "--verbosity", "1"]):
+               ["prog", "--verbosity", "1"], ["prog", "--v=1"], ["prog", "-v=0", "--v=1"]):
     assert tool_process.argv_verbosity(argv) == 1, argv
 
 

@@ -80,16 +80,18 @@ def ensure_demo_data(data_config: config_lib.DataConfig) -> str:
   feat_dir = os.path.join(demo_dir, "features")
   if (os.path.abspath(data_config.annotation_file) != os.path.abspath(ann_path) or
       [os.path.abspath(d) for d in data_config.feature_dir] != [os.path.abspath(feat_dir)]):
-    raise config_lib.ConfigError(f"--demo_dir={demo_dir} needs --annotation_file={ann_path} and "
-                     f"--feature_dir={feat_dir} (got {data_config.annotation_file!r}, "
-                     f"{list(data_config.feature_dir)}); or set --demo_dir=''")
+    raise config_lib.ConfigError(
+        f"--demo_dir={demo_dir} needs --annotation_file={ann_path} and --feature_dir={feat_dir} "
+        f"(got {data_config.annotation_file!r}, {list(data_config.feature_dir)}); or set "
+        "--demo_dir=''")
   if data_config.feature_ext != ".npy" or data_config.file_prefix or data_config.file_suffix:
     raise config_lib.ConfigError("the demo writes <video_id>.npy: use --feature_ext=.npy and no "
-                     "--file_prefix / --file_suffix")
+                                 "--file_prefix / --file_suffix")
   params = demo_parameters(data_config)
   if params["max_length_grid"] < MIN_LENGTH_GRID or params["num_classes"] < 1:
-    raise config_lib.ConfigError(f"demo needs max_seq_len >= {MIN_LENGTH_GRID} and num_classes >= 1, got "
-                     f"{data_config.max_seq_len}, {data_config.num_classes}")
+    raise config_lib.ConfigError(
+        f"demo needs max_seq_len >= {MIN_LENGTH_GRID} and num_classes >= 1, got "
+        f"{data_config.max_seq_len}, {data_config.num_classes}")
   try:
     return dataset_dir.build_once(demo_dir, params,
                                   lambda folder: _write_dataset(folder, params),

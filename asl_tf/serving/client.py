@@ -43,6 +43,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from asl_tf import evaluation
 from asl_tf import files
 from asl_tf.data import features as features_lib
 
@@ -269,7 +270,8 @@ class ASLServingClient:
     except (http.client.HTTPException, ValueError) as e:  # not an HTTP / JSON answer
       raise ServingError(grpc.StatusCode.UNKNOWN,
                          f"{url} did not answer as TF Serving's REST API ({type(e).__name__}); "
-                         "is --rest its REST port (8501 by default), not the gRPC one?") from e
+                         "check --rest: host:port of its REST API (8501 by default), not the "
+                         "gRPC one") from e
 
   def signature_defs(self) -> Dict[str, object]:
     """The served signatures (cached): name -> `SignatureDef`, via GetModelMetadata."""
@@ -441,7 +443,7 @@ def _input_file_problem(fv: flags.FlagValues) -> str:
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
       return f"--output_json={fv.output_json}: folder {folder} does not exist or is not writable"
     if (os.path.exists(fv.output_json) and not fv.overwrite
-        and not files.is_results_file(fv.output_json)):
+        and not evaluation.is_results_file(fv.output_json)):
       return (f"--output_json={fv.output_json} exists and is not an ActivityNet results file; "
               "choose another path or pass --overwrite to replace it")
   return ""

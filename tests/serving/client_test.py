@@ -266,8 +266,8 @@ def test_rest_pointed_at_the_grpc_port_is_one_line(server, tmp_path, capsys):
                         f"--features_path={tmp_path / 'video.npy'}"])
   err = capsys.readouterr().err
   assert code == 1 and not out and "Traceback" not in err
-  assert re.search(r"did not answer as TF Serving's REST API \(\w+\); is --rest its REST "
-                   r"port", err)
+  assert re.search(r"did not answer as TF Serving's REST API \(\w+\); check --rest: "
+                   r"host:port of its REST API", err)
 
 
 def test_output_json_never_replaces_a_file_it_did_not_write(server, tmp_path, capsys):

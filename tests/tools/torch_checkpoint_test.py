@@ -269,7 +269,9 @@ def test_malicious_archive_is_refused_without_running(tmp_path, module, name, co
 
 
 def _call(module, name, arg_opcodes):
-  return pickle.GLOBAL + f"{module}\n{name}\n".encode() + arg_opcodes + pickle.TUPLE1 + pickle.REDUCE
+  """Pickle opcodes calling `module.name(<arg_opcodes>)`."""
+  return (pickle.GLOBAL + f"{module}\n{name}\n".encode() + arg_opcodes + pickle.TUPLE1
+          + pickle.REDUCE)
 
 
 _INT_2_30 = pickle.BININT + struct.pack("<i", 2 ** 30)
