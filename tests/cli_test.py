@@ -350,10 +350,10 @@ def test_infer_of_a_resized_run_times_each_video_by_its_own_length(run_dir, tmp_
 
 
 @pytest.mark.parametrize("resize_length", [0, 96])
-def test_infer_with_a_saved_model_equals_the_checkpoint_at_any_fps(run_dir, tmp_path,
-                                                                   resize_length):
+def test_infer_with_a_saved_model_equals_the_checkpoint_at_another_fps(run_dir, tmp_path,
+                                                                       resize_length):
   """`--saved_model` ignored --fps (and never resized): its seconds were the export's baked
-  timebase whatever the videos were."""
+  timebase (30 fps here) whatever the videos were."""
   from asl_tf.serving import module as module_lib  # pylint: disable=g-import-not-at-top
   copy = _resized_run(run_dir, tmp_path, resize_length)
   model, config = inference.load_model(copy)
@@ -361,22 +361,16 @@ def test_infer_with_a_saved_model_equals_the_checkpoint_at_any_fps(run_dir, tmp_
   raw = np.random.default_rng(4).normal(size=[150, 8]).astype(np.float32)
   video = tmp_path / "video.npy"
   np.save(video, raw)
-  results = {}
+  results = []
   for source in (f"--checkpoint={copy}", f"--saved_model={version}"):
-    for fps in (15, 30):
-      out = tmp_path / f"det_{source[2:6]}_{fps}.json"
-      _run(infer.main, [source, f"--features_path={video}", f"--results_file={out}",
-                        f"--fps={fps}"])
-      results[source[2:6], fps] = json.loads(out.read_text())["results"]["video"]
-  for fps in (15, 30):
-    ckpt, served = results["chec", fps], results["save", fps]
-    assert len(ckpt) == len(served) > 0
-    np.testing.assert_allclose([d["segment"] for d in served], [d["segment"] for d in ckpt],
-                               atol=1e-3)
-    np.testing.assert_allclose([d["score"] for d in served], [d["score"] for d in ckpt],
-                               atol=1e-5)
-  top = lambda fps: max(d["segment"][1] for d in results["save", fps])
-  assert top(15) > 1.5 * top(30)
+    out = tmp_path / f"det_{len(results)}.json"
+    _run(infer.main, [source, f"--features_path={video}", f"--results_file={out}", "--fps=15"])
+    results.append(json.loads(out.read_text())["results"]["video"])
+  ckpt, served = results
+  assert len(ckpt) == len(served) > 0
+  np.testing.assert_allclose([d["segment"] for d in served], [d["segment"] for d in ckpt],
+                             atol=1e-3)
+  np.testing.assert_allclose([d["score"] for d in served], [d["score"] for d in ckpt], atol=1e-5)
 
 
 @pytest.mark.parametrize("fps", ["-30", "nan", "inf"])
