@@ -9,6 +9,7 @@ that a generator did not write (no such manifest) is never replaced: it may be t
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -47,6 +48,12 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
   Raises:
     FolderNotGeneratedError: `out_dir` is not empty and has no generator's manifest.
   """
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  if not os.path.exists(out_dir):  # a swap killed between its two renames: the old one back
+    aside = sorted(glob.glob(os.path.join(parent, glob.escape(tmp_prefix) + "*.old")),
+                   key=os.path.getmtime)
+    if aside and read_manifest(aside[-1]) is not None:
+      os.rename(aside[-1], out_dir)
   manifest = read_manifest(out_dir)
   if manifest == params:
     return out_dir
@@ -57,7 +64,6 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
         "generator_version), so it is left alone: choose a new or empty folder")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FolderNotGeneratedError(f"{out_dir} is a file, not a dataset folder: choose a folder")
-  parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
   old = tmp + ".old"  # the replaced folder, until the new one is in place

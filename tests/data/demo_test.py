@@ -175,3 +175,15 @@ def test_a_failed_swap_puts_the_previous_dataset_back(tmp_path, monkeypatch):
   assert json.load(open(os.path.join(cfg.demo_dir, "manifest.json"))) == (
       demo.demo_parameters(cfg))
   assert sorted(os.listdir(tmp_path)) == ["demo"]
+
+
+def test_a_swap_killed_between_its_renames_is_undone_at_the_next_run(tmp_path):
+  """The previous dataset, renamed aside, stayed hidden there, and the next run regenerated."""
+  cfg = _demo_config(tmp_path)
+  demo.ensure_demo_data(cfg)
+  ann = os.path.join(cfg.demo_dir, "annotations.json")
+  first = os.stat(ann).st_mtime_ns
+  os.rename(cfg.demo_dir, str(tmp_path / ".demo_tmp_abc123.old"))
+  demo.ensure_demo_data(cfg)
+  assert os.stat(ann).st_mtime_ns == first  # put back, not regenerated
+  assert sorted(os.listdir(tmp_path)) == ["demo"]
