@@ -40,6 +40,7 @@ from absl import app
 from absl import flags
 
 from asl_tf import config as config_lib
+from asl_tf import files
 from asl_tf import flags as asl_flags
 from asl_tf.tools import torch_checkpoint
 
@@ -249,7 +250,8 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
   Args:
     config: the resolved configuration (the model must match the checkpoint).
     torch_checkpoint_path: a `torch.save` file with `state_dict` / `state_dict_ema`.
-    output_dir: the run folder to write; it must not hold checkpoints or a config.json yet.
+    output_dir: the run folder to write; it must not hold checkpoints or a config.json yet. It
+      gets `class_names.json` too when the flags name an annotation file.
     use_ema: import `state_dict_ema` (else `state_dict`).
     allow_missing: keep trainable ASL-only variables absent from the source at their
       initialization instead of raising.
@@ -323,10 +325,14 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
     raise ImportTorchError("incomplete mapping; nothing was written:\n  - "
                            + "\n  - ".join(problems))
 
+  names = _class_names(config)  # read before anything is written: a bad file fails first
   os.makedirs(output_dir, exist_ok=True)
   saved = dataclasses.replace(config,
                               train=dataclasses.replace(config.train, output_dir=output_dir))
   saved.save(os.path.join(output_dir, ckpt_lib.CONFIG_FILE))
+  if names:  # what evaluate checks an annotation file's label ids against, as for a trained run
+    files.write_json_atomic(os.path.join(output_dir, ckpt_lib.CLASS_NAMES_FILE),
+                            {"class_names": list(names)}, indent=1)
   # The layout training writes, without optimizer state (load_model then uses these weights).
   try:
     report.checkpoint = ckpt_lib.RunCheckpointer(output_dir, keep=1, model=model).save(epoch)

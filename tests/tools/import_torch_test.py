@@ -4,6 +4,7 @@ import collections
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import subprocess
@@ -164,6 +165,23 @@ def test_an_output_folder_holding_a_run_is_left_alone(tmp_path, held):
              f"--torch_checkpoint={_fixture(case.name)}", f"--output={run_dir}", "--allow_missing")
   assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()) == [held]
   assert (run_dir / held).read_text() == "theirs"
+
+
+def test_an_import_records_the_annotation_files_class_names(tmp_path):
+  """Imported runs had no class_names.json, so evaluate's check of another file's label ids was
+  skipped for them; without an annotation file there are no names to record."""
+  case = load_parity_case("thumos_like")
+  names = [f"kind_{i}" for i in range(case.model_config.num_classes)]
+  annotations = tmp_path / "ann.json"
+  annotations.write_text(json.dumps({"database": {
+      "v": {"subset": "test", "duration": 9.0, "annotations": [
+          {"label": n, "label_id": i, "segment": [1, 2]} for i, n in enumerate(names)]}}}))
+  with_file = tmp_path / "run"
+  _run_cli(str(tmp_path), _case_flags(case) + _ASL_ONLY + [f"--annotation_file={annotations}",
+                                                           "--eval_subset=test"],
+           f"--torch_checkpoint={_fixture(case.name)}", f"--output={with_file}", "--allow_missing")
+  assert json.loads((with_file / "class_names.json").read_text()) == {"class_names": names}
+  assert inference.trained_class_names(str(with_file)) == names
 
 
 def test_a_diverged_checkpoint_is_refused_naming_its_tensors(tmp_path):
