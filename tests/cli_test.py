@@ -425,6 +425,18 @@ def test_an_annotation_file_that_renames_the_classes_is_refused(run_dir, tmp_pat
   assert not (tmp_path / "out" / "eval").exists()
   _run(evaluate.main, [f"--checkpoint={copy}", f"--output_dir={tmp_path / 'out'}"])
   assert (tmp_path / "out" / "eval" / "metrics.json").exists()
+  # A file that does not name every class (a split without a rare class) contradicts nothing.
+  for video in database["database"].values():
+    video["annotations"] = [a for a in video["annotations"] if a["label_id"] != 2]
+    for ann in video["annotations"]:
+      ann["label_id"] = swapped.get(ann["label_id"], ann["label_id"])  # back to training's ids
+  partial = tmp_path / "partial.json"
+  partial.write_text(json.dumps(database))
+  assert inference.class_names(dataclasses.replace(run_dir["config"], data=dataclasses.replace(
+      run_dir["config"].data, annotation_file=str(partial))))[2] == "class_2"
+  _run(evaluate.main, [f"--checkpoint={copy}", f"--annotation_file={partial}",
+                       f"--output_dir={tmp_path / 'partial_out'}"])
+  assert (tmp_path / "partial_out" / "eval" / "metrics.json").exists()
 
 
 def test_visualize_refuses_a_plot_dir_that_is_a_file_and_no_videos(run_dir, tmp_path):
