@@ -360,7 +360,7 @@ class VideoScores:
 
 
 class _ArrayToken:
-  """What `numpy.ndarray` unpickles to in a score file: a token only `_empty_array` accepts
+  """What `numpy.ndarray` unpickles to in a score file: a token only `_reconstruct` accepts
   (calling it, which would allocate an array of any size, fails; it takes no attributes)."""
 
   __slots__ = ()
@@ -370,43 +370,75 @@ _ARRAY_TOKEN = _ArrayToken()
 _NUMBER_KINDS = "biuf"  # bool, signed / unsigned integers, floats: what scores are made of
 
 
-def _plain_dtype(spec, *unused):
-  """`numpy.dtype` as NumPy's pickles call it, for a plain number type only (no fields, no
-  sub-arrays, no objects, no strings or voids: nothing whose layout or size the file could
-  choose). NumPy ignores a BUILD on such a built-in dtype."""
-  if isinstance(spec, bytes):
-    spec = spec.decode("latin1")
-  dtype = np.dtype(spec) if isinstance(spec, str) and len(spec) <= 4 else None
-  if dtype is None or dtype.kind not in _NUMBER_KINDS or dtype.fields or dtype.subdtype:
-    raise pickle.UnpicklingError(f"dtype {reprlib.repr(spec)}: a score file holds numbers only")
-  return dtype
+class _Dtype:
+  """What `numpy.dtype(...)` unpickles to: a plain number type and its byte order, set by the
+  pickle's BUILD through this class's own `__setstate__` (NumPy's would take fields, sub-arrays
+  and flags from the file)."""
+
+  __slots__ = ("spec", "byteorder")
+
+  def __init__(self, spec, *unused):
+    if isinstance(spec, bytes):
+      spec = spec.decode("latin1")
+    dtype = np.dtype(spec) if isinstance(spec, str) and len(spec) <= 4 else None
+    if dtype is None or dtype.kind not in _NUMBER_KINDS or dtype.fields or dtype.subdtype:
+      raise pickle.UnpicklingError(f"dtype {reprlib.repr(spec)}: a score file holds numbers "
+                                   "only")
+    self.spec, self.byteorder = dtype.str[1:], "="
+
+  def __setstate__(self, state):
+    if (not isinstance(state, tuple) or len(state) < 8 or state[1] not in "<>|="
+        or any(v is not None for v in state[2:5])):
+      raise pickle.UnpicklingError("a dtype state other than a plain number's byte order")
+    self.byteorder = state[1]
+
+  def numpy(self) -> np.dtype:
+    order = "=" if self.byteorder == "|" else self.byteorder
+    return np.dtype(self.spec).newbyteorder(order)
 
 
-def _empty_array(token, shape, typecode):
-  """numpy's `_reconstruct` as NumPy's own pickles call it: an empty array that the pickle's
-  BUILD then fills from the bytes it carries (NumPy checks their length), never an array of a
-  shape the file merely names."""
-  if token is not _ARRAY_TOKEN or tuple(shape) != (0,):
-    raise pickle.UnpicklingError(f"numpy _reconstruct of shape {reprlib.repr(shape)}: NumPy's "
-                                 "pickles reconstruct empty arrays only")
-  return np.ndarray((0,), _plain_dtype(typecode))
+class _Array:
+  """What NumPy's `_reconstruct` unpickles to: an array that the pickle's BUILD fills from the
+  bytes it carries (`array` stays None without them)."""
+
+  __slots__ = ("array",)
+
+  def __init__(self, token, shape, typecode):
+    if token is not _ARRAY_TOKEN or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+      raise pickle.UnpicklingError(f"numpy _reconstruct of shape {reprlib.repr(shape)}, typecode "
+                                   f"{reprlib.repr(typecode)}: NumPy's pickles reconstruct empty "
+                                   "int8 arrays only, then fill them")
+    self.array = None
+
+  def __setstate__(self, state):
+    if not isinstance(state, tuple) or len(state) != 5:
+      raise pickle.UnpicklingError("an array state other than (version, shape, dtype, order, "
+                                   "bytes)")
+    _, shape, dtype, fortran, raw = state
+    if isinstance(raw, str):  # Python 2 pickles: the bytes as a latin-1 string
+      raw = raw.encode("latin1")
+    if (not isinstance(dtype, _Dtype) or not isinstance(raw, bytes) or not isinstance(shape, tuple)
+        or not all(isinstance(n, int) and n >= 0 for n in shape)):
+      raise pickle.UnpicklingError("an array state other than plain numbers from bytes")
+    self.array = np.frombuffer(raw, dtype.numpy()).reshape(shape, order="F" if fortran else "C")
 
 
 def _number(dtype, data=None):
   """numpy's `scalar` (a NumPy number in a pickle): `data` must be exactly its bytes."""
-  if (not isinstance(dtype, np.dtype) or dtype.kind not in _NUMBER_KINDS
-      or not isinstance(data, bytes) or len(data) != dtype.itemsize):
+  if isinstance(data, str):  # Python 2 pickles
+    data = data.encode("latin1")
+  if not isinstance(dtype, _Dtype) or not isinstance(data, bytes):
     raise pickle.UnpicklingError("numpy scalar other than a number from its own bytes")
-  return np.frombuffer(data, dtype)[0]
+  return np.frombuffer(data, dtype.numpy())[0]  # NumPy refuses bytes of another length
 
 
 def _array_from_bytes(buffer, dtype, shape, order="C"):
   """numpy's `_frombuffer` (protocol-5 pickles): the bytes in the file, viewed as `shape`
   (NumPy refuses a shape they do not fill exactly)."""
-  if (not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype)
-      or dtype.kind not in _NUMBER_KINDS or order not in ("C", "F")):
+  if (not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, _Dtype)
+      or order not in ("C", "F")):
     raise pickle.UnpicklingError("numpy _frombuffer other than of numbers from bytes")
-  return np.frombuffer(bytes(buffer), dtype).reshape(shape, order=order)
+  return np.frombuffer(bytes(buffer), dtype.numpy()).reshape(shape, order=order)
 
 
 def _latin1_encode(text, encoding="utf-8"):
@@ -424,23 +456,36 @@ def _fresh(fn: types.FunctionType) -> types.FunctionType:
 # The globals a pickled score file may name, each a stand-in that builds numbers from the file's
 # own bytes. Everything else (os.system, builtins.eval, ...) is refused before it is called.
 _SCORE_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _fresh(_empty_array),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _fresh(_empty_array),
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _Array,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _Array,
     ("numpy.core.multiarray", "scalar"): lambda: _fresh(_number),
     ("numpy._core.multiarray", "scalar"): lambda: _fresh(_number),
     ("numpy.core.numeric", "_frombuffer"): lambda: _fresh(_array_from_bytes),
     ("numpy._core.numeric", "_frombuffer"): lambda: _fresh(_array_from_bytes),
     ("numpy", "ndarray"): lambda: _ARRAY_TOKEN,
-    ("numpy", "dtype"): lambda: _fresh(_plain_dtype),
+    ("numpy", "dtype"): lambda: _Dtype,
     ("_codecs", "encode"): lambda: _fresh(_latin1_encode),
 }
+
+
+def _score_row(value):
+  """A video's scores as a flat float64 row, or None: checked before any conversion, so that
+  nested or shared structures cannot make NumPy build more than the file holds."""
+  if isinstance(value, _Array):
+    value = value.array
+  if isinstance(value, np.ndarray):
+    return value.astype(np.float64) if value.ndim == 1 and value.dtype.kind in "biuf" else None
+  if isinstance(value, (list, tuple)) and all(
+      isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+    return np.asarray(value, np.float64)
+  return None
 
 
 class _ScoreUnpickler(pickle.Unpickler):
   """Unpickles plain containers and NumPy arrays only, each array from the bytes in the file."""
 
   def __init__(self, stream, path):
-    super().__init__(stream)
+    super().__init__(stream, encoding="latin1")  # Python 2 pickles: byte strings as latin-1
     self._path = path
 
   def find_class(self, module, name):
@@ -492,13 +537,17 @@ def load_video_scores(path: str) -> VideoScores:
   if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
     raise ValueError(f"{where}: 'class' must be a list of class names")
   names = tuple(names)
-  scores = {}
+  scores, total, budget = {}, 0, max(os.path.getsize(path), 1024)
   for k, v in results.items():
-    try:
-      row = np.asarray(v, np.float64)
-    except (TypeError, ValueError, OverflowError):
-      row = None
-    if row is None or row.ndim != 1 or not np.isfinite(row).all() or (row < 0).any():
+    if not isinstance(k, (str, int)) or isinstance(k, bool):
+      raise ValueError(f"{where}: a video id is a {type(k).__name__}; ids are strings")
+    total += v.array.size if isinstance(v, _Array) and v.array is not None else (
+        v.size if isinstance(v, np.ndarray) else len(v) if isinstance(v, (list, tuple)) else 0)
+    if total > budget:  # rows shared between videos: more numbers than the file holds
+      raise ValueError(f"{where}: more scores than a file of {budget} bytes can hold; each video "
+                       "needs its own row")
+    row = _score_row(v)
+    if row is None or not np.isfinite(row).all() or (row < 0).any():
       raise ValueError(f"{where}: video {k!s}: scores must be a flat list of finite numbers "
                        ">= 0 (one per class)")
     scores[str(k)] = row

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -467,7 +468,7 @@ _DTYPE_V1M = _global("numpy", "dtype") + _str("V1000000") + pickle.TUPLE1 + pick
     # an object array, which NumPy's BUILD then reads past the end of its list (a crash)
     (_global("numpy._core.multiarray", "_reconstruct") + pickle.MARK + _global("numpy", "ndarray")
      + pickle.MARK + pickle.BININT1 + b"\x00" + pickle.TUPLE + _str("O") + pickle.TUPLE
-     + pickle.REDUCE, r"dtype 'O': a score file holds numbers only"),
+     + pickle.REDUCE, r"typecode 'O': NumPy's pickles reconstruct empty int8 arrays only"),
     # a 1 MB void scalar from 60 bytes (500 MB as easily), zero-filled by NumPy
     (_global("numpy._core.multiarray", "scalar") + _DTYPE_V1M + pickle.TUPLE1 + pickle.REDUCE,
      r"dtype 'V1000000': a score file holds numbers only"),
@@ -497,6 +498,80 @@ def test_a_score_pickle_cannot_change_the_readers_own_objects(tmp_path):
       pass
   leaked = [name for name in dir(postprocess) if hasattr(getattr(postprocess, name), "pwned")]
   assert not leaked
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("dtype", [">f8", ">f4", "<f2", ">i4"])
+def test_score_arrays_of_either_byte_order_load_their_values(tmp_path, protocol, dtype):
+  """A big-endian array lost its byte order (the pickle's BUILD sets it on the dtype) and came
+  back as finite garbage."""
+  values = np.array([2.0, 1.0, 3.0], dtype)
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(pickle.dumps({"v": values, "w": [values[1], values[0], values[2]]},
+                                protocol=protocol))
+  got = postprocess.load_video_scores(str(path)).scores
+  np.testing.assert_array_equal(got["v"], [2.0, 1.0, 3.0])
+  np.testing.assert_array_equal(got["w"], [1.0, 2.0, 3.0])  # NumPy scalars too
+
+
+def _binstring(raw):
+  return pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw
+
+
+def test_a_python2_numpy_score_pickle_loads(tmp_path):
+  """UntrimmedNet's files are Python 2 pickles: byte strings for the ids and the array data."""
+  dtype = (_global("numpy", "dtype") + _binstring(b"f8") + pickle.BININT1 + b"\x00"
+           + pickle.BININT1 + b"\x01" + pickle.TUPLE3 + pickle.REDUCE + pickle.MARK
+           + pickle.BININT1 + b"\x03" + _binstring(b"<") + pickle.NONE * 3 + pickle.BININT
+           + struct.pack("<i", -1) + pickle.BININT + struct.pack("<i", -1) + pickle.BININT1
+           + b"\x00" + pickle.TUPLE + pickle.BUILD)
+  array = (_global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+           + pickle.BININT1 + b"\x00" + pickle.TUPLE1 + _binstring(b"b") + pickle.TUPLE3
+           + pickle.REDUCE + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x02"
+           + pickle.TUPLE1 + dtype + pickle.NEWFALSE
+           + _binstring(np.array([0.5, 2.0], "<f8").tobytes()) + pickle.TUPLE + pickle.BUILD)
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _binstring(b"video_test_1")
+                   + array + pickle.SETITEM + pickle.STOP)
+  np.testing.assert_array_equal(
+      postprocess.load_video_scores(str(path)).scores["video_test_1"], [0.5, 2.0])
+
+
+def test_a_dtype_state_cannot_give_a_number_type_fields_or_a_sub_array(tmp_path):
+  """dtype('>f8') is NumPy's own new object, which a BUILD turned into a sub-array dtype: 235
+  bytes read past their buffer or crashed the process."""
+  state = (pickle.MARK + pickle.BININT1 + b"\x03" + _str("<") + _global("numpy", "dtype")
+           + _str("f8") + pickle.TUPLE1 + pickle.REDUCE + pickle.BININT + struct.pack("<i", 4)
+           + pickle.TUPLE1 + pickle.TUPLE2 + pickle.NONE + pickle.NONE + pickle.BININT1 + b"\x08"
+           + pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x00" + pickle.TUPLE + pickle.BUILD)
+  dtype = _global("numpy", "dtype") + _str(">f8") + pickle.TUPLE1 + pickle.REDUCE + state
+  value = (_global("numpy._core.numeric", "_frombuffer") + pickle.MARK
+           + pickle.SHORT_BINBYTES + b"\x08" + b"\x00" * 8 + dtype + pickle.BININT1 + b"\x04"
+           + pickle.TUPLE1 + _str("C") + pickle.TUPLE + pickle.REDUCE)
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(_score_pickle(value))
+  with pytest.raises(ValueError, match=r"not a valid PKL score file .*a dtype state other than "
+                                       "a plain number's byte order"):
+    postprocess.load_video_scores(str(path))
+
+
+def test_score_rows_are_checked_before_numpy_builds_them(tmp_path):
+  """A nested list sharing its halves (1 GB from 185 bytes at depth 24) and one row under many
+  videos (1.6 GB from 417 KB) were converted to float64 before any check."""
+  nested = (pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.POP + b"".join(
+      pickle.MARK + pickle.BINGET + bytes([i]) + pickle.BINGET + bytes([i]) + pickle.LIST
+      + pickle.BINPUT + bytes([i + 1]) + pickle.POP for i in range(20))
+            + pickle.BINGET + bytes([20]))
+  path = tmp_path / "nested.pkl"
+  path.write_bytes(_score_pickle(nested))
+  with pytest.raises(ValueError, match=r"video v: scores must be a flat list"):
+    postprocess.load_video_scores(str(path))
+  row = list(np.linspace(0.0, 1.0, 1000))
+  shared = tmp_path / "shared.pkl"
+  shared.write_bytes(pickle.dumps({f"video_{i}": row for i in range(500)}))
+  with pytest.raises(ValueError, match=r"shared.pkl: more scores than a file of \d+ bytes can "
+                                       "hold"):
+    postprocess.load_video_scores(str(shared))
 
 
 def test_a_score_pickle_whose_bytes_do_not_fill_its_shape_is_refused(tmp_path):
