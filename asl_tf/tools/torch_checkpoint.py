@@ -20,6 +20,7 @@ import collections
 import io
 import os
 import pickle
+import reprlib
 import struct
 import tarfile
 import types
@@ -104,18 +105,22 @@ def _number_of(constructor: type) -> Callable[..., Any]:
   return make
 
 
+# Text codecs a checkpoint's strings may name: linear-time ones (punycode, say, is quadratic).
+_CODECS = ("utf-8", "utf8", "latin1", "latin-1", "ascii")
+
+
 def _str_of_data(*args):
   if not args or (len(args) == 1 and isinstance(args[0], str)) or (
-      len(args) == 2 and isinstance(args[0], bytes) and isinstance(args[1], str)):
+      len(args) == 2 and isinstance(args[0], bytes) and args[1] in _CODECS):
     return str(*args)
-  raise TypeError("str() is only allowed of a str, or of bytes and an encoding")
+  raise TypeError("str() is only allowed of a str, or of bytes and a plain text encoding")
 
 
 def _bytes_of_data(*args):
-  if not args or isinstance(args[0], (bytes, bytearray)) or (
-      isinstance(args[0], str) and len(args) == 2):
+  if not args or (len(args) == 1 and isinstance(args[0], (bytes, bytearray))) or (
+      len(args) == 2 and isinstance(args[0], str) and args[1] in _CODECS):
     return bytes(*args)
-  raise TypeError("bytes() is only allowed of bytes or of a str and an encoding")
+  raise TypeError("bytes() is only allowed of bytes, or of a str and a plain text encoding")
 
 
 class _Storage(NamedTuple):
@@ -143,7 +148,7 @@ class _PendingTensor(NamedTuple):
 def _int_tuple(value: Any, what: str) -> Tuple[int, ...]:
   if not isinstance(value, (tuple, list)) or not all(
       isinstance(v, int) and not isinstance(v, bool) for v in value):
-    raise TypeError(f"tensor {what} must be a tuple of ints, got {value!r}")
+    raise TypeError(f"tensor {what} must be a tuple of ints, got {reprlib.repr(value)}")
   return tuple(value)
 
 
@@ -161,13 +166,14 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
   if not isinstance(storage, _Storage) or storage.torch_dtype != "uint8":
     raise TypeError("_rebuild_tensor_v3 expects an untyped storage")
   if not isinstance(dtype, _Name) or dtype not in _TORCH_DTYPES:
-    raise TypeError(f"unsupported tensor dtype {dtype!r}")
+    raise TypeError(f"unsupported tensor dtype {reprlib.repr(dtype)}")
   return _make_pending(storage, storage_offset, size, stride, str(dtype))
 
 
 def _make_pending(storage, storage_offset, size, stride, torch_dtype):
   if not isinstance(storage_offset, int) or storage_offset < 0:
-    raise TypeError(f"tensor storage offset must be a non-negative int, got {storage_offset!r}")
+    raise TypeError("tensor storage offset must be a non-negative int, got "
+                    f"{reprlib.repr(storage_offset)}")
   size = _int_tuple(size, "size")
   stride = _int_tuple(stride, "stride")
   if len(size) != len(stride) or any(v < 0 for v in size + stride):
@@ -200,8 +206,7 @@ def _allowed_global(module: str, name: str) -> Any:
       return _number_of(getattr(builtins, name))
     if name in _CONTAINER_BUILTINS:
       return _over_container(getattr(builtins, name))
-    return {"str": _fresh(_str_of_data), "bytes": _fresh(_bytes_of_data),
-            "slice": builtins.slice}.get(name)
+    return {"str": _fresh(_str_of_data), "bytes": _fresh(_bytes_of_data)}.get(name)
   if module == "collections" and name == "OrderedDict":
     return collections.OrderedDict
   if module == "_codecs" and name == "encode":
@@ -242,21 +247,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
       kind = pid[0] if isinstance(pid, tuple) and pid else pid
       raise CheckpointError(
-          f"unsupported persistent object {kind!r} in {self._path}: only tensor storages are "
-          "allowed (pickled nn.Module objects are not)")
+          f"unsupported persistent object {reprlib.repr(kind)} in {self._path}: only tensor "
+          "storages are allowed (pickled nn.Module objects are not)")
     if self._legacy:
       if len(pid) != 6:
-        raise CheckpointError(f"malformed storage reference in {self._path}: {pid!r}")
+        raise CheckpointError(f"malformed storage reference in {self._path}: {reprlib.repr(pid)}")
       _, storage_type, key, _, numel, view = pid
     else:
       if len(pid) != 5:
-        raise CheckpointError(f"malformed storage reference in {self._path}: {pid!r}")
+        raise CheckpointError(f"malformed storage reference in {self._path}: {reprlib.repr(pid)}")
       _, storage_type, key, _, numel = pid
       view = None
     if not isinstance(storage_type, _Name) or not storage_type.startswith("storage:"):
-      raise CheckpointError(f"unknown storage type {storage_type!r} in {self._path}")
+      raise CheckpointError(f"unknown storage type {reprlib.repr(storage_type)} in {self._path}")
     if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-      raise CheckpointError(f"malformed storage reference in {self._path}: {pid!r}")
+      raise CheckpointError(f"malformed storage reference in {self._path}: {reprlib.repr(pid)}")
     torch_dtype = storage_type[len("storage:"):]
     root = self.storages.setdefault(key, _Storage(key, torch_dtype, numel))
     if root.torch_dtype != torch_dtype:
@@ -266,7 +271,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     view_key, offset, view_numel = view
     if not (isinstance(offset, int) and isinstance(view_numel, int) and offset >= 0
             and view_numel >= 0 and offset + view_numel <= root.numel):
-      raise CheckpointError(f"storage view out of range in {self._path}: {view!r}")
+      raise CheckpointError(f"storage view out of range in {self._path}: {reprlib.repr(view)}")
     return _Storage(key, torch_dtype, view_numel, offset)
 
 
@@ -404,7 +409,7 @@ def _load_legacy(path: str, raw: bytes) -> Tuple[Any, Dict[str, np.ndarray]]:
         "format); is it truncated or another kind of file?")
   protocol = _RestrictedUnpickler(stream, path, legacy=True).load()
   if protocol != _LEGACY_PROTOCOL:
-    raise CheckpointError(f"{path}: unknown legacy checkpoint protocol {protocol!r}")
+    raise CheckpointError(f"{path}: unknown legacy checkpoint protocol {reprlib.repr(protocol)}")
   sys_info = _RestrictedUnpickler(stream, path, legacy=True).load()
   big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
   unpickler = _RestrictedUnpickler(stream, path, legacy=True)
@@ -413,7 +418,7 @@ def _load_legacy(path: str, raw: bytes) -> Tuple[Any, Dict[str, np.ndarray]]:
   flats = {}
   for key in keys:
     if key not in unpickler.storages:
-      raise CheckpointError(f"{path}: storage {key!r} is listed but never referenced")
+      raise CheckpointError(f"{path}: storage {reprlib.repr(key)} is listed but never referenced")
     storage = unpickler.storages[key]
     header = stream.read(8)
     if len(header) != 8:
@@ -489,7 +494,8 @@ def select_state_dict(ckpt: Dict[str, Any], use_ema: bool) -> Dict[str, np.ndarr
   """
   key = "state_dict_ema" if use_ema else "state_dict"
   if not isinstance(ckpt, dict) or key not in ckpt:
-    present = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+    present = (reprlib.repr(sorted(k for k in ckpt if isinstance(k, str)))
+               if isinstance(ckpt, dict) else type(ckpt).__name__)
     raise CheckpointError(f"checkpoint has no {key!r}; keys present: {present}")
   state = ckpt[key]
   if not isinstance(state, dict):
@@ -497,10 +503,12 @@ def select_state_dict(ckpt: Dict[str, Any], use_ema: bool) -> Dict[str, np.ndarr
   out = {}
   for name, value in state.items():
     if not isinstance(value, np.ndarray):
-      raise CheckpointError(f"checkpoint[{key!r}][{name!r}] is a {type(value).__name__}, "
+      raise CheckpointError(f"checkpoint[{key!r}][{reprlib.repr(name)}] is a "
+                            f"{type(value).__name__}, "
                             "not a tensor")
     short = name[len(_MODULE_PREFIX):] if name.startswith(_MODULE_PREFIX) else name
     if short in out:
-      raise CheckpointError(f"checkpoint[{key!r}] has both {short!r} and {name!r}")
+      raise CheckpointError(f"checkpoint[{key!r}] has both {reprlib.repr(short)} and "
+                            f"{reprlib.repr(name)}")
     out[short] = value
   return out
