@@ -9,7 +9,6 @@ that a generator did not write (no such manifest) is never replaced: it may be t
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -49,14 +48,37 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
     FolderNotGeneratedError: `out_dir` is not empty and has no generator's manifest.
   """
   parent = os.path.dirname(os.path.abspath(out_dir))
-  if not os.path.exists(out_dir):  # a swap killed between its two renames: the old one back
-    aside = sorted(glob.glob(os.path.join(parent, glob.escape(tmp_prefix) + "*.old")),
-                   key=os.path.getmtime)
-    if aside and read_manifest(aside[-1]) is not None:
-      os.rename(aside[-1], out_dir)
+  # The replaced folder while the new one is swapped in: one name per dataset folder, so that a
+  # swap killed between its two renames is undone for this folder and no other.
+  old = os.path.join(parent, f"{tmp_prefix}{os.path.basename(os.path.abspath(out_dir))}.old")
+  if not os.path.exists(out_dir) and os.path.isdir(old):
+    os.rename(old, out_dir)
   manifest = read_manifest(out_dir)
   if manifest == params:
     return out_dir
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not (
+      isinstance(manifest, dict) and "generator_version" in manifest):
+    raise FolderNotGeneratedError(
+        f"{out_dir} holds files that no dataset generator wrote (no {MANIFEST_FILE} with a "
+        "generator_version), so it is left alone: choose a new or empty folder")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FolderNotGeneratedError(f"{out_dir} is a file, not a dataset folder: choose a folder")
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
+  try:
+    write_fn(tmp)
+    with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
+      json.dump(dict(params), f, indent=1, sort_keys=True)
+    if os.path.exists(out_dir):
+      os.rename(out_dir, old)
+    os.replace(tmp, out_dir)
+  finally:
+    if os.path.isdir(old) and not os.path.exists(out_dir):
+      os.rename(old, out_dir)  # the swap failed or was interrupted: the previous dataset back
+    for leftover in (tmp, old):
+      if os.path.exists(leftover):
+        shutil.rmtree(leftover)
+  return out_dir
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not (
       isinstance(manifest, dict) and "generator_version" in manifest):
     raise FolderNotGeneratedError(

@@ -183,7 +183,32 @@ def test_a_swap_killed_between_its_renames_is_undone_at_the_next_run(tmp_path):
   demo.ensure_demo_data(cfg)
   ann = os.path.join(cfg.demo_dir, "annotations.json")
   first = os.stat(ann).st_mtime_ns
-  os.rename(cfg.demo_dir, str(tmp_path / ".demo_tmp_abc123.old"))
+  os.rename(cfg.demo_dir, str(tmp_path / ".demo_tmp_demo.old"))
+  other = _demo_config(tmp_path, demo_dir=str(tmp_path / "other"),
+                       annotation_file=str(tmp_path / "other" / "annotations.json"),
+                       feature_dir=(str(tmp_path / "other" / "features"),))
+  demo.ensure_demo_data(other)  # another folder beside it leaves that copy alone
+  assert (tmp_path / ".demo_tmp_demo.old" / "annotations.json").exists()
   demo.ensure_demo_data(cfg)
   assert os.stat(ann).st_mtime_ns == first  # put back, not regenerated
+  assert sorted(os.listdir(tmp_path)) == ["demo", "other"]
+
+
+def test_an_interrupt_during_the_swap_keeps_the_previous_dataset(tmp_path, monkeypatch):
+  """Ctrl-C right after the old folder was renamed aside deleted both datasets."""
+  cfg = _demo_config(tmp_path)
+  demo.ensure_demo_data(cfg)
+  real_rename = os.rename
+
+  def rename_then_interrupt(src, dst):
+    real_rename(src, dst)
+    if os.path.abspath(src) == os.path.abspath(cfg.demo_dir):
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(os, "rename", rename_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    demo.ensure_demo_data(_demo_config(tmp_path, input_dim=8))
+  monkeypatch.undo()
+  assert json.load(open(os.path.join(cfg.demo_dir, "manifest.json"))) == (
+      demo.demo_parameters(cfg))
   assert sorted(os.listdir(tmp_path)) == ["demo"]
