@@ -185,12 +185,13 @@ def check_class_names(names: Sequence[str], trained: Optional[Sequence[str]],
   Raises:
     config_lib.ConfigError: naming the first classes that differ.
   """
-  if trained is None or config.data.num_classes == 1:
-    return
-  # `class_<i>` is the loader's name for an id the file does not name (a test split without a
-  # rare class): nothing to contradict.
+  if trained is None or config.data.num_classes == 1 or config.eval.ext_score_file:
+    return  # class-agnostic, or labelled by the external classifier's names
+  # `class_<i>` is the loader's name for an id a file does not name (a split without a rare
+  # class), on either side: nothing to contradict.
   differ = [f"id {i}: {a!r} here, {b!r} in training"
-            for i, (a, b) in enumerate(zip(names, trained)) if a != b and a != f"class_{i}"]
+            for i, (a, b) in enumerate(zip(names, trained))
+            if a != b and f"class_{i}" not in (a, b)]
   if len(names) != len(trained):
     differ.append(f"{len(names)} classes here, {len(trained)} in training")
   if not differ:
@@ -198,7 +199,8 @@ def check_class_names(names: Sequence[str], trained: Optional[Sequence[str]],
   raise config_lib.ConfigError(
       f"{config.data.annotation_file} maps label ids to other classes than the run trained on "
       f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): pass the training's "
-      "--label_map_file, or an annotation file with the training's label ids")
+      "label map (--label_map_file=<run folder>/class_names.json), or an annotation file with "
+      "the training's label ids")
 
 
 def detect_function(model: detector_lib.ASLDetector):

@@ -419,11 +419,20 @@ def test_an_annotation_file_that_renames_the_classes_is_refused(run_dir, tmp_pat
   for tool in (evaluate.main, visualize.main):
     with pytest.raises(SystemExit, match=rf"swapped.json maps label ids to other classes than "
                                          rf"the run trained on \(id 0: {names[1]!r} here, "
-                                         rf"{names[0]!r} in training; id 1: .*--label_map_file"):
+                                         rf"{names[0]!r} in training; id 1: .*"
+                                         r"--label_map_file=<run folder>/class_names.json"):
       _run(tool, [f"--checkpoint={copy}", f"--annotation_file={other}",
                   f"--output_dir={tmp_path / 'out'}"])
   assert not (tmp_path / "out" / "eval").exists()
+  # What the message says to do: the run's own names pin the ids.
+  _run(evaluate.main, [f"--checkpoint={copy}", f"--annotation_file={other}",
+                       f"--label_map_file={copy}/class_names.json",
+                       f"--output_dir={tmp_path / 'pinned'}"])
+  with open(tmp_path / "pinned" / "eval" / "metrics.json") as f:
+    pinned = json.load(f)
   _run(evaluate.main, [f"--checkpoint={copy}", f"--output_dir={tmp_path / 'out'}"])
+  with open(tmp_path / "out" / "eval" / "metrics.json") as f:
+    assert json.load(f)["average_mAP"] == pinned["average_mAP"]
   assert (tmp_path / "out" / "eval" / "metrics.json").exists()
   # A file that does not name every class (a split without a rare class) contradicts nothing.
   for video in database["database"].values():
@@ -450,3 +459,19 @@ def test_visualize_refuses_a_plot_dir_that_is_a_file_and_no_videos(run_dir, tmp_
     with pytest.raises(config_lib.ConfigError, match=f"--num_videos={bad}: {bad} is not a "
                                                      "positive integer"):
       _run(visualize.main, [f"--checkpoint={run_dir['run']}", f"--num_videos={bad}"])
+
+
+def test_the_class_name_check_skips_what_neither_file_names_and_fused_scores():
+  """An id the training file did not name (`class_1` in class_names.json) was refused when an
+  evaluation file named it; score fusion labels by the classifier's names, not training's."""
+  base = config_lib.Config()
+  config = dataclasses.replace(base, data=dataclasses.replace(base.data, num_classes=3,
+                                                              annotation_file="eval.json"))
+  inference.check_class_names(["a", "b", "c"], ["a", "class_1", "c"], config)
+  inference.check_class_names(["a", "class_1", "c"], ["a", "b", "c"], config)
+  with pytest.raises(config_lib.ConfigError, match=r"eval.json maps label ids .*id 2: 'd' here, "
+                                                   r"'c' in training"):
+    inference.check_class_names(["a", "b", "d"], ["a", "b", "c"], config)
+  fused = dataclasses.replace(config, eval=dataclasses.replace(config.eval,
+                                                               ext_score_file="cls.json"))
+  inference.check_class_names(["a", "b", "d"], ["a", "b", "c"], fused)

@@ -355,7 +355,8 @@ def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
 
 
 def read_label_map(path: str) -> Dict[str, int]:
-  """Reads a label map: JSON `{name: id}` (or a JSON list of names), or one name per line.
+  """Reads a label map: JSON `{name: id}` (or a JSON list of names, or a run folder's
+  `class_names.json`), or one name per line.
 
   Args:
     path: the label map file.
@@ -374,6 +375,8 @@ def read_label_map(path: str) -> Dict[str, int]:
     data = json.loads(text)
   except json.JSONDecodeError:
     data = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(data, dict) and list(data) == ["class_names"]:  # a run's class_names.json
+    data = data["class_names"]
   if isinstance(data, list):
     if len(set(data)) != len(data):
       dup = [n for n, c in collections.Counter(data).items() if c > 1]

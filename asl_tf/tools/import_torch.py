@@ -38,6 +38,7 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 
 from asl_tf import config as config_lib
 from asl_tf import files
@@ -325,7 +326,12 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
     raise ImportTorchError("incomplete mapping; nothing was written:\n  - "
                            + "\n  - ".join(problems))
 
-  names = _class_names(config)  # read before anything is written: a bad file fails first
+  try:  # read before anything is written
+    names = _class_names(config)
+  except ValueError as e:  # the names are a check for later evaluations, not the import itself
+    logging.warning("class names not recorded (%s): evaluate will not check annotation files' "
+                    "label ids against them", e)
+    names = ()
   os.makedirs(output_dir, exist_ok=True)
   saved = dataclasses.replace(config,
                               train=dataclasses.replace(config.train, output_dir=output_dir))

@@ -182,6 +182,12 @@ def test_an_import_records_the_annotation_files_class_names(tmp_path):
            f"--torch_checkpoint={_fixture(case.name)}", f"--output={with_file}", "--allow_missing")
   assert json.loads((with_file / "class_names.json").read_text()) == {"class_names": names}
   assert inference.trained_class_names(str(with_file)) == names
+  # An annotation problem (here a subset the file lacks) skips the names, not the import.
+  without = tmp_path / "run_without"
+  _run_cli(str(tmp_path), _case_flags(case) + _ASL_ONLY + [f"--annotation_file={annotations}",
+                                                           "--eval_subset=validation"],
+           f"--torch_checkpoint={_fixture(case.name)}", f"--output={without}", "--allow_missing")
+  assert (without / "config.json").exists() and not (without / "class_names.json").exists()
 
 
 def test_a_diverged_checkpoint_is_refused_naming_its_tensors(tmp_path):
