@@ -79,30 +79,3 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
       if os.path.exists(leftover):
         shutil.rmtree(leftover)
   return out_dir
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not (
-      isinstance(manifest, dict) and "generator_version" in manifest):
-    raise FolderNotGeneratedError(
-        f"{out_dir} holds files that no dataset generator wrote (no {MANIFEST_FILE} with a "
-        "generator_version), so it is left alone: choose a new or empty folder")
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise FolderNotGeneratedError(f"{out_dir} is a file, not a dataset folder: choose a folder")
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
-  old = tmp + ".old"  # the replaced folder, until the new one is in place
-  try:
-    write_fn(tmp)
-    with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
-      json.dump(dict(params), f, indent=1, sort_keys=True)
-    if os.path.exists(out_dir):
-      os.rename(out_dir, old)
-    try:
-      os.replace(tmp, out_dir)
-    except BaseException:
-      if os.path.exists(old) and not os.path.exists(out_dir):
-        os.rename(old, out_dir)  # the swap failed: the previous dataset goes back
-      raise
-  finally:
-    for leftover in (tmp, old):
-      if os.path.exists(leftover):
-        shutil.rmtree(leftover)
-  return out_dir
