@@ -115,15 +115,15 @@ def run_checkpoint(config: config_lib.Config, videos: Sequence[Tuple[str, str]],
 
 def _export_assets(saved_model: str) -> Tuple[dict, int, List[str]]:
   """(timebase.json, the trained config's resize_length, class names) of an asl_tf export."""
+  from asl_tf.serving import module  # pylint: disable=g-import-not-at-top (loads TensorFlow)
   assets = os.path.join(saved_model, "assets")
   try:
-    with open(os.path.join(assets, "timebase.json")) as f:
-      info = json.load(f)
-    with open(os.path.join(assets, "class_names.txt")) as f:
+    info = module.read_timebase(saved_model)
+    with open(os.path.join(assets, module.CLASS_NAMES_FILE)) as f:
       class_names = [line.rstrip("\n") for line in f if line.strip()]
     resize_length = 0
-    if os.path.exists(os.path.join(assets, "model_info.json")):
-      with open(os.path.join(assets, "model_info.json")) as f:
+    if os.path.exists(os.path.join(assets, module.MODEL_INFO_FILE)):
+      with open(os.path.join(assets, module.MODEL_INFO_FILE)) as f:
         resize_length = int(json.load(f)["config"]["data"].get("resize_length", 0))
     missing = [k for k in ("fps", "feat_stride", "num_frames", "input_dim") if k not in info]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
