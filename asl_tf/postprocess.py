@@ -469,10 +469,9 @@ _SCORE_PICKLE_GLOBALS = {
 
 
 def _score_row(value):
-  """A video's scores as a flat float64 row, or None: checked before any conversion, so that
-  nested or shared structures cannot make NumPy build more than the file holds."""
-  if isinstance(value, _Array):
-    value = value.array
+  """A video's scores (an array or a list, `_Array` unwrapped) as a flat float64 row, or None:
+  checked before any conversion, so that nested structures cannot make NumPy build more than
+  the file holds."""
   if isinstance(value, np.ndarray):
     return value.astype(np.float64) if value.ndim == 1 and value.dtype.kind in "biuf" else None
   if isinstance(value, (list, tuple)) and all(
@@ -541,8 +540,8 @@ def load_video_scores(path: str) -> VideoScores:
   for k, v in results.items():
     if not isinstance(k, (str, int)) or isinstance(k, bool):
       raise ValueError(f"{where}: a video id is a {type(k).__name__}; ids are strings")
-    total += v.array.size if isinstance(v, _Array) and v.array is not None else (
-        v.size if isinstance(v, np.ndarray) else len(v) if isinstance(v, (list, tuple)) else 0)
+    v = v.array if isinstance(v, _Array) else v
+    total += v.size if isinstance(v, np.ndarray) else len(v) if isinstance(v, (list, tuple)) else 0
     if total > budget:  # rows shared between videos: more numbers than the file holds
       raise ValueError(f"{where}: more scores than a file of {budget} bytes can hold; each video "
                        "needs its own row")
