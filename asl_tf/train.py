@@ -10,7 +10,6 @@ import re
 import sys
 
 from absl import app
-from absl import logging
 
 from asl_tf import config as config_lib
 from asl_tf import flags as asl_flags
@@ -53,13 +52,11 @@ def main(argv):
     strategy = strategy_lib.make_strategy(config.train.num_cpu_devices)
     result = loop.train(config, evaluate_fn=inference.evaluate_model, strategy=strategy)
   except expected as e:
-    logging.error("%s", e)
     sys.exit(f"asl_tf.train: {e}")
   except tf.errors.OpError as e:
     message = _data_error(e)
     if not message:
       raise
-    logging.error("%s", message)
     sys.exit(f"asl_tf.train: {message}")
   if result.metrics:
     print(inference.format_metrics_table(result.metrics))

@@ -1,9 +1,12 @@
-"""The evaluate / infer / visualize entry points on a tiny checkpoint (random weights)."""
+"""The entry points on a tiny checkpoint (random weights): evaluate / infer / visualize, and train's
+start-up errors."""
 
 import csv
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +18,7 @@ from asl_tf import evaluate
 from asl_tf import flags as asl_flags
 from asl_tf import infer
 from asl_tf import inference
+from asl_tf import train
 from asl_tf import visualize
 from asl_tf.data import demo
 from asl_tf.training import checkpoints
@@ -58,6 +62,16 @@ def run_dir(tmp_path_factory):
                               optimizer=optimizer).save(1)
   return {"root": root, "flagfile": str(flagfile), "config": config, "model": model,
           "run": config.train.output_dir, "data": data_dir}
+
+
+def test_train_states_a_start_up_error_once(run_dir, tmp_path, caplog):
+  """The one-line error was printed twice: as a log line and as the exit message."""
+  with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as e:
+    _run(train.main, [f"--flagfile={run_dir['flagfile']}", f"--output_dir={tmp_path}/run",
+                      "--train_subset=nosuch"])
+  assert re.fullmatch(r"asl_tf\.train: \S+annotations\.json: subset 'nosuch' not found; .*",
+                      str(e.value))
+  assert "nosuch" not in caplog.text
 
 
 def test_evaluate_writes_the_contract_files(run_dir):
