@@ -73,7 +73,8 @@ def setup_run(config: config_lib.Config) -> None:
 def check_run_folder(config: config_lib.Config) -> None:
   """Refuses a run folder that would be corrupted: checkpoints without --resume, --resume with a
   configuration that differs from the saved one (the message names the fields), or a folder
-  whose only checkpoint is its best one (nothing to resume from; a new run would replace it)."""
+  whose only checkpoint is its best one (nothing to resume from; a new run would replace it).
+  --resume into a folder without checkpoints starts a new run, with a warning that says so."""
   out = config.train.output_dir
   latest = ckpt_lib.newest_checkpoint_file(out)
   best = ckpt_lib.best_checkpoint_files(out)
@@ -84,6 +85,8 @@ def check_run_folder(config: config_lib.Config) -> None:
         "checkpoint with --checkpoint)")
   if config.train.resume:
     ckpt_lib.check_resume_config(out, config)
+    if not latest:
+      logging.warning("--resume: %s holds no checkpoint yet; training starts at epoch 1", out)
   elif latest:
     raise ckpt_lib.CheckpointError(
         f"{out} already holds checkpoints ({latest}); pass --resume to continue that run or "

@@ -3,6 +3,7 @@ non-finite losses, failing checkpoint writes, mixed precision and XLA."""
 
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -63,6 +64,20 @@ def test_a_folder_holding_only_a_best_checkpoint_is_a_run_too(tiny_data, tmp_pat
                                                        r"\) but no epoch checkpoint to resume "
                                                        r"from; .* choose a new --output_dir"):
       loop.check_run_folder(_config(tiny_data, run, resume=resume))
+
+
+def test_resume_into_a_folder_without_checkpoints_says_it_starts_anew(tiny_data, tmp_path,
+                                                                     caplog):
+  """A mistyped --output_dir with --resume trained from epoch 1 without a word."""
+  run = str(tmp_path / "typo")
+  with caplog.at_level(logging.WARNING):
+    loop.check_run_folder(_config(tiny_data, run, resume=True))
+  assert f"--resume: {run} holds no checkpoint yet; training starts at epoch 1" in caplog.text
+  caplog.clear()
+  _fake_run(tiny_data, run)
+  with caplog.at_level(logging.WARNING):
+    loop.check_run_folder(_config(tiny_data, run, resume=True))
+  assert "holds no checkpoint" not in caplog.text
 
 
 _HOLDER = """
