@@ -28,7 +28,7 @@ import json
 import math
 import reprlib
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -104,10 +104,13 @@ class DataReport:
     counts: dirty-row kind -> count; every kind of DIRTY_ROW_RULES (and of
       features.FEATURE_RULES once features were scanned) is present, zeros included.
     examples: kind -> up to three `video_id: detail` strings.
+    unnamed_class_ids: label ids below num_classes that neither the file nor the label map
+      names (no video can have them: their outputs learn only background).
   """
   source: str
   subsets: Tuple[str, ...]
   class_names: Tuple[str, ...]
+  unnamed_class_ids: Tuple[int, ...] = ()
   num_videos: int = 0
   num_segments: int = 0
   counts: Dict[str, int] = dataclasses.field(default_factory=dict)
@@ -176,12 +179,33 @@ def load_video_records(data_config: config_lib.DataConfig,
 
 
 def log_report(report: DataReport) -> None:
-  """Logs the report: one warning if any row was fixed, dropped or skipped, else one info line."""
+  """Logs the report: one warning if any row was fixed, dropped or skipped, else one info line;
+  one more warning if --num_classes leaves label ids that no class name has."""
+  if report.unnamed_class_ids:
+    ids, num_classes = report.unnamed_class_ids, len(report.class_names)
+    named = num_classes - len(ids)
+    fix = (f"lower --num_classes to {named}" if ids == tuple(range(named, num_classes))
+           else "name every id with --label_map_file")
+    logging.warning("%s: --num_classes=%d but %d label ids have a class name: no label has id%s %s, "
+                    "whose output%s learn%s only background; %s", report.source, num_classes,
+                    named, "s" * (len(ids) > 1), _id_ranges(ids), "s" * (len(ids) > 1),
+                    "s" * (len(ids) == 1), fix)
   if report.num_issues:
     logging.warning("annotation / feature issues (fixed or skipped, see rules):\n%s",
                     report.summary())
   else:
     logging.info("%s", report.summary())
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+  """Sorted ids as ranges: (3, 4, 5, 9) -> '3-5, 9'."""
+  runs = []
+  for i in ids:
+    if runs and i == runs[-1][1] + 1:
+      runs[-1][1] = i
+    else:
+      runs.append([i, i])
+  return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def load_annotations(path: str,
@@ -215,10 +239,11 @@ def load_annotations(path: str,
                 else {})
   _check_label_ids(path, database, name_to_id, num_classes)
   if num_classes == 1:
-    class_names = ("action",)
+    class_names, unnamed = ("action",), ()
   else:
     id_to_name = {i: n for n, i in name_to_id.items()}
     class_names = tuple(id_to_name.get(i, f"class_{i}") for i in range(num_classes))
+    unnamed = tuple(i for i in range(num_classes) if i not in id_to_name)
 
   wanted = tuple(s.strip().lower() for s in subset.split(",") if s.strip())
   available = collections.Counter(str(v.get("subset", "")).lower() for v in database.values())
@@ -229,6 +254,7 @@ def load_annotations(path: str,
         f"{dict(sorted(available.items()))} (names are case-insensitive)")
 
   report = DataReport(source=path, subsets=wanted, class_names=class_names,
+                      unnamed_class_ids=unnamed,
                       counts={kind: 0 for kind in DIRTY_ROW_RULES})
   records = []
   for video_id, entry in database.items():

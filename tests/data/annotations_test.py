@@ -303,6 +303,35 @@ def test_load_video_records_logs_one_summary_warning(tmp_path, caplog):
   assert len(records) == 2 and records[0].features is None
 
 
+def test_num_classes_above_the_named_classes_warns_with_what_to_do(tmp_path, caplog):
+  """--num_classes=5 over a file naming 2 classes trained 3 outputs on background, silently."""
+  path = _write(tmp_path, DIRTY)
+
+  def warnings(num_classes, label_map_file=""):
+    caplog.clear()
+    data_config = config_lib.DataConfig(annotation_file=path, num_classes=num_classes,
+                                        label_map_file=label_map_file)
+    with caplog.at_level(logging.INFO):
+      _, report = annotations.load_video_records(data_config, "validation")
+    return report, [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.WARNING and "--num_classes" in r.getMessage()]
+
+  report, logged = warnings(2)
+  assert report.unnamed_class_ids == () and logged == []
+  report, logged = warnings(5)
+  assert report.unnamed_class_ids == (2, 3, 4)
+  assert logged == [f"{path}: --num_classes=5 but 2 label ids have a class name: no label has "
+                    "ids 2-4, whose outputs learn only background; lower --num_classes to 2"]
+  # Ids pinned with a gap: lowering --num_classes would cut a named id, so the advice differs.
+  label_map = tmp_path / "labels.json"
+  label_map.write_text(json.dumps({"a": 0, "b": 3}))
+  report, logged = warnings(4, str(label_map))
+  assert report.unnamed_class_ids == (1, 2) and len(logged) == 1
+  assert "no label has ids 1-2," in logged[0] and logged[0].endswith(
+      "name every id with --label_map_file")
+  assert annotations.load_annotations(path, "validation", num_classes=1)[1].unnamed_class_ids == ()
+
+
 def _load(path, subset, num_classes):
   return annotations.load_annotations(path, subset, num_classes=num_classes)
 
