@@ -32,12 +32,12 @@ import logging
 import os
 import pickle
 import reprlib
-import types
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from asl_tf import restricted_pickle
 from asl_tf.config import EvalConfig
 from asl_tf.data import timebase
 
@@ -441,30 +441,18 @@ def _array_from_bytes(buffer, dtype, shape, order="C"):
   return np.frombuffer(bytes(buffer), dtype.numpy()).reshape(shape, order=order)
 
 
-def _latin1_encode(text, encoding="utf-8"):
-  """`_codecs.encode` as protocol-2 pickles of NumPy arrays call it (latin-1 bytes)."""
-  if encoding != "latin1" or not isinstance(text, str):
-    raise pickle.UnpicklingError("_codecs.encode other than of a str to latin1")
-  return text.encode("latin1")
-
-
-def _fresh(fn: types.FunctionType) -> types.FunctionType:
-  """A private copy of `fn` per use, so that a BUILD in one file cannot change the module's."""
-  return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
-
-
 # The globals a pickled score file may name, each a stand-in that builds numbers from the file's
 # own bytes. Everything else (os.system, builtins.eval, ...) is refused before it is called.
 _SCORE_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): lambda: _Array,
     ("numpy._core.multiarray", "_reconstruct"): lambda: _Array,
-    ("numpy.core.multiarray", "scalar"): lambda: _fresh(_number),
-    ("numpy._core.multiarray", "scalar"): lambda: _fresh(_number),
-    ("numpy.core.numeric", "_frombuffer"): lambda: _fresh(_array_from_bytes),
-    ("numpy._core.numeric", "_frombuffer"): lambda: _fresh(_array_from_bytes),
+    ("numpy.core.multiarray", "scalar"): lambda: restricted_pickle.fresh(_number),
+    ("numpy._core.multiarray", "scalar"): lambda: restricted_pickle.fresh(_number),
+    ("numpy.core.numeric", "_frombuffer"): lambda: restricted_pickle.fresh(_array_from_bytes),
+    ("numpy._core.numeric", "_frombuffer"): lambda: restricted_pickle.fresh(_array_from_bytes),
     ("numpy", "ndarray"): lambda: _ARRAY_TOKEN,
     ("numpy", "dtype"): lambda: _Dtype,
-    ("_codecs", "encode"): lambda: _fresh(_latin1_encode),
+    ("_codecs", "encode"): lambda: restricted_pickle.fresh(restricted_pickle.latin1_encode),
 }
 
 
@@ -480,7 +468,7 @@ def _score_row(value):
   return None
 
 
-class _ScoreUnpickler(pickle.Unpickler):
+class _ScoreUnpickler(restricted_pickle.BoundedUnpickler):
   """Unpickles plain containers and NumPy arrays only, each array from the bytes in the file."""
 
   def __init__(self, stream, path):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from asl_tf import postprocess
 from asl_tf.config import EvalConfig
 from parity_cases import parity_file
+import restricted_pickle_test
 
 NUM_LEVELS = 6
 
@@ -405,6 +406,18 @@ def test_pickled_score_file_cannot_run_code(tmp_path):
   with pytest.raises(ValueError, match=r"scores.txt: use a .json file"):
     postprocess.load_video_scores(str(other))
   assert not marker.exists()
+
+
+@pytest.mark.parametrize("opcode", sorted(restricted_pickle_test.HASHING_OPCODES))
+def test_a_score_pickle_cannot_make_the_reader_hash_slowly(tmp_path, opcode):
+  """{T_28: ...} with T_i = (T_(i-1), T_(i-1)), 400 bytes, took 2 s to load, doubling per
+  level; colliding integer keys, quadratic time."""
+  path = tmp_path / "scores.pkl"
+  path.write_bytes(restricted_pickle_test.with_protocol(
+      restricted_pickle_test.HASHING_OPCODES[opcode]))
+  with pytest.raises(ValueError, match=r"--ext_score_file=.*scores\.pkl: not a valid PKL score "
+                                       r"file \(UnpicklingError: a dict key or set item is "):
+    postprocess.load_video_scores(str(path))
 
 
 def test_pickled_numpy_score_file_still_loads(tmp_path):

@@ -23,11 +23,12 @@ import pickle
 import reprlib
 import struct
 import tarfile
-import types
 import zipfile
 from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 import numpy as np
+
+from asl_tf import restricted_pickle
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -88,10 +89,20 @@ _CONTAINERS = (list, tuple, set, frozenset, dict)
 
 
 def _over_container(constructor: type) -> Callable[..., Any]:
+  """`constructor` over a container the pickle holds; what it hashes (set items, dict keys)
+  passes `restricted_pickle.check_hashable` first."""
   def make(*args):
     if len(args) > 1 or (args and not isinstance(args[0], _CONTAINERS)):
       raise TypeError(f"{constructor.__name__}() is only allowed over a container the pickle "
                       "holds")
+    if args and constructor in (set, frozenset):
+      for item in args[0]:
+        restricted_pickle.check_hashable(item)
+    elif args and issubclass(constructor, dict) and not isinstance(args[0], dict):
+      for pair in args[0]:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+          raise TypeError(f"{constructor.__name__}() takes (key, value) pairs")
+        restricted_pickle.check_hashable(pair[0])
     return constructor(*args)
   return make
 
@@ -188,17 +199,6 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
   return data
 
 
-def _codecs_encode(text, encoding="utf-8"):
-  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-    raise TypeError("_codecs.encode is only allowed for protocol-2 bytes (latin1)")
-  return text.encode("latin1")
-
-
-def _fresh(fn: types.FunctionType) -> types.FunctionType:
-  """A private copy of `fn`, so a BUILD opcode cannot alter the module's function."""
-  return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
-
-
 def _allowed_global(module: str, name: str) -> Any:
   """Returns the local stand-in for an allowed global, or None."""
   if module in ("builtins", "__builtin__"):
@@ -206,11 +206,12 @@ def _allowed_global(module: str, name: str) -> Any:
       return _number_of(getattr(builtins, name))
     if name in _CONTAINER_BUILTINS:
       return _over_container(getattr(builtins, name))
-    return {"str": _fresh(_str_of_data), "bytes": _fresh(_bytes_of_data)}.get(name)
+    stand_in = {"str": _str_of_data, "bytes": _bytes_of_data}.get(name)
+    return stand_in and restricted_pickle.fresh(stand_in)
   if module == "collections" and name == "OrderedDict":
-    return collections.OrderedDict
+    return _over_container(collections.OrderedDict)
   if module == "_codecs" and name == "encode":
-    return _fresh(_codecs_encode)
+    return restricted_pickle.fresh(restricted_pickle.latin1_encode)
   if module == "torch._utils":
     fn = {
         "_rebuild_tensor_v2": _rebuild_tensor_v2,
@@ -218,7 +219,7 @@ def _allowed_global(module: str, name: str) -> Any:
         "_rebuild_parameter": _rebuild_parameter,
         "_rebuild_parameter_with_state": _rebuild_parameter,
     }.get(name)
-    return fn and _fresh(fn)
+    return fn and restricted_pickle.fresh(fn)
   if module in ("torch", "torch.storage") and name in _STORAGE_TYPES:
     return _Name("storage:" + _STORAGE_TYPES[name])
   if module == "torch" and name in _TORCH_DTYPES:
@@ -226,7 +227,7 @@ def _allowed_global(module: str, name: str) -> Any:
   return None
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(restricted_pickle.BoundedUnpickler):
   """Unpickler that resolves only allow-listed globals and turns storages into `_Storage`."""
 
   def __init__(self, stream: io.BytesIO, path: str, legacy: bool):

@@ -11,6 +11,7 @@ import pytest
 
 from asl_tf.tools import torch_checkpoint as tc
 from parity_cases import parity_file
+import restricted_pickle_test
 
 _CASES = ("thumos_like", "anet_like")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -313,6 +314,26 @@ def _doubling_lists(depth):
     ops += (pickle.MARK + pickle.BINGET + bytes([i - 1]) + pickle.BINGET + bytes([i - 1])
             + pickle.LIST + pickle.BINPUT + bytes([i]))
   return ops
+
+
+@pytest.mark.parametrize("opcode", sorted(restricted_pickle_test.HASHING_OPCODES) + [
+    "set_of", "dict_of", "ordered_dict_of"])
+def test_a_checkpoint_cannot_make_the_reader_hash_slowly(tmp_path, opcode):
+  """A dict key or set item of T_28, T_i = (T_(i-1), T_(i-1)), took 2 s, doubling per level;
+  also through the allowed containers that hash what they are given."""
+  slow_key = restricted_pickle_test.SLOW_KEY
+  body = restricted_pickle_test.HASHING_OPCODES.get(opcode) or {
+      "set_of": _call("builtins", "set", pickle.MARK + slow_key + pickle.LIST),
+      "dict_of": _call("builtins", "dict", pickle.MARK + slow_key + pickle.NONE + pickle.TUPLE2
+                       + pickle.LIST),
+      "ordered_dict_of": _call("collections", "OrderedDict", pickle.MARK + slow_key + pickle.NONE
+                               + pickle.TUPLE2 + pickle.LIST),
+  }[opcode]
+  path = tmp_path / "slow.pth"
+  _zip_with_pickle(path, restricted_pickle_test.with_protocol(body))
+  with pytest.raises(tc.CheckpointError, match=r"slow\.pth is not a readable PyTorch checkpoint: "
+                                               r"a dict key or set item is (a tuple|an integer)"):
+    tc.load_torch_checkpoint(path)
 
 
 def test_str_of_a_shared_structure_cannot_blow_up(tmp_path):
