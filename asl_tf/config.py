@@ -570,6 +570,10 @@ def validate(config: Config) -> Config:
                     "length) would be refused")
   if model.embd_dim % model.n_head:
     problems.append(f"--embd_dim={model.embd_dim} is not divisible by --n_head={model.n_head}")
+  if model.fpn_dim != model.embd_dim:
+    problems.append(f"--fpn_dim={model.fpn_dim} differs from --embd_dim={model.embd_dim}: the "
+                    "neck is the identity (ActionFormer's FPN neck is not implemented); set both "
+                    "to one value")
   if model.stream_dims:
     if len(model.stream_dims) != len(model.stream_proj_dims):
       problems.append("--stream_dims and --stream_proj_dims need the same number of entries")

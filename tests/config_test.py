@@ -150,6 +150,8 @@ def test_missing_flagfile_is_named(tmp_path):
     (["--instance_weighted_losses=focal"],
      r"instance_weighted_losses.*both\|classification\|regression"),
     (["--sensitivity_normalization=batch"], r"sensitivity_normalization.*none\|instance\|video"),
+    # Was a ValueError traceback from the detector's build (the demo with --embd_dim=128).
+    (["--embd_dim=128"], r"--fpn_dim=512 differs from --embd_dim=128: the neck is the identity"),
 ])
 def test_bad_flag_values_are_named_up_front(argv, message):
   """Each used to train backwards, divide by zero or fail deep inside TensorFlow."""
