@@ -176,7 +176,7 @@ def instance_targets(cls_logits, offsets, targets, kind="separate"):
   return tf.stop_gradient(tf.stack([score, iou], axis=-1))
 
 
-def evaluator_loss(q, q_target, kind="mse", logits=None):
+def evaluator_loss(q, q_target, kind, logits=None):
   """Per-point loss of the instance evaluator, summed over its two outputs.
 
   Args:
