@@ -326,8 +326,15 @@ def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
   if label_map_file:
     return read_label_map(label_map_file)
   if fmt == "activitynet" and taxonomy:
-    parents = {n.get("parentName") for n in taxonomy}
-    leaves = sorted({n["nodeName"] for n in taxonomy if n.get("nodeName") not in parents})
+    nodes = taxonomy if isinstance(taxonomy, list) else [taxonomy]
+    for i, node in enumerate(nodes):
+      if not isinstance(node, dict) or not isinstance(node.get("nodeName"), str):
+        raise AnnotationError(
+            f"{path}: taxonomy node {i} ({reprlib.repr(node)}) has no 'nodeName' text; the "
+            "taxonomy is a list of {\"nodeName\": ..., \"parentName\": ...} objects (fix it, or "
+            "pin ids with --label_map_file)")
+    parents = {n.get("parentName") for n in nodes}
+    leaves = sorted({n["nodeName"] for n in nodes if n["nodeName"] not in parents})
     return {name: i for i, name in enumerate(leaves)}
   if fmt != "activitynet" and _any_label_ids(database):
     # The file's ids, wherever a row gives one; a row without one must name a label that
@@ -395,8 +402,12 @@ def read_label_map(path: str) -> Dict[str, int]:
   """
   if not os.path.isfile(path):
     raise AnnotationError(f"label map file {path!r} does not exist (--label_map_file)")
-  with open(path) as f:
-    text = f.read()
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise AnnotationError(f"label map {path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                          "write it as JSON or one name per line") from None
   try:
     data = json.loads(text)
   except json.JSONDecodeError:
@@ -404,6 +415,10 @@ def read_label_map(path: str) -> Dict[str, int]:
   if isinstance(data, dict) and list(data) == ["class_names"]:  # a run's class_names.json
     data = data["class_names"]
   if isinstance(data, list):
+    bad = [n for n in data if not isinstance(n, str)]
+    if bad:
+      raise AnnotationError(f"label map {path}: a list of names holds {reprlib.repr(bad[0])}; "
+                            "every name must be text")
     if len(set(data)) != len(data):
       dup = [n for n, c in collections.Counter(data).items() if c > 1]
       raise AnnotationError(f"label map {path}: names listed twice: {dup}")

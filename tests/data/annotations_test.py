@@ -161,6 +161,34 @@ def test_official_activitynet_taxonomy_and_sorted_names(tmp_path):
   np.testing.assert_array_equal(records[0].labels, [1, 0])  # sorted names: Archery, Surfing
 
 
+@pytest.mark.parametrize("taxonomy,node", [
+    ([{"nodeName": "Root"}, {"parentName": "Root"}], r"1 \(\{'parentName': 'Root'\}\)"),
+    ({"Root": "Sports"}, r"0 \(\{'Root': 'Sports'\}\)"),
+    (["Root", "Sports"], r"0 \('Root'\)"),
+])
+def test_a_malformed_taxonomy_names_the_node(tmp_path, taxonomy, node):
+  """Were KeyError / AttributeError tracebacks from train, evaluate and visualize."""
+  database = {"abc": {"subset": "validation", "duration": 50.0, "url": "u",
+                      "annotations": [{"segment": [1.0, 9.0], "label": "Surfing"}]}}
+  path = _write(tmp_path, {"version": "VERSION 1.3", "taxonomy": taxonomy, "database": database})
+  with pytest.raises(annotations.AnnotationError,
+                     match=f"{re.escape(path)}: taxonomy node {node} has no 'nodeName' text"):
+    annotations.load_annotations(path, "validation", num_classes=2)
+
+
+@pytest.mark.parametrize("content,message", [
+    (json.dumps([{"name": "run"}, {"name": "jump"}]).encode(),
+     r"a list of names holds \{'name': 'run'\}; every name must be text"),
+    (b"caf\xe9\njump\n", r"not UTF-8 text \(invalid continuation byte at byte 3\)"),
+])
+def test_a_malformed_label_map_is_named(tmp_path, content, message):
+  """Were TypeError (unhashable dict) and UnicodeDecodeError tracebacks."""
+  path = tmp_path / "labels.json"
+  path.write_bytes(content)
+  with pytest.raises(annotations.AnnotationError, match=f"label map {path}: {message}"):
+    annotations.read_label_map(str(path))
+
+
 def test_fps_override_wins(tmp_path):
   path = _write(tmp_path, DIRTY)
   records, report = annotations.load_annotations(path, "training", num_classes=2,
