@@ -250,8 +250,10 @@ def evaluate_model(model: detector_lib.ASLDetector, config: config_lib.Config,
   """Detects on the evaluation subset, scores the detections and writes `eval/` files.
 
   Writes `<output_dir>/eval/metrics.json` (`tiou_thresholds`, `mAP`, `average_mAP` as
-  fractions, per-class AP, Recall@1x/5x), `detections.json` (ActivityNet results layout) and
-  `per_class_ap.csv`.
+  fractions, per-class AP, Recall@1x/5x, the videos and ground-truth segments scored),
+  `detections.json` (ActivityNet results layout) and `per_class_ap.csv`. The ground truth is
+  the file's segments as the ActivityNet protocol reads them (`VideoRecord.eval_segments_sec`:
+  not clipped to the video, unlike training's).
 
   `trained_names` (the run's class names, `trained_class_names`) are checked against the
   annotation file's (`check_class_names`) before anything runs.
@@ -281,11 +283,12 @@ def evaluate_model(model: detector_lib.ASLDetector, config: config_lib.Config,
     class_names = list(video_scores.class_names)
     ground_truth, _ = fused_ground_truth(config, class_names)
   detections = evaluation.Detections.from_per_video(per_video)
-  result = evaluation.evaluate_detections(ground_truth, detections,
-                                          config.eval.tiou_thresholds,
+  scored = [r.evaluation_ground_truth() for r in ground_truth]
+  result = evaluation.evaluate_detections(scored, detections, config.eval.tiou_thresholds,
                                           video_ids=[r.video_id for r in ground_truth])
   metrics = result.to_dict(class_names)
   metrics["num_videos"] = len(records)
+  metrics["num_ground_truth_segments"] = sum(len(g["labels"]) for g in scored)
   write_eval_outputs(output_dir or config.train.output_dir, metrics, detections, class_names,
                      [r.video_id for r in records])
   return metrics

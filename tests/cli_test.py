@@ -98,6 +98,37 @@ def test_evaluate_writes_the_contract_files(run_dir):
   assert len(rows) - 1 == len(metrics["per_class_ap"])
 
 
+def test_evaluate_scores_a_segment_past_the_video_as_a_miss(run_dir, tmp_path):
+  """The reference evaluation keeps a ground-truth segment that lies after the video's end (no
+  detection can reach it); evaluation dropped it with training's cleaning, raising that
+  class's AP by npos / (npos - 1) (THUMOS14 test has 26 such segments)."""
+  with open(run_dir["config"].data.annotation_file) as f:
+    data = json.load(f)
+  video_id, entry = next((k, v) for k, v in data["database"].items()
+                         if v["subset"] == "validation" and v["annotations"])
+  label, label_id = entry["annotations"][0]["label"], entry["annotations"][0]["label_id"]
+  entry["annotations"].append({"label": label, "label_id": label_id,
+                               "segment": [entry["duration"] + 5, entry["duration"] + 9]})
+  extended = tmp_path / "annotations.json"
+  extended.write_text(json.dumps(data))
+
+  def metrics(annotation_file, folder):
+    _run(evaluate.main, [f"--checkpoint={run_dir['run']}", f"--output_dir={tmp_path / folder}",
+                         f"--annotation_file={annotation_file}"])
+    with open(tmp_path / folder / "eval" / "metrics.json") as f:
+      return json.load(f)
+
+  before = metrics(run_dir["config"].data.annotation_file, "before")
+  after = metrics(extended, "after")
+  records = demo_records(run_dir)
+  assert before["num_ground_truth_segments"] == sum(len(r.eval_labels) for r in records)
+  assert after["num_ground_truth_segments"] == before["num_ground_truth_segments"] + 1
+  npos = sum(int(np.sum(r.eval_labels == label_id)) for r in records)
+  for name, ap in before["per_class_ap"].items():  # one miss more: recall, so AP, x npos / +1
+    expected = np.multiply(ap, npos / (npos + 1)) if name == label else ap
+    np.testing.assert_allclose(after["per_class_ap"][name], expected, rtol=1e-9)
+
+
 def demo_records(run_dir):
   from asl_tf.data import annotations  # pylint: disable=g-import-not-at-top
   records, _ = annotations.load_video_records(run_dir["config"].data, "validation")

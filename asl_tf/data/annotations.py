@@ -42,10 +42,12 @@ SEGMENT_TOL_SEC = 1e-3
 
 DIRTY_ROW_RULES = collections.OrderedDict([
     ("end_before_start", "segment end < start: dropped"),
-    ("start_before_zero", "segment start < 0 s: start clipped to 0"),
-    ("end_past_duration", "segment end > video duration: end clipped to the duration"),
+    ("start_before_zero", "segment start < 0 s: start clipped to 0 for training"),
+    ("end_past_duration", "segment end > video duration: end clipped to the duration for "
+                          "training"),
     ("outside_video", "segment starts at or after the video's end (nothing left after "
-                      "clipping): dropped"),
+                      "clipping): dropped from training, still scored by evaluation (as the "
+                      "ActivityNet protocol does; no detection can match it)"),
     ("zero_length", f"segment shorter than {SEGMENT_TOL_SEC} s: dropped"),
     ("duplicate", f"same label, start and end within {SEGMENT_TOL_SEC} s of an earlier segment: "
                   "dropped"),
@@ -76,6 +78,11 @@ class VideoRecord:
     labels: int32 [M] label ids in [0, num_classes).
     label_names: the M label names as written in the file.
     features: feature files and per-video timebase; None until `features.scan_features` ran.
+    eval_segments_sec: float64 [E, 2], the ground truth evaluation scores against, as the
+      ActivityNet protocol (and ActionFormer's evaluation) reads the file: only segments
+      shorter than SEGMENT_TOL_SEC and duplicates are dropped, nothing is clipped to the
+      video (a segment past its end stays, and no detection can match it). None: segments_sec.
+    eval_labels: int32 [E], their label ids (None: labels).
   """
   video_id: str
   subset: str
@@ -85,6 +92,16 @@ class VideoRecord:
   labels: np.ndarray
   label_names: Tuple[str, ...]
   features: Optional[features_lib.FeatureInfo] = None
+  eval_segments_sec: Optional[np.ndarray] = None
+  eval_labels: Optional[np.ndarray] = None
+
+  def evaluation_ground_truth(self) -> Dict[str, object]:
+    """{"video_id", "segments_sec", "labels"} as evaluation scores them (see above)."""
+    if self.eval_segments_sec is None:
+      return {"video_id": self.video_id, "segments_sec": self.segments_sec,
+              "labels": self.labels}
+    return {"video_id": self.video_id, "segments_sec": self.eval_segments_sec,
+            "labels": self.eval_labels}
 
   @property
   def num_segments(self) -> int:
@@ -492,6 +509,7 @@ def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, in
                           f"{type(anns).__name__}")
 
   kept: List[Tuple[float, float, str]] = []
+  scored: List[Tuple[float, float, str]] = []  # the evaluation's rows: see VideoRecord
   for k, ann in enumerate(anns):
     seg = ann.get("segment") if isinstance(ann, dict) else None
     if (not isinstance(seg, (list, tuple)) or len(seg) != 2 or
@@ -516,6 +534,8 @@ def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, in
       report.add("label_id_overridden", video_id,
                  f"{name!r} label_id {ann['label_id']} -> {name_to_id[name]}")
     start, end = float(seg[0]), float(seg[1])
+    if end - start >= SEGMENT_TOL_SEC and not _repeats(scored, start, end, name):
+      scored.append((start, end, name))
     if end < start:
       report.add("end_before_start", video_id, f"[{start}, {end}]")
       continue
@@ -531,20 +551,30 @@ def _parse_video(path: str, video_id: str, entry: dict, name_to_id: Dict[str, in
     if end - start < SEGMENT_TOL_SEC:
       report.add("zero_length", video_id, f"[{start}, {end}]")
       continue
-    if any(n == name and abs(s - start) <= SEGMENT_TOL_SEC and abs(e - end) <= SEGMENT_TOL_SEC
-           for s, e, n in kept):
+    if _repeats(kept, start, end, name):
       report.add("duplicate", video_id, f"{name} [{start}, {end}]")
       continue
     kept.append((start, end, name))
 
   if not kept:
     report.add("video_without_segments", video_id)
-  segments = np.array([(s, e) for s, e, _ in kept], np.float64).reshape(-1, 2)
-  if num_classes == 1:
-    labels = np.zeros([len(kept)], np.int32)
-  else:
-    labels = np.array([name_to_id[n] for _, _, n in kept], np.int32)
+
+  def table(rows):
+    segments = np.array([(s, e) for s, e, _ in rows], np.float64).reshape(-1, 2)
+    ids = [0 if num_classes == 1 else name_to_id[n] for _, _, n in rows]
+    return segments, np.array(ids, np.int32).reshape(-1)
+
+  segments, labels = table(kept)
+  eval_segments, eval_labels = table(scored)
   return VideoRecord(video_id=video_id, subset=str(entry.get("subset", "")),
                      duration_sec=duration, fps=fps, segments_sec=segments, labels=labels,
-                     label_names=tuple(n for _, _, n in kept))
+                     label_names=tuple(n for _, _, n in kept), eval_segments_sec=eval_segments,
+                     eval_labels=eval_labels)
+
+
+def _repeats(rows: Sequence[Tuple[float, float, str]], start: float, end: float,
+             name: str) -> bool:
+  """Whether a row of label `name` starts and ends within SEGMENT_TOL_SEC of (start, end)."""
+  return any(n == name and abs(s - start) <= SEGMENT_TOL_SEC and abs(e - end) <= SEGMENT_TOL_SEC
+             for s, e, n in rows)
 

@@ -71,6 +71,22 @@ def test_dirty_rows_fixed_and_counted(tmp_path):
   assert "v1" in report.summary() and "duplicate: 1" in report.summary()
 
 
+def test_evaluation_rows_are_the_files_as_the_activitynet_protocol_reads_them(tmp_path):
+  """Training clips and drops rows past the video; evaluation scored those clipped rows too,
+  so a segment after the video's end (26 in THUMOS14 test) was one miss fewer than the
+  reference evaluation counts: HammerThrow's AP of a perfect detector was 1.0, not 0.909."""
+  records, _ = annotations.load_annotations(_write(tmp_path, DIRTY), "training", num_classes=2)
+  v1 = records[0]
+  np.testing.assert_array_equal(v1.segments_sec, [[10, 20], [10, 20], [0, 5], [95, 100]])
+  # Only the duplicate, end < start and zero-length rows go; nothing is clipped.
+  np.testing.assert_array_equal(v1.eval_segments_sec,
+                                [[10, 20], [10, 20], [-2, 5], [95, 104], [101, 110]])
+  np.testing.assert_array_equal(v1.eval_labels, [0, 1, 1, 0, 1])
+  truth = v1.evaluation_ground_truth()
+  assert truth["video_id"] == "v1" and truth["segments_sec"] is v1.eval_segments_sec
+  assert records[1].eval_segments_sec.shape == (0, 2)
+
+
 def test_class_agnostic_maps_every_label_to_zero(tmp_path):
   path = _write(tmp_path, DIRTY)
   records, report = annotations.load_annotations(path, "training", num_classes=1)
@@ -358,6 +374,14 @@ def test_num_classes_above_the_named_classes_warns_with_what_to_do(tmp_path, cap
   assert "no label has ids 1-2," in logged[0] and logged[0].endswith(
       "name every id with --label_map_file")
   assert annotations.load_annotations(path, "validation", num_classes=1)[1].unnamed_class_ids == ()
+
+
+@needs_shared
+def test_thumos14_test_scores_every_segment_the_reference_scores():
+  records, report = _load(THUMOS, "test", 20)
+  assert report.counts["outside_video"] == 26
+  assert sum(len(r.labels) for r in records) == 3332  # training's rows
+  assert sum(len(r.eval_labels) for r in records) == 3358  # the reference evaluation's
 
 
 def _load(path, subset, num_classes):
