@@ -392,9 +392,17 @@ def to_activitynet(video: Mapping[str, object]) -> List[Dict[str, object]]:
 
 
 def read_class_names(path: str) -> List[str]:
-  """One class name per line (the exported `assets/class_names.txt`)."""
-  with open(path) as f:
-    return [line.strip() for line in f if line.strip()]
+  """One class name per line (the exported `assets/class_names.txt`).
+
+  Raises:
+    ValueError: the file is not UTF-8 text.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      return [line.strip() for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it holds one "
+                     "class name per line (an export's assets/class_names.txt)") from None
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -431,7 +439,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def _input_file_problem(fv: flags.FlagValues) -> str:
-  """What is wrong with the files the flags name, or ''."""
+  """What is wrong with the flags' values or the files they name, or ''."""
+  if not fv.server and not fv.rest:
+    return "--server and --rest are both empty; give a gRPC host:8500 or a REST host:8501"
+  for flag, low in (("max_attempts", 1), ("timeout_sec", 1e-3), ("initial_backoff_sec", 0.0)):
+    value = getattr(fv, flag)
+    if not value >= low or value == float("inf"):
+      return f"--{flag}={value} must be a finite number >= {low:g}"
   for flag in ("class_names", "tls_ca"):
     path = getattr(fv, flag)
     if path and not os.path.isfile(path):
@@ -467,12 +481,16 @@ def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
     print(f"asl_tf.serving.client: {problem} (checked before sending the request)",
           file=sys.stderr)
     return 2
+  try:
+    class_names = read_class_names(fv.class_names) if fv.class_names else None
+  except ValueError as e:
+    print(f"asl_tf.serving.client: --class_names={e}", file=sys.stderr)
+    return 2
   client = ASLServingClient(
       fv.server, model_name=fv.model, model_version=fv.model_version or None, rest=fv.rest,
       timeout_sec=fv.timeout_sec, tls_ca=fv.tls_ca, max_attempts=fv.max_attempts,
       initial_backoff_sec=fv.initial_backoff_sec, validate_inputs=fv.validate_inputs,
-      class_names=read_class_names(fv.class_names) if fv.class_names else None,
-      on_retry=lambda line: print(line, file=sys.stderr, flush=True))
+      class_names=class_names, on_retry=lambda line: print(line, file=sys.stderr, flush=True))
   try:
     videos = client.detect(features, lengths, signature=fv.signature)
   except ServingError as e:

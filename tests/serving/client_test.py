@@ -295,6 +295,17 @@ def test_output_json_never_replaces_a_file_it_did_not_write(server, tmp_path, ca
      "--lengths=abc: expected comma-separated integers"),
     (lambda d: np.save(d / "video.npy", np.zeros([5, 4], np.float32)),
      ["--output_json=/nonexistent/dir/out.json"], "folder /nonexistent/dir does not exist"),
+    # ValueError / UnicodeDecodeError tracebacks before (a zero --timeout_sec: a request that
+    # could only time out).
+    (lambda d: np.save(d / "video.npy", np.zeros([5, 4], np.float32)), ["--max_attempts=0"],
+     r"--max_attempts=0 must be a finite number >= 1"),
+    (lambda d: np.save(d / "video.npy", np.zeros([5, 4], np.float32)), ["--timeout_sec=0"],
+     r"--timeout_sec=0.0 must be a finite number >= 0.001"),
+    (lambda d: np.save(d / "video.npy", np.zeros([5, 4], np.float32)), ["--server=", "--rest="],
+     r"--server and --rest are both empty"),
+    (lambda d: (np.save(d / "video.npy", np.zeros([5, 4], np.float32)),
+                (d / "names.txt").write_bytes(b"caf\xe9\n")), ["--class_names={d}/names.txt"],
+     r"--class_names=\S+names.txt is not UTF-8 text \(invalid continuation byte at byte 3\)"),
 ])
 def test_command_line_input_errors_are_one_line_before_any_request(tmp_path, capsys, setup,
                                                                    extra, message):
@@ -302,7 +313,8 @@ def test_command_line_input_errors_are_one_line_before_any_request(tmp_path, cap
   if setup:
     setup(tmp_path)
   code, out = _run_cli(["--server=127.0.0.1:1", "--max_attempts=1",
-                        f"--features={tmp_path / 'video.npy'}"] + extra)
+                        f"--features={tmp_path / 'video.npy'}"]
+                       + [arg.format(d=tmp_path) for arg in extra])
   err = capsys.readouterr().err
   assert code == 2 and not out
   assert re.search(message, err) and len(err.strip().splitlines()) == 1
