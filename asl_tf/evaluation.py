@@ -1,7 +1,7 @@
 """Temporal action detection metrics (ActivityNet protocol), vectorized NumPy.
 
-Reproduces `compute_average_precision_detection` of the ActivityNet evaluation code
-(`Evaluation/eval_detection.py`, also ActionFormer `libs/utils/metrics.py`):
+Reproduces `compute_average_precision_detection` of the official ActivityNet evaluation code
+(which ActionFormer's evaluation copies):
 
 * per class, predictions are sorted by decreasing score; each one, at each tIoU threshold, is a
   true positive if some still-unmatched ground truth of its video and class has tIoU >= the

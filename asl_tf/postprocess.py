@@ -9,7 +9,7 @@ SavedModel. Steps, per video:
    prob > pre_nms_thresh, then the top pre_nms_topk;
 2. decode point = idx // K, class = idx % K, start = t - off_l * stride, end = t + off_r * stride;
    drop segments with end - start <= duration_thresh; concatenate the levels;
-3. NMS in grid units with ActionFormer's semantics (`libs/utils/csrc/nms_cpu.cpp`): Gaussian
+3. NMS in grid units with the semantics of ActionFormer's C++ NMS operator: Gaussian
    Soft-NMS (score *= exp(-iou^2 / sigma), iou = inter / (len_i + len_j - inter) with
    len = end - start + 1e-6, drop a segment once its score < min_score), hard NMS (suppress
    iou >= iou_threshold, after keeping score > min_score) or none; per class or class-agnostic;
