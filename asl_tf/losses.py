@@ -1,4 +1,4 @@
-"""Losses: sigmoid focal, 1D DIoU, the EMA loss normalizer, and the ASL loss terms.
+"""Losses: sigmoid focal, 1D DIoU and the ASL loss terms (the EMA loss normaliser is the task's).
 
 All losses are computed in float32. `asl_loss_sums` returns per-replica SUMS; `combine_losses`
 divides them by the (globally all-reduced) normalizers. Wiring into a distributed train step:
@@ -11,13 +11,12 @@ divides them by the (globally all-reduced) normalizers. Wiring into a distribute
   ctx = tf.distribute.get_replica_context()
   num_pos = ctx.all_reduce("sum", sums["num_pos"])
   num_anchors = ctx.all_reduce("sum", sums["contrastive_num_anchors"])
-  normalizer = loss_normalizer.update(num_pos)
+  normalizer = task.loss_normalizer.update(num_pos)  # training.task.LossNormalizer
   losses = combine_losses(sums, normalizer, num_anchors, loss_cfg, contrastive_weight)
   # losses["total_loss"] is this replica's share: gradients summed over replicas = the global
   # gradient; do not divide by the replica count again.
 """
 
-import keras
 import tensorflow as tf
 
 
@@ -96,48 +95,6 @@ def ctr_diou_loss_1d(pred_offsets, target_offsets):
   len_c = tf.maximum(lp, lg) + tf.maximum(rp, rg)
   rho = 0.5 * (rp - lp - rg + lg)
   return 1.0 - iou + tf.square(rho / tf.maximum(len_c, _EPS))
-
-
-@keras.saving.register_keras_serializable(package="asl_tf")
-class LossNormalizer(keras.layers.Layer):
-  """ActionFormer's EMA of the positive count: n <- m n + (1 - m) max(num_pos, 1).
-
-  The state is a non-trainable float32 variable (saved with checkpoints). It is updated before
-  use, every step. Under tf.distribute, pass the all-reduced (global) positive count: every
-  replica then computes the same value, and the variable (aggregation `only_first_replica`) is
-  written once.
-
-  Inputs: `num_pos` scalar (any numeric dtype). Outputs: the updated normalizer, float32 scalar.
-
-  Args:
-    initial_value: the starting normalizer (LossConfig.init_loss_norm).
-    momentum: EMA momentum (LossConfig.loss_norm_momentum).
-  """
-
-  def __init__(self, initial_value=100.0, momentum=0.9, **kwargs):
-    super().__init__(**kwargs)
-    self.initial_value = initial_value
-    self.momentum = momentum
-    self.normalizer = self.add_weight(
-        name="normalizer", shape=(), dtype="float32", trainable=False, autocast=False,
-        initializer=keras.initializers.Constant(initial_value),
-        aggregation="only_first_replica")
-
-  def call(self, num_pos):
-    return self.update(num_pos)
-
-  def update(self, num_pos):
-    """Folds this step's (global) positive count in; returns the new value (float32 scalar)."""
-    num_pos = tf.maximum(tf.cast(num_pos, tf.float32), 1.0)
-    new_value = (self.momentum * tf.convert_to_tensor(self.normalizer)
-                 + (1.0 - self.momentum) * num_pos)
-    self.normalizer.assign(new_value)
-    return new_value
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({"initial_value": self.initial_value, "momentum": self.momentum})
-    return config
 
 
 # The authors' commented-out fused target sigmoid(logit)^alpha * IoU^(1 - alpha) (docs/method.md 2).

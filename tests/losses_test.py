@@ -1,10 +1,6 @@
 """Losses: golden values, reference parity, zero-positive batches, the EMA normalizer."""
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,6 +9,7 @@ import tensorflow as tf
 from asl_tf import config as config_lib
 from asl_tf import losses
 from asl_tf import targets as targets_lib
+from asl_tf.training import task as task_lib
 
 LN2 = math.log(2.0)
 
@@ -133,17 +130,6 @@ def test_instance_normalization_keeps_each_instance_loss_mass():
   plain = losses.asl_loss_sums(outputs, targets, small, None, labels,
                                config_lib.LossConfig(sensitivity_normalization="none"))
   np.testing.assert_allclose(float(plain["reg_loss_sum"]), 0.05 * 0.44, rtol=1e-5)
-
-
-def test_loss_normalizer_ema():
-  """100 -> 0.9 * 100 + 0.1 * 27 = 92.7 -> (no positive: max(0, 1)) 0.9 * 92.7 + 0.1 = 83.53."""
-  norm = losses.LossNormalizer(100.0, 0.9)
-  assert not norm.trainable_weights
-  np.testing.assert_allclose(float(norm.update(27)), 92.7, rtol=1e-6)
-  np.testing.assert_allclose(float(norm.update(0)), 83.53, rtol=1e-6)
-  np.testing.assert_allclose(float(norm.normalizer.numpy()), 83.53, rtol=1e-6)
-  clone = losses.LossNormalizer.from_config(norm.get_config())
-  assert (clone.initial_value, clone.momentum) == (100.0, 0.9)
 
 
 def _small_case():
@@ -429,43 +415,10 @@ def test_matches_reference_losses(parity_case):
                               label_smoothing=train_cfg["label_smoothing"],
                               reg_loss_weight=train_cfg["loss_weight"])
   sums = losses.asl_loss_sums(outputs, targets, None, segments, labels, cfg)
-  norm = losses.LossNormalizer(cfg.init_loss_norm, cfg.loss_norm_momentum)
+  norm = task_lib.LossNormalizer(cfg.init_loss_norm, cfg.loss_norm_momentum)
   value = norm.update(sums["num_pos"])
   np.testing.assert_allclose(float(value), data["output/loss_normalizer_after"], rtol=1e-6)
   out = losses.combine_losses(sums, value, sums["contrastive_num_anchors"], cfg, 0.0)
   for key, ref in [("cls_loss", "cls_loss"), ("reg_loss", "reg_loss"),
                    ("total_loss", "final_loss")]:
     np.testing.assert_allclose(float(out[key]), data[f"output/loss_{ref}"], atol=1e-5)
-
-
-_DISTRIBUTED_SCRIPT = textwrap.dedent("""
-    import numpy as np, tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from asl_tf import losses
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-      norm = losses.LossNormalizer(100.0, 0.9)
-
-    @tf.function
-    def step():
-      def replica_fn():
-        ctx = tf.distribute.get_replica_context()
-        local = tf.cast(10 + 7 * ctx.replica_id_in_sync_group, tf.float32)  # 10 and 17
-        return norm.update(ctx.all_reduce("sum", local))
-      return strategy.run(replica_fn)
-
-    values = strategy.experimental_local_results(step())
-    print("RESULT", *[float(v) for v in values], float(norm.normalizer.numpy()))
-""")
-
-
-def test_loss_normalizer_under_mirrored_strategy():
-  """Two replicas with 10 and 17 positives: both see 0.9 * 100 + 0.1 * 27 = 92.7, stored once."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", _DISTRIBUTED_SCRIPT], capture_output=True,
-                        text=True, env=env, timeout=120, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  assert lines, proc.stderr[-2000:]
-  replica_0, replica_1, stored = (float(v) for v in lines[0].split()[1:])
-  np.testing.assert_allclose([replica_0, replica_1, stored], [92.7] * 3, rtol=1e-6)

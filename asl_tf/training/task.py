@@ -7,6 +7,7 @@ distributed train / validation steps (gradient all-reduce and clipping).
 
 from typing import Dict, Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 from asl_tf import config as config_lib
@@ -28,6 +29,48 @@ def active_loss_keys(model_config: config_lib.ModelConfig,
   if loss_config.video_label_loss_weight <= 0:
     off.add("video_label_loss")
   return tuple(k for k in LOSS_LOG_KEYS if k not in off)
+
+
+@keras.saving.register_keras_serializable(package="asl_tf")
+class LossNormalizer(keras.layers.Layer):
+  """ActionFormer's EMA of the positive count: n <- m n + (1 - m) max(num_pos, 1).
+
+  The state is a non-trainable float32 variable (saved with checkpoints). It is updated before
+  use, every step. Under tf.distribute, pass the all-reduced (global) positive count: every
+  replica then computes the same value, and the variable (aggregation `only_first_replica`) is
+  written once.
+
+  Inputs: `num_pos` scalar (any numeric dtype). Outputs: the updated normalizer, float32 scalar.
+
+  Args:
+    initial_value: the starting normalizer (LossConfig.init_loss_norm).
+    momentum: EMA momentum (LossConfig.loss_norm_momentum).
+  """
+
+  def __init__(self, initial_value=100.0, momentum=0.9, **kwargs):
+    super().__init__(**kwargs)
+    self.initial_value = initial_value
+    self.momentum = momentum
+    self.normalizer = self.add_weight(
+        name="normalizer", shape=(), dtype="float32", trainable=False, autocast=False,
+        initializer=keras.initializers.Constant(initial_value),
+        aggregation="only_first_replica")
+
+  def call(self, num_pos):
+    return self.update(num_pos)
+
+  def update(self, num_pos):
+    """Folds this step's (global) positive count in; returns the new value (float32 scalar)."""
+    num_pos = tf.maximum(tf.cast(num_pos, tf.float32), 1.0)
+    new_value = (self.momentum * tf.convert_to_tensor(self.normalizer)
+                 + (1.0 - self.momentum) * num_pos)
+    self.normalizer.assign(new_value)
+    return new_value
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"initial_value": self.initial_value, "momentum": self.momentum})
+    return config
 
 
 class DetectionTask:
@@ -52,7 +95,7 @@ class DetectionTask:
     self.loss_config = loss_config or config_lib.LossConfig()
     self.clip_grad_norm = float(clip_grad_norm)
     self.log_keys = active_loss_keys(model_config, self.loss_config)
-    self.loss_normalizer = losses_lib.LossNormalizer(
+    self.loss_normalizer = LossNormalizer(
         self.loss_config.init_loss_norm, self.loss_config.loss_norm_momentum,
         name="loss_normalizer")
 

@@ -1,9 +1,11 @@
-"""DetectionTask: its train step is exact under MirroredStrategy, and a tiny model overfits."""
+"""DetectionTask: its train step is exact under MirroredStrategy, a tiny model overfits, and the
+EMA loss normaliser."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -187,3 +189,47 @@ def test_evaluator_inside_gt_learns_from_the_whole_segment_assignment():
   assert float(inside["evaluator_loss"]) > float(centre["evaluator_loss"])
   for key in ("cls_loss", "reg_loss", "num_pos"):
     np.testing.assert_allclose(float(inside[key]), float(centre[key]), rtol=1e-6)
+
+
+def test_loss_normalizer_ema():
+  """100 -> 0.9 * 100 + 0.1 * 27 = 92.7 -> (no positive: max(0, 1)) 0.9 * 92.7 + 0.1 = 83.53."""
+  norm = task_lib.LossNormalizer(100.0, 0.9)
+  assert not norm.trainable_weights
+  np.testing.assert_allclose(float(norm.update(27)), 92.7, rtol=1e-6)
+  np.testing.assert_allclose(float(norm.update(0)), 83.53, rtol=1e-6)
+  np.testing.assert_allclose(float(norm.normalizer.numpy()), 83.53, rtol=1e-6)
+  clone = task_lib.LossNormalizer.from_config(norm.get_config())
+  assert (clone.initial_value, clone.momentum) == (100.0, 0.9)
+
+
+_DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from asl_tf.training import task as task_lib
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+      norm = task_lib.LossNormalizer(100.0, 0.9)
+
+    @tf.function
+    def step():
+      def replica_fn():
+        ctx = tf.distribute.get_replica_context()
+        local = tf.cast(10 + 7 * ctx.replica_id_in_sync_group, tf.float32)  # 10 and 17
+        return norm.update(ctx.all_reduce("sum", local))
+      return strategy.run(replica_fn)
+
+    values = strategy.experimental_local_results(step())
+    print("RESULT", *[float(v) for v in values], float(norm.normalizer.numpy()))
+""")
+
+
+def test_loss_normalizer_under_mirrored_strategy():
+  """Two replicas with 10 and 17 positives: both see 0.9 * 100 + 0.1 * 27 = 92.7, stored once."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-c", _DISTRIBUTED_SCRIPT], capture_output=True,
+                        text=True, env=env, timeout=120, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+  assert lines, proc.stderr[-2000:]
+  replica_0, replica_1, stored = (float(v) for v in lines[0].split()[1:])
+  np.testing.assert_allclose([replica_0, replica_1, stored], [92.7] * 3, rtol=1e-6)
