@@ -44,14 +44,15 @@ from asl_tf.data import timebase
 _DEAD = -1.0  # score marking a removed candidate (live scores are >= 0)
 
 
-def grid_to_seconds(segments_grid, fps, duration, feat_stride, num_frames):
-  """Feature-grid positions -> seconds, clipped to [0, duration].
+def grid_to_sec_per_video(segments_grid, fps, feat_stride, num_frames, duration_sec):
+  """Feature-grid positions -> seconds, clipped to [0, duration_sec].
 
-  `timebase.grid_to_sec` with one value per video broadcast over the other dimensions.
+  `timebase.grid_to_sec` (same arguments) with one value per video broadcast over the other
+  dimensions.
 
   Args:
     segments_grid: float32 [B, ...] positions on the feature grid.
-    fps, duration, feat_stride, num_frames: float32 [B] per-video metadata.
+    fps, feat_stride, num_frames, duration_sec: float32 [B] per-video metadata.
 
   Returns:
     float32 tensor shaped like `segments_grid`, in seconds.
@@ -64,7 +65,7 @@ def grid_to_seconds(segments_grid, fps, duration, feat_stride, num_frames):
     return tf.reshape(value, tf.concat([tf.shape(value), extra_dims], 0))
 
   return timebase.grid_to_sec(segments_grid, per_video(fps), per_video(feat_stride),
-                             per_video(num_frames), per_video(duration))
+                             per_video(num_frames), per_video(duration_sec))
 
 
 def select_candidates(cls_logits, offsets, padding_mask, points, pre_nms_thresh, pre_nms_topk,
@@ -330,7 +331,7 @@ def postprocess_detections(cls_logits, offsets, padding_mask, points, fps, durat
                                 config.voting_thresh)
   out_segments = tf.where(pick_valid[..., None], out_segments, 0.0)
   out_labels = tf.where(pick_valid, tf.gather(labels, pick_idx, batch_dims=1), -1)
-  seconds = grid_to_seconds(out_segments, fps, duration, feat_stride, num_frames)
+  seconds = grid_to_sec_per_video(out_segments, fps, feat_stride, num_frames, duration)
   return {
       "segments_grid": out_segments,
       "segments_sec": tf.where(pick_valid[..., None], seconds, 0.0),

@@ -313,10 +313,11 @@ def test_none_method_keeps_top_scores():
   np.testing.assert_allclose(out["scores"][0], np.sort(ref_scores)[::-1][:10], atol=1e-6)
 
 
-def test_grid_to_seconds_golden():
+def test_grid_to_sec_per_video_golden():
   grid = np.array([[[-5.0, 2.0]], [[10.0, 1000.0]]], np.float32)
-  sec = postprocess.grid_to_seconds(grid, *as_meta([30.0, 15.0], [20.0, 50.0], [4.0, 16.0],
-                                                   [16.0, 16.0]))
+  fps, duration_sec, feat_stride, num_frames = as_meta([30.0, 15.0], [20.0, 50.0], [4.0, 16.0],
+                                                       [16.0, 16.0])
+  sec = postprocess.grid_to_sec_per_video(grid, fps, feat_stride, num_frames, duration_sec)
   # (2 * 4 + 8) / 30 = 0.5333; (10 * 16 + 8) / 15 = 11.2; clipped: 0 and 50.
   np.testing.assert_allclose(sec, [[[0.0, 16 / 30]], [[11.2, 50.0]]], rtol=1e-6)
 
