@@ -5,10 +5,14 @@ A generator's folder holds `manifest.json` (the parameters it was built from, wi
 requested parameters alone; otherwise it writes the dataset into a temporary sibling folder, adds
 the manifest last and swaps the folder in, so that readers never see a partial dataset. A folder
 that a generator did not write (no such manifest) is never replaced: it may be the user's.
+Processes that build the same folder at once (the workers of one machine) take turns on a lock
+file beside it: the first builds, the others find its manifest and leave it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -48,9 +52,38 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
     FolderNotGeneratedError: `out_dir` is not empty and has no generator's manifest.
   """
   parent = os.path.dirname(os.path.abspath(out_dir))
+  name = os.path.basename(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  with _exclusive(os.path.join(parent, f"{tmp_prefix}{name}.lock")):
+    return _build_locked(out_dir, parent, name, params, write_fn, tmp_prefix)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """Holds an exclusive `flock` on `path` (created, and removed on exit: no file is left
+  behind). A waiter that wakes on a file its holder removed opens the new one."""
+  while True:
+    lock = open(path, "a")  # pylint: disable=consider-using-with
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it if the process dies
+    try:
+      if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+        break
+    except FileNotFoundError:
+      pass
+    lock.close()
+  try:
+    yield
+  finally:
+    os.unlink(path)
+    lock.close()
+
+
+def _build_locked(out_dir: str, parent: str, name: str, params: Mapping[str, Any],
+                  write_fn: Callable[[str], None], tmp_prefix: str) -> str:
+  """`build_once` under its lock."""
   # The replaced folder while the new one is swapped in: one name per dataset folder, so that a
   # swap killed between its two renames is undone for this folder and no other.
-  old = os.path.join(parent, f"{tmp_prefix}{os.path.basename(os.path.abspath(out_dir))}.old")
+  old = os.path.join(parent, f"{tmp_prefix}{name}.old")
   if not os.path.exists(out_dir) and os.path.isdir(old):
     os.rename(old, out_dir)
   manifest = read_manifest(out_dir)
@@ -63,7 +96,6 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
         "generator_version), so it is left alone: choose a new or empty folder")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FolderNotGeneratedError(f"{out_dir} is a file, not a dataset folder: choose a folder")
-  os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
   try:
     write_fn(tmp)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,3 +214,31 @@ def test_an_interrupt_during_the_swap_keeps_the_previous_dataset(tmp_path, monke
   assert json.load(open(os.path.join(cfg.demo_dir, "manifest.json"))) == (
       demo.demo_parameters(cfg))
   assert sorted(os.listdir(tmp_path)) == ["demo"]
+
+
+_CONCURRENT_BUILD = """
+import sys, time
+from asl_tf.data import dataset_dir
+
+def write(folder):
+  with open(sys.argv[2], "a") as log:
+    log.write("built\\n")
+  time.sleep(1.0)
+  open(folder + "/data.txt", "w").write("x")
+
+dataset_dir.build_once(sys.argv[1], {"generator_version": 1}, write, ".t_")
+print(open(sys.argv[1] + "/data.txt").read())
+"""
+
+
+def test_processes_building_one_folder_at_once_build_it_once(tmp_path):
+  """Two workers of one machine generating the demo together each built it, and the second
+  swapped the first's folder out from under it while it read."""
+  log = tmp_path / "builds.log"
+  procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_BUILD, str(tmp_path / "d"),
+                             str(log)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+           for _ in range(2)]
+  outputs = [p.communicate(timeout=60)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0] and outputs == ["x\n", "x\n"]
+  assert log.read_text() == "built\n"
+  assert sorted(os.listdir(tmp_path)) == ["builds.log", "d"]  # no lock file or copy left
