@@ -33,6 +33,7 @@ CONTRASTIVE_SAMPLINGS = ("sensitivity_topk", "windows", "windows_clear_backgroun
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 # How layers compute (asl_tf/modeling/kernels.py); the values are the same under each.
 KERNEL_POLICIES = ("auto", "reference", "fast", "portable")
+ADAMW_FORMS = ("pytorch", "keras")
 # Model fields that change how, not what, the model computes: a flag may change them for a
 # trained checkpoint.
 RUNTIME_MODEL_FIELDS = ("kernel_policy",)
@@ -47,6 +48,7 @@ FIELD_CHOICES = {
     "evaluator_points": EVALUATOR_POINTS,
     "contrastive_sampling": CONTRASTIVE_SAMPLINGS,
     "kernel_policy": KERNEL_POLICIES, "mixed_precision": MIXED_PRECISION_POLICIES,
+    "adamw_form": ADAMW_FORMS,
     "inference_precision": MIXED_PRECISION_POLICIES,
     "nms_method": NMS_METHODS,
 }
@@ -346,6 +348,11 @@ class TrainConfig:
     batch_size: per-replica batch size.
     learning_rate: peak learning rate (not multiplied by the replica count).
     weight_decay: AdamW decay on conv / dense kernels.
+    adamw_form: where AdamW adds epsilon. `pytorch` (PyTorch's AdamW, which ActionFormer and
+      ASL train with): to the bias-corrected sqrt(v). `keras` (Keras' and TensorFlow's Adam):
+      to sqrt(v) before the bias correction, an epsilon 1 / sqrt(1 - beta_2^t) times larger
+      (32x at the first step, 1.26x after 1000), which holds back the weights whose gradients
+      are near epsilon (those under LayerScale); this project's only form before 2026-12-04.
     sensitivity_weight_decay: apply weight decay to mu / sigma (the authors' code does).
     clip_grad_norm: global L2 clipping (<= 0 = off).
     ema_decay: EMA of weights (0 = off).
@@ -366,6 +373,7 @@ class TrainConfig:
   batch_size: int = 2
   learning_rate: float = 1e-4
   weight_decay: float = 0.05
+  adamw_form: str = "pytorch"
   sensitivity_weight_decay: bool = True
   clip_grad_norm: float = 1.0
   ema_decay: float = 0.999
@@ -514,7 +522,8 @@ def _section_from_dict(section_cls, d: dict):
 
 # What a saved config.json written before a field existed meant, where that differs from the
 # field's default today: such a run keeps its behaviour (evaluating or resuming it).
-_BEFORE_THE_FIELD = {"LossConfig": {"sensitivity_normalization": "none", "evaluator_loss": "mse"}}
+_BEFORE_THE_FIELD = {"LossConfig": {"sensitivity_normalization": "none", "evaluator_loss": "mse"},
+                     "TrainConfig": {"adamw_form": "keras"}}
 
 
 def _tuplify(value: Any) -> Any:

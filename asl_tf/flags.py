@@ -133,8 +133,8 @@ MODEL_FLAGS = ("backbone_arch", "embd_dim", "fpn_dim", "head_dim", "n_head", "mh
 ASL_FLAGS = ("class_sensitivity", "instance_sensitivity", "sensitivity_normalization",
              "instance_combination", "contrastive_weight", "contrastive_sampling")
 TRAINING_FLAGS = ("output_dir", "epochs", "warmup_epochs", "batch_size", "learning_rate",
-                  "weight_decay", "ema_decay", "seed", "resume", "eval_every", "mixed_precision",
-                  "num_cpu_devices", "kernel_policy")
+                  "weight_decay", "adamw_form", "ema_decay", "seed", "resume", "eval_every",
+                  "mixed_precision", "num_cpu_devices", "kernel_policy")
 EVALUATION_FLAGS = ("tiou_thresholds", "pre_nms_thresh", "max_seg_num", "min_score",
                     "nms_method", "multiclass_nms", "nms_sigma", "ext_score_file")
 _HELP_ARGS = ("--help", "-h", "--helpshort", "-help")

@@ -259,14 +259,17 @@ def test_a_config_saved_with_a_removed_field_loads():
 
 
 def test_a_config_saved_before_normalisation_existed_keeps_its_behaviour():
-  """Runs saved without `sensitivity_normalization` (or `evaluator_loss`) trained without it
-  (with MSE): loading (to evaluate or resume) must not switch today's default on; a section
+  """Runs saved without `sensitivity_normalization` (or `evaluator_loss`, `adamw_form`) trained
+  without it (with MSE, Keras' Adam): loading (to evaluate or resume) must not switch today's default on; a section
   saved with it keeps its value."""
   old = config_lib.Config().to_dict()
   del old["loss"]["sensitivity_normalization"]
   del old["loss"]["evaluator_loss"]
+  del old["train"]["adamw_form"]
   assert config_lib.Config.from_dict(old).loss.sensitivity_normalization == "none"
   assert config_lib.Config.from_dict(old).loss.evaluator_loss == "mse"
+  assert config_lib.Config.from_dict(old).train.adamw_form == "keras"  # resumes with Keras' Adam
+  assert config_lib.Config().train.adamw_form == "pytorch"
   assert config_lib.Config().loss.evaluator_loss == "bce"
   assert config_lib.Config.from_dict(config_lib.Config().to_dict()) == config_lib.Config()
   assert config_lib.Config.from_dict({}).loss.sensitivity_normalization == "instance"

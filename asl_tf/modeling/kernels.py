@@ -1,6 +1,6 @@
 """The one place where computations are chosen for speed: convolution, 1x1 projection,
 LayerNorm, GELU, per-frame MLP, the local attention's key blocks and level-shared heads, each
-under an explicit kernel policy (which also picks the optimizer's form: Keras' AdamW under
+under an explicit kernel policy (which also picks the optimizer's form: the unfused AdamW under
 `reference`, else `training.optimizer.FusedAdamW`, the same updates).
 
 Every function returns the same values under every policy (up to float32 rounding; the parity

@@ -38,24 +38,68 @@ def decayed_variables(model: keras.Model, train_config: config_lib.TrainConfig,
 
 
 @keras.saving.register_keras_serializable(package="asl_tf")
-class FusedAdamW(keras.optimizers.AdamW):
-  """`keras.optimizers.AdamW` with one fused kernel per variable (the `fast` / `portable` form).
+class PyTorchAdamW(keras.optimizers.AdamW):
+  """`keras.optimizers.AdamW` with PyTorch's update, which ActionFormer and ASL train with:
 
-  The same updates up to float32 rounding (the kernel's 1 - beta_2 is 1 - float32(0.999), 1.3e-5
-  below Keras' float32(0.001)), in the same order per variable: the decoupled decay
-  `var -= var * wd * lr`, then Adam's moments and step in one `ResourceApplyAdam`
-  (`alpha = lr sqrt(1 - beta_2^t) / (1 - beta_1^t)`, `var -= alpha m / (sqrt(v) + eps)`), then
-  the EMA. The step's scalars (learning rate, beta powers, EMA momentum) are computed once per
-  `apply` rather than once per variable. Keras' form spends ~64 graph ops per variable, half of
-  the bench config's training-step graph; this one ~12 (README, Benchmarks: memory). Its state
-  is Keras AdamW's, so checkpoints of either load into the other.
+    m <- beta_1 m + (1 - beta_1) g,   v <- beta_2 v + (1 - beta_2) g^2
+    var <- var - lr / (1 - beta_1^t) * m / (sqrt(v) / sqrt(1 - beta_2^t) + epsilon)
+
+  after the decoupled decay `var <- var - lr * wd * var` (Keras' base optimizer applies it
+  first, as PyTorch does). Keras adds epsilon to sqrt(v) before the bias correction instead
+  (`TrainConfig.adamw_form`). The state is Keras AdamW's: checkpoints load into either.
   """
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     if self.amsgrad:
+      raise ValueError(f"{type(self).__name__} has no amsgrad form; use keras.optimizers.AdamW")
+
+  def update_step(self, gradient, variable, learning_rate):
+    dtype = variable.dtype
+    step = tf.cast(self.iterations + 1, dtype)
+    beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+    gradient = tf.cast(gradient, dtype)
+    index = self._get_variable_index(variable)
+    m, v = self._momentums[index], self._velocities[index]
+    self.assign_add(m, (gradient - m) * (1.0 - beta_1))
+    self.assign_add(v, (tf.square(gradient) - v) * (1.0 - beta_2))
+    denominator = tf.sqrt(v) / tf.sqrt(1.0 - tf.pow(beta_2, step)) + tf.cast(self.epsilon, dtype)
+    step_size = tf.cast(learning_rate, dtype) / (1.0 - tf.pow(beta_1, step))
+    self.assign_sub(variable, m * step_size / denominator)
+
+
+@keras.saving.register_keras_serializable(package="asl_tf")
+class FusedAdamW(keras.optimizers.AdamW):
+  """AdamW with one fused kernel per variable (the `fast` / `portable` form).
+
+  The updates of `PyTorchAdamW` (`epsilon_form="pytorch"`) or of `keras.optimizers.AdamW`
+  (`"keras"`), up to float32 rounding (the kernel's 1 - beta_2 is 1 - float32(0.999), 1.3e-5
+  below Keras' float32(0.001)), in the same order per variable: the decoupled decay
+  `var -= var * wd * lr`, then Adam's moments and step in one `ResourceApplyAdam`
+  (`alpha = lr sqrt(1 - beta_2^t) / (1 - beta_1^t)`, `var -= alpha m / (sqrt(v) + eps_hat)`,
+  where eps_hat = epsilon sqrt(1 - beta_2^t) gives PyTorch's form and eps_hat = epsilon Keras'),
+  then the EMA. The step's scalars (learning rate, beta powers, eps_hat, EMA momentum) are
+  computed once per `apply` rather than once per variable. Keras' form spends ~64 graph ops per
+  variable, half of the bench config's training-step graph; this one ~12 (README, Benchmarks:
+  memory). Its state is Keras AdamW's, so checkpoints of either load into the other.
+
+  Args:
+    epsilon_form: `pytorch` or `keras` (`TrainConfig.adamw_form`); the rest as Keras' AdamW.
+  """
+
+  def __init__(self, *args, epsilon_form="pytorch", **kwargs):
+    super().__init__(*args, **kwargs)
+    if self.amsgrad:
       raise ValueError("FusedAdamW has no amsgrad form; use keras.optimizers.AdamW")
+    if epsilon_form not in config_lib.ADAMW_FORMS:
+      raise ValueError(f"epsilon_form={epsilon_form!r}: use one of {config_lib.ADAMW_FORMS}")
+    self.epsilon_form = epsilon_form
     self._step_scalars = []
+
+  def get_config(self):
+    config = super().get_config()
+    config["epsilon_form"] = self.epsilon_form
+    return config
 
   def apply(self, grads, trainable_variables=None):
     self._step_scalars = []
@@ -75,8 +119,12 @@ class FusedAdamW(keras.optimizers.AdamW):
         return scalars
     step = tf.cast(self.iterations + 1, dtype)
     beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-    scalars = (tf.cast(learning_rate, dtype), tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1,
-               beta_2, tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay, dtype))
+    beta_2_power = tf.pow(beta_2, step)
+    epsilon = tf.cast(self.epsilon, dtype)
+    if self.epsilon_form == "pytorch":
+      epsilon *= tf.sqrt(1.0 - beta_2_power)
+    scalars = (tf.cast(learning_rate, dtype), tf.pow(beta_1, step), beta_2_power, beta_1,
+               beta_2, epsilon, tf.cast(self.weight_decay, dtype))
     self._step_scalars.append((learning_rate, dtype, scalars))
     return scalars
 
@@ -106,9 +154,10 @@ class FusedAdamW(keras.optimizers.AdamW):
 def build_optimizer(model: keras.Model, train_config: config_lib.TrainConfig,
                     model_config: config_lib.ModelConfig,
                     steps_per_epoch: int) -> keras.optimizers.Optimizer:
-  """AdamW (betas 0.9 / 0.999) with the warm-up cosine schedule and optional EMA.
+  """AdamW (betas 0.9 / 0.999, epsilon 1e-8) with the warm-up cosine schedule and optional EMA.
 
-  Under the `reference` kernel policy Keras' AdamW, else `FusedAdamW` (the same updates).
+  Its update is PyTorch's or Keras' (`train_config.adamw_form`). Under the `reference` kernel
+  policy `PyTorchAdamW` or Keras' AdamW, else `FusedAdamW` (the same updates, fused).
 
   Gradient clipping is not configured here: the train step clips the all-reduced gradient
   itself so that clipping sees the global gradient under a distribution strategy.
@@ -124,12 +173,15 @@ def build_optimizer(model: keras.Model, train_config: config_lib.TrainConfig,
       warmup_steps=train_config.warmup_epochs * steps_per_epoch,
       total_steps=(train_config.epochs + train_config.warmup_epochs) * steps_per_epoch)
   use_ema = train_config.ema_decay > 0
-  adamw = (keras.optimizers.AdamW if kernels.resolve(model_config.kernel_policy) == "reference"
-           else FusedAdamW)
-  optimizer = adamw(
-      learning_rate=schedule, weight_decay=train_config.weight_decay, beta_1=0.9,
-      beta_2=0.999, epsilon=1e-8, use_ema=use_ema,
-      ema_momentum=train_config.ema_decay if use_ema else 0.99)
+  settings = dict(learning_rate=schedule, weight_decay=train_config.weight_decay, beta_1=0.9,
+                  beta_2=0.999, epsilon=1e-8, use_ema=use_ema,
+                  ema_momentum=train_config.ema_decay if use_ema else 0.99)
+  if kernels.resolve(model_config.kernel_policy) != "reference":
+    optimizer = FusedAdamW(epsilon_form=train_config.adamw_form, **settings)
+  elif train_config.adamw_form == "pytorch":
+    optimizer = PyTorchAdamW(**settings)
+  else:
+    optimizer = keras.optimizers.AdamW(**settings)
   decayed = {id(v) for v in decayed_variables(model, train_config, model_config)}
   optimizer.exclude_from_weight_decay(
       var_list=[v for v in model.trainable_variables if id(v) not in decayed])

@@ -3,7 +3,8 @@
   distributed_step_script.py CLIP_NORM SEED STEPS SINGLE_OPTIMIZER [CONTRASTIVE_SAMPLING]
 
 SINGLE_OPTIMIZER `fused` gives the single device the optimizer the policy chooses (FusedAdamW,
-as the replicas get), `keras` gives it Keras' AdamW (the same updates up to rounding).
+as the replicas get), `keras` gives it the `reference` policy's unfused form (PyTorchAdamW under
+the default --adamw_form; the same updates up to rounding).
 Prints JSON {"max_abs_diff", "max_abs_diff_ema", "weights_moved", "ema_lag", "replicas",
 "normalizer_1", "normalizer_2", "logs_1", "logs_2"} (logs of the last step). TensorFlow must not be
 initialized before the logical CPUs are configured, hence the subprocess.
@@ -72,7 +73,7 @@ def main():
                                         clip_grad_norm=clip, ema_decay=0.5)
   batch = make_batch(64, 16)
   keras.utils.set_random_seed(seed)
-  # The reference policy picks Keras' AdamW; the model's own policy stays `auto`.
+  # The reference policy picks the unfused PyTorchAdamW; the model's own policy stays `auto`.
   keras_adamw = dataclasses.replace(model_config, kernel_policy="reference")
   single, single_task, single_optimizer = build(
       tf.distribute.get_strategy(), model_config, train_config, sampling,

@@ -23,14 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("contrastive_sampling", ["windows", "sensitivity_topk"])
 def test_two_replica_steps_equal_one_device_steps_with_every_asl_option(contrastive_sampling):
   """Global batch of 4 on 1 device vs 2 logical CPUs x 2: same weights and EMA after 3 steps,
-  the replicas with FusedAdamW, the single device with Keras' AdamW; every ASL option and the
+  the replicas with FusedAdamW, the single device with the reference policy's PyTorchAdamW;
+  every ASL option and the
   loss options that are off by default (evaluator on every GT point, label-involved loss) on.
 
   Covers the all-reduced positive count and normalizer, the contrastive loss over gathered
   features (the default windows and the top-k sampling), clipping of the summed gradient (a clip
   norm of 1e-3 always clips, so per-replica clipping would give different weights), and
   FusedAdamW's once-per-apply scalars and EMA under
-  the strategy against Keras' own optimizer.
+  the strategy against the unfused optimizer.
   """
   proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed_step_script.py"),
                          "1e-3", "0", "3", "keras", contrastive_sampling],
@@ -39,7 +40,8 @@ def test_two_replica_steps_equal_one_device_steps_with_every_asl_option(contrast
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["replicas"] == 2
-  assert (result["single_optimizer"], result["mirrored_optimizer"]) == ("AdamW", "FusedAdamW")
+  assert (result["single_optimizer"], result["mirrored_optimizer"]) == ("PyTorchAdamW",
+                                                                        "FusedAdamW")
   assert result["weights_moved"] > 2e-4  # 3 steps did something (Adam: ~lr per weight each)
   assert result["max_abs_diff"] < 1e-6  # measured 6e-8
   # EMA decay 0.5: the average trails the weights by about a step (~lr); equal on both sides.
