@@ -160,7 +160,8 @@ class ModelConfig:
     head_empty_cls: class ids without training data (bias for p = 1e-6).
     regression_range: per level (lo, hi) in base-grid units (on the command line flattened:
       lo0,hi0,lo1,hi1,...).
-    class_sensitivity: ASL class-level Gaussian weights (the authors' code, exactly); off by
+    class_sensitivity: ASL class-level Gaussian weights (the authors' code, exactly with
+      --sensitivity_normalization=none; the default normalises them per instance); off by
       default: on top of the instance level it measured -0.01 / +0.06 average mAP (6 seeds,
       docs/ablation.md).
     sensitivity_parametrization: `authors` (raw sigma, weight decay as in the released code) or
