@@ -267,7 +267,8 @@ class LossConfig:
     focal_alpha: sigmoid focal loss alpha (weight of the positive targets).
     focal_gamma: sigmoid focal loss gamma (focusing exponent).
     label_smoothing: y <- y (1 - e) + e / (K + 1).
-    reg_loss_weight: DIoU loss weight (ActionFormer `loss_weight`; ANet 2.0).
+    reg_loss_weight: DIoU loss weight (ActionFormer `loss_weight`; ANet 2.0); <= 0:
+      ActionFormer's automatic balance, cls_loss / max(reg_loss, 0.01) each step.
     init_loss_norm: initial value of the EMA positive-count normalizer.
     loss_norm_momentum: EMA momentum of the normalizer (0.9).
     evaluator_loss_weight: weight of the instance evaluator's loss (`evaluator_loss`).
@@ -649,7 +650,7 @@ _RANGES = (
     ("loss", "focal_gamma", _NON_NEGATIVE, ">= 0"),
     ("loss", "loss_norm_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss", "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("loss", "reg_loss_weight", _NON_NEGATIVE, ">= 0"),
+    ("loss", "reg_loss_weight", math.isfinite, "finite (<= 0: the automatic balance)"),
     ("loss", "init_loss_norm", _POSITIVE, "positive"),
     ("loss", "evaluator_loss_weight", _NON_NEGATIVE, ">= 0"),
     ("loss", "video_label_loss_weight", _NON_NEGATIVE, ">= 0 (0 = off)"),

@@ -553,12 +553,16 @@ def asl_loss_sums(outputs, targets, sensitivity, gt_segments, gt_labels, loss_co
   }
 
 
-def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weight):
+def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weight,
+                   global_sums=None):
   """Turns `asl_loss_sums` into losses (docs/method.md 5).
 
-  total = cls/n + reg_loss_weight reg/n + evaluator_loss_weight eval/n
+  total = cls/n + w reg/n + evaluator_loss_weight eval/n
           + contrastive_weight contrastive_sum / max(num_anchors, 1)
           + video_label_loss_weight video_label/n
+
+  with w = reg_loss_weight, or, when that is <= 0, ActionFormer's automatic balance
+  w = cls / max(reg, 0.01) over the global batch's losses, held constant (not differentiated).
 
   Args:
     sums: the dict from `asl_loss_sums` (this replica's sums).
@@ -566,6 +570,8 @@ def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weigh
     num_anchors: contrastive anchors, all-reduced over replicas (`sums[...]` on one device).
     loss_config: `config.LossConfig`.
     contrastive_weight: `ModelConfig.contrastive_weight`.
+    global_sums: (cls_loss_sum, reg_loss_sum) all-reduced over replicas, for the automatic
+      balance (None: this replica's, i.e. one device).
 
   Returns:
     dict of float32 scalars `cls_loss`, `reg_loss`, `evaluator_loss`, `contrastive_loss`,
@@ -577,7 +583,11 @@ def combine_losses(sums, normalizer, num_anchors, loss_config, contrastive_weigh
   contrastive_loss = sums["contrastive_loss_sum"] / tf.maximum(
       tf.cast(num_anchors, tf.float32), 1.0)
   video_label_loss = sums["video_label_loss_sum"] / normalizer
-  total = (cls_loss + loss_config.reg_loss_weight * reg_loss
+  reg_weight = loss_config.reg_loss_weight
+  if reg_weight <= 0:
+    cls_sum, reg_sum = global_sums or (sums["cls_loss_sum"], sums["reg_loss_sum"])
+    reg_weight = tf.stop_gradient(cls_sum / tf.maximum(reg_sum, 0.01 * normalizer))
+  total = (cls_loss + reg_weight * reg_loss
            + loss_config.evaluator_loss_weight * evaluator_loss
            + contrastive_weight * contrastive_loss
            + loss_config.video_label_loss_weight * video_label_loss)

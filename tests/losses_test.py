@@ -328,6 +328,35 @@ def test_combine_losses_formula():
   np.testing.assert_allclose(float(out["contrastive_loss"]), 3.0)
 
 
+def test_reg_loss_weight_of_zero_is_actionformers_automatic_balance():
+  """ActionFormer: loss_weight <= 0 means w = cls.detach() / max(reg, 0.01). Here a weight of 0
+  dropped the regression loss, silently (a copied ActionFormer config trained no offsets)."""
+  cfg = config_lib.LossConfig(reg_loss_weight=0.0, evaluator_loss_weight=0.0,
+                              video_label_loss_weight=0.0)
+  cls_sum, reg_sum = tf.Variable(1.2), tf.Variable(0.4)
+
+  def total(reg):
+    reg_sum.assign(reg)
+    with tf.GradientTape() as tape:
+      sums = {"cls_loss_sum": cls_sum, "reg_loss_sum": reg_sum, "evaluator_loss_sum": 0.0,
+              "contrastive_loss_sum": 0.0, "video_label_loss_sum": 0.0}
+      out = losses.combine_losses(sums, 2.0, 0.0, cfg, 0.0)["total_loss"]
+    return float(out), [float(g) for g in tape.gradient(out, [cls_sum, reg_sum])]
+
+  # cls 0.6, reg 0.2: w = 3, total 0.6 + 3 * 0.2 = 1.2; w held constant: d/dcls_sum = 1 / 2,
+  # d/dreg_sum = w / 2 = 1.5.
+  value, grads = total(0.4)
+  np.testing.assert_allclose([value] + grads, [1.2, 0.5, 1.5], rtol=1e-6)
+  # reg 0.001 < 0.01: w = 0.6 / 0.01 = 60, total 0.6 + 60 * 0.001 = 0.66.
+  value, grads = total(0.002)
+  np.testing.assert_allclose([value] + grads, [0.66, 0.5, 30.0], rtol=1e-5)
+  # Across replicas the weight comes from the global batch's sums, passed in.
+  sums = {"cls_loss_sum": 1.2, "reg_loss_sum": 0.4, "evaluator_loss_sum": 0.0,
+          "contrastive_loss_sum": 0.0, "video_label_loss_sum": 0.0}
+  out = losses.combine_losses(sums, 2.0, 0.0, cfg, 0.0, global_sums=(2.0, 0.5))
+  np.testing.assert_allclose(float(out["total_loss"]), 0.6 + 4.0 * 0.2, rtol=1e-6)
+
+
 def test_zero_positive_batch_is_finite_with_zero_reg_loss():
   outputs, targets = _small_case()
   targets["positive_mask"] = np.zeros((1, 4), bool)

@@ -140,13 +140,18 @@ class DetectionTask:
                                     use_instance_weights=use_instance, gather_fn=gather_fn,
                                     evaluator_targets=evaluator_targets)
     num_pos, num_anchors = sums["num_pos"], sums["contrastive_num_anchors"]
+    global_sums = None
     if replicas > 1:
       num_pos, num_anchors = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [num_pos, num_anchors])
+      if lc.reg_loss_weight <= 0:  # the automatic balance weighs the global batch's losses
+        global_sums = tuple(ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                           [sums["cls_loss_sum"], sums["reg_loss_sum"]]))
     if update_normalizer:
       normalizer = self.loss_normalizer.update(num_pos)
     else:
       normalizer = tf.convert_to_tensor(self.loss_normalizer.normalizer)
-    terms = losses_lib.combine_losses(sums, normalizer, num_anchors, lc, mc.contrastive_weight)
+    terms = losses_lib.combine_losses(sums, normalizer, num_anchors, lc, mc.contrastive_weight,
+                                      global_sums)
     logs = {k: terms[k] for k in self.log_keys}
     logs["num_pos"] = sums["num_pos"]
     return logs, terms["total_loss"]
