@@ -144,9 +144,11 @@ def run_saved_model(saved_model: str, config: config_lib.Config,
                     videos: Sequence[Tuple[str, str]], fps: float = 0.0):
   """Detections of every video with an exported SavedModel's `serving_default`.
 
-  The features are resized as the export's training config resized them, and `segments_grid`
-  is turned into seconds with each video's own timebase at `fps` (0 = the export's), as
-  `run_checkpoint` does: the export's `segments_sec` assumes its baked fps and unresized videos.
+  The features are resized as the export's training config resized them (an export that
+  resizes in its graph then leaves them as they are), and `segments_grid` is turned into
+  seconds with each video's own timebase at `fps` (0 = the export's), as `run_checkpoint` does:
+  the export's `segments_sec` use its baked fps (and exports made before the graph resized
+  assume unresized videos).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   info, resize_length, class_names = _export_assets(saved_model)

@@ -416,6 +416,36 @@ def test_infer_with_a_saved_model_equals_the_checkpoint_at_another_fps(run_dir, 
   np.testing.assert_allclose([d["score"] for d in served], [d["score"] for d in ckpt], atol=1e-5)
 
 
+def test_a_served_resized_model_times_each_video_it_is_sent(run_dir, tmp_path):
+  """An export of a model trained on resized features (ActivityNet) took the features as sent
+  and timed them as unresized videos: a TF Serving client got seconds about 2x off. The graph
+  now resizes each video and times it by its own length: serving_default on the features as
+  extracted equals infer --checkpoint."""
+  from asl_tf.serving import module as module_lib  # pylint: disable=g-import-not-at-top
+  copy = _resized_run(run_dir, tmp_path, 96)
+  model, config = inference.load_model(copy)
+  version = module_lib.export_saved_model(model, config, str(tmp_path / "export"), warmup=False)
+  rng = np.random.default_rng(6)
+  raws = [rng.normal(size=[n, 8]).astype(np.float32) for n in (150, 61)]
+  served = tf.saved_model.load(version).signatures["serving_default"]
+  batch = np.zeros([2, 150, 8], np.float32)
+  batch[0], batch[1, :61] = raws
+  out = served(features=tf.constant(batch), lengths=tf.constant([150, 61], tf.int32))
+  for i, raw in enumerate(raws):
+    video = tmp_path / f"video{i}.npy"
+    np.save(video, raw)
+    results = tmp_path / f"ckpt{i}.json"
+    _run(infer.main, [f"--checkpoint={copy}", f"--features_path={video}",
+                      f"--results_file={results}"])
+    want = json.loads(results.read_text())["results"][f"video{i}"]
+    n = int(out["num_detections"][i])
+    assert n == len(want) > 0
+    np.testing.assert_allclose(out["segments_sec"].numpy()[i, :n],
+                               [d["segment"] for d in want], atol=1e-3)
+    np.testing.assert_allclose(out["scores"].numpy()[i, :n], [d["score"] for d in want],
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("fps", ["-30", "nan", "inf"])
 def test_infer_refuses_an_fps_that_is_not_a_rate(tmp_path, fps):
   with pytest.raises(SystemExit, match=r"^asl_tf.infer: --fps=\S+: the videos' frames per "

@@ -16,6 +16,10 @@ evaluation pads to (`pipeline.eval_padded_length`: max_seq_len, or the next sqrt
 a multiple of max_div_factor), so serving and `python -m asl_tf.evaluate` run the same shapes
 and give the same detections. fps, feat_stride and num_frames of the training configuration
 are constants of the graph; a video's duration is `(length * feat_stride + num_frames) / fps`.
+A model trained on resized features (`--resize_length`, ActivityNet) resizes each video's
+`lengths[b]` frames in the graph as training did (`resize_videos`), and times its detections by
+the resized timebase of that length (`timebase.resized_timebase`): clients send the features
+as extracted.
 Inputs are checked in the graph (rank, channels, lengths) with messages naming the expected
 shape. The graphs are traced with the `portable` kernel policy: nothing in them is only fast
 with oneDNN, which a server may not run.
@@ -100,11 +104,13 @@ def export_timebase(config: config_lib.Config) -> Dict[str, float]:
 
   Returns:
     `{fps, feat_stride, num_frames, max_div_factor, max_seq_len, input_dim, num_classes,
-    max_frames}`; fps is `data.fps_override` when set, else `data.default_fps`; max_frames is
-    `export.max_frames`, else 16 x max_seq_len.
+    max_frames, resize_length}`; fps is `data.fps_override` when set, else `data.default_fps`;
+    max_frames is `export.max_frames`, else 16 x max_seq_len; resize_length 0 = no resizing
+    (exports before it was recorded did not resize).
   """
   data, model = config.data, config.model
   return {
+      "resize_length": int(data.resize_length),
       "max_frames": int(config.export.max_frames or 16 * model.max_seq_len),
       "fps": float(data.fps_override if data.fps_override > 0 else data.default_fps),
       "feat_stride": float(data.feat_stride),
@@ -114,6 +120,30 @@ def export_timebase(config: config_lib.Config) -> Dict[str, float]:
       "input_dim": int(model.input_dim),
       "num_classes": int(model.num_classes),
   }
+
+
+def resize_videos(features: tf.Tensor, lengths: tf.Tensor, length_out: int) -> tf.Tensor:
+  """Each video's first `lengths[b]` frames linearly resized to `length_out` frames, as
+  `features.resize_linear` (`F.interpolate`, linear, align_corners=False) resizes one.
+
+  Args:
+    features: float32 [B, T, C].
+    lengths: int32 [B], 0 <= lengths <= T (a video of length 0 comes out as zeros).
+    length_out: L.
+
+  Returns:
+    float32 [B, L, C].
+  """
+  features = tf.pad(features, [[0, 0], [0, 1], [0, 0]])  # gathers stay in range when T = 0
+  last = tf.maximum(lengths, 1)[:, None] - 1  # [B, 1]
+  scale = tf.cast(last + 1, tf.float64) / length_out
+  src = tf.maximum((tf.range(length_out, dtype=tf.float64)[None] + 0.5) * scale - 0.5, 0.0)
+  lo = tf.minimum(tf.cast(tf.floor(src), tf.int32), last)  # [B, L]
+  hi = tf.minimum(lo + 1, last)
+  w = tf.cast(src - tf.cast(lo, tf.float64), tf.float32)[..., None]  # [B, L, 1]
+  resized = (tf.gather(features, lo, batch_dims=1) * (1.0 - w)
+             + tf.gather(features, hi, batch_dims=1) * w)
+  return resized * tf.cast(lengths > 0, tf.float32)[:, None, None]
 
 
 def bucket_lengths(max_seq_len: int, max_div_factor: int) -> List[int]:
@@ -140,6 +170,7 @@ class ServingModule(tf.Module):
     super().__init__(name="asl_serving")
     timebase = export_timebase(config)
     input_dim, max_frames = timebase["input_dim"], timebase["max_frames"]
+    resize_length = timebase["resize_length"]
     features_spec = tf.TensorSpec([None, None, input_dim], tf.float32, name="features")
     lengths_spec = tf.TensorSpec([None], tf.int32, name="lengths")
     buckets = tf.constant(
@@ -147,7 +178,8 @@ class ServingModule(tf.Module):
     expected = f"features must be [batch, time, {input_dim}] float32"
 
     def check_and_pad(features, lengths):
-      """Checks the inputs; returns (features [B, T_pad, C], lengths [B], mask [B, T_pad])."""
+      """Checks the inputs; returns (features [B, T_pad, C], lengths [B], mask [B, T_pad]) of
+      the model's input (resized when the model was trained so) and the sent lengths [B]."""
       shape = _runtime_shape(features)
       rank_ok = tf.debugging.assert_equal(
           tf.size(shape), 3, message=f"{expected} (got another rank)")
@@ -184,23 +216,31 @@ class ServingModule(tf.Module):
         features = tf.debugging.assert_all_finite(
             features, "features hold NaN or Inf values; send finite features")
         lengths = tf.identity(lengths)
+      sent_lengths = lengths
+      if resize_length:
+        features = resize_videos(features, lengths, resize_length)
+        lengths = tf.where(lengths > 0, resize_length, 0)
       longest = tf.reduce_max(tf.concat([lengths, [0]], 0))
       padded = tf.gather(buckets, tf.searchsorted(buckets, [longest]))[0]  # eval's length
       features = tf.pad(features[:, :longest], [[0, 0], [0, padded - longest], [0, 0]])
-      return features, lengths, tf.sequence_mask(lengths, padded)  # [B, T_pad, C], [B, T_pad]
+      mask = tf.sequence_mask(lengths, padded)
+      return features, lengths, mask, sent_lengths  # [B, T_pad, C], [B], [B, T_pad], [B]
 
     def detect(features, lengths):
-      features, lengths, mask = check_and_pad(features, lengths)
+      features, _, mask, sent_lengths = check_and_pad(features, lengths)
       batch = tf.shape(features)[0]
 
       def per_video(value):
         return tf.fill([batch], tf.constant(value, tf.float32))
 
       fps, feat_stride, num_frames = (timebase[k] for k in ("fps", "feat_stride", "num_frames"))
-      duration = timebase_lib.duration_sec(tf.cast(lengths, tf.float32), fps, feat_stride,
-                                           num_frames)
-      out = model.detect(features, mask, per_video(fps), duration, per_video(feat_stride),
-                         per_video(num_frames))
+      sent = tf.cast(sent_lengths, tf.float32)
+      duration = timebase_lib.duration_sec(sent, fps, feat_stride, num_frames)
+      stride_v, frames_v = per_video(feat_stride), per_video(num_frames)
+      if resize_length:  # each video's own resized timebase (timebase.resized_timebase)
+        stride_v = frames_v = ((tf.maximum(sent, 1.0) - 1.0) * feat_stride
+                               + num_frames) / resize_length
+      out = model.detect(features, mask, per_video(fps), duration, stride_v, frames_v)
       return {k: out[k] for k in DETECTION_KEYS}
 
     def detect_full(features):
@@ -208,7 +248,7 @@ class ServingModule(tf.Module):
       return self.serving_default(features, tf.fill(shape[:1], shape[1]))
 
     def raw_scores(features, lengths):
-      features, _, mask = check_and_pad(features, lengths)
+      features, _, mask, _ = check_and_pad(features, lengths)
       out = model(features, mask, training=False)
       return {"cls_scores": tf.sigmoid(out["cls_logits"]), "offsets": out["offsets"],
               "points": out["points"], "valid": out["padding_mask"]}
@@ -329,11 +369,6 @@ def export_saved_model(model: detector_lib.ASLDetector, config: config_lib.Confi
       "class_names": class_names,
       "config": config.to_dict(),
   }
-  if config.data.resize_length > 0:
-    logging.warning("the model was trained on features resized to %d frames: resize the "
-                    "features before serving, and convert segments_grid to seconds with each "
-                    "video's own feat_stride / num_frames (segments_sec assumes %s)",
-                    config.data.resize_length, timebase)
   remove_leftover_exports(export_dir)
   staging = tempfile.mkdtemp(prefix=_staging_prefix(version), dir=export_dir)
   try:

@@ -101,7 +101,7 @@ def test_layout_assets_and_warmup(exported):
     assert f.read().splitlines() == list(CLASS_NAMES)
   timebase = module.read_timebase(path)
   assert timebase == dict(TIMEBASE, max_div_factor=8, max_seq_len=MAX_SEQ_LEN, input_dim=C,
-                          num_classes=3, max_frames=16 * MAX_SEQ_LEN)
+                          num_classes=3, max_frames=16 * MAX_SEQ_LEN, resize_length=0)
   with open(os.path.join(path, "assets", "model_info.json")) as f:
     info = json.load(f)
   assert info["signatures"]["serving_default"]["inputs"] == {
