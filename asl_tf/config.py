@@ -157,7 +157,8 @@ class ModelConfig:
     dropout: attention projection / MLP dropout.
     droppath: stochastic depth (LayerScale, init 1e-4, is present only when > 0).
     cls_prior_prob: classification bias prior (bias = -log((1 - p) / p)).
-    head_empty_cls: class ids without training data (bias for p = 1e-6).
+    head_empty_cls: class ids without training data (bias for p = 1e-6); empty: training takes
+      the ids that no class name in the annotation file (or label map) has, as ActionFormer.
     regression_range: per level (lo, hi) in base-grid units (on the command line flattened:
       lo0,hi0,lo1,hi1,...).
     class_sensitivity: ASL class-level Gaussian weights (the authors' code, exactly with

@@ -104,6 +104,8 @@ def config_differences(saved: config_lib.Config, new: config_lib.Config) -> List
         continue  # post-processing does not affect training state
       if section == "model" and field.name in config_lib.RUNTIME_MODEL_FIELDS:
         continue  # how, not what, the model computes
+      if section == "model" and field.name == "head_empty_cls":
+        continue  # initial biases only: a resumed run restores its weights
       va, vb = getattr(a, field.name), getattr(b, field.name)
       if va != vb:
         diffs.append(f"{section}.{field.name}: {va!r} (checkpoint) vs {vb!r} (now)")

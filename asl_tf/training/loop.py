@@ -142,6 +142,12 @@ class Trainer:
       demo_lib.ensure_demo_data(config.data)
     self.records, self.data_report = annotations_lib.load_video_records(
         config.data, config.data.train_subset)
+    unnamed = self.data_report.unnamed_class_ids
+    if unnamed and not config.model.head_empty_cls:
+      # As ActionFormer: classes the annotation file never names start at a 1e-6 prior.
+      config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                     head_empty_cls=unnamed))
+      self.config = config
     if self.evaluate_fn is not None and self.chief and config.train.eval_every >= 0:
       # Evaluation reads its subset after the first epoch it runs: a missing feature file or a
       # misspelt --eval_subset is found now, not after hours of training.

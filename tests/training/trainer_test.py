@@ -1,6 +1,7 @@
 """In-process training checks: run-folder refusals, weight decay groups, the optimizer's LR,
 non-finite losses, failing checkpoint writes, mixed precision and XLA."""
 
+import dataclasses
 import errno
 import json
 import logging
@@ -78,6 +79,26 @@ def test_resume_into_a_folder_without_checkpoints_says_it_starts_anew(tiny_data,
   with caplog.at_level(logging.WARNING):
     loop.check_run_folder(_config(tiny_data, run, resume=True))
   assert "holds no checkpoint" not in caplog.text
+
+
+def test_classes_the_annotation_file_never_names_start_at_the_empty_prior(tiny_data, tmp_path):
+  """ActionFormer sets the bias of classes its annotation file has no label for to a 1e-6 prior
+  (EPIC's head_empty_cls); here they started at 0.01 like the trained ones. A run saved with
+  them still resumes: they set initial biases only."""
+  from asl_tf.modeling import heads  # pylint: disable=g-import-not-at-top
+  config = _config(tiny_data, tmp_path / "run", num_classes=5)
+  trainer = loop.Trainer(config)
+  try:
+    assert trainer.config.model.head_empty_cls == (3, 4)
+    assert trainer.model.cls_head.empty_classes == (3, 4)
+  finally:
+    trainer._lock.release()  # pylint: disable=protected-access
+  saved = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                head_empty_cls=(3, 4)))
+  assert ckpt_lib.config_differences(saved, config) == []
+  expected = [heads.prior_bias(0.01)] * 3 + [heads.prior_bias(heads.EMPTY_CLASS_PRIOR)] * 2
+  bias = trainer.model.cls_head.get_weights()[-1]
+  np.testing.assert_allclose(bias, expected, rtol=1e-6)
 
 
 _HOLDER = """
