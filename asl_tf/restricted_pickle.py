@@ -8,13 +8,17 @@ file can cost unbounded time: a tuple made of itself twice, 40 levels deep, is 3
 takes 2**40 steps to hash; tuples of integers can be chosen to share one hash, which makes
 every insert scan all the others. `BoundedUnpickler` therefore lets the file hash only values
 whose hash is cheap and cannot be chosen to collide: str, bytes (hashed with Python's random
-seed), None, bool, and integers of magnitude below 2**60 (each its own hash).
+seed), None, bool, and integers of magnitude below 2**60 (each its own hash). The memo's keys
+come from the file too (PUT / GET take any integer as text): they must lie in [0, 2**32), as
+the binary opcodes' do. Extension codes (EXT1 / 2 / 4), whose lookups go through the
+process-wide copyreg cache, are refused.
 """
 
 import pickle
 import types
 
 _MAX_KEY_INT = 1 << 60
+_MAX_MEMO_INDEX = 1 << 32  # LONG_BINPUT's range
 
 
 def fresh(fn: types.FunctionType) -> types.FunctionType:
@@ -43,6 +47,14 @@ def check_hashable(value):
   what = "an integer of 2**60 or more" if kind is int else f"a {kind.__name__}"
   raise pickle.UnpicklingError(f"a dict key or set item is {what}; only text, bytes, None, "
                                "booleans and integers below 2**60 may be")
+
+
+def _memo_index(line: bytes) -> int:
+  """A PUT / GET argument (decimal text) as a memo index in [0, 2**32)."""
+  text = line[:-1]
+  if not 0 < len(text) <= 10 or not text.isdigit() or int(text) >= _MAX_MEMO_INDEX:
+    raise pickle.UnpicklingError(f"memo index {text[:20]!r} is not in [0, 2**32)")
+  return int(text)
 
 
 class BoundedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
@@ -84,6 +96,20 @@ class BoundedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
     items = self.pop_mark()  # before `self.append` is looked up: it changes with the stack
     self.append(frozenset(check_hashable(item) for item in items))
 
+  def load_put(self):
+    self.memo[_memo_index(self.readline())] = self.stack[-1]
+
+  def load_get(self):
+    index = _memo_index(self.readline())
+    if index not in self.memo:
+      raise pickle.UnpicklingError(f"memo value not found at index {index}")
+    self.append(self.memo[index])
+
+  def get_extension(self, code):
+    raise pickle.UnpicklingError(f"extension code {code} (EXT opcodes) refused")
+
+  dispatch[pickle.PUT[0]] = load_put
+  dispatch[pickle.GET[0]] = load_get
   dispatch[pickle.SETITEM[0]] = load_setitem
   dispatch[pickle.SETITEMS[0]] = load_setitems
   dispatch[pickle.DICT[0]] = load_dict

@@ -24,7 +24,7 @@ def _loads(data):
 
 
 def doubling_tuples(depth):
-  """Pickle opcodes leaving T_depth on the stack, T_0 = (), T_i = (T_(i-1), T_(i-1)): 14 bytes
+  """Pickle opcodes leaving T_depth on the stack, T_0 = (), T_i = (T_(i-1), T_(i-1)): 8 bytes
   per level, and hashing T_depth takes 2**depth steps (depth 28: about 2 s here)."""
   ops = pickle.EMPTY_TUPLE + pickle.BINPUT + b"\x00"
   for i in range(1, depth + 1):
@@ -54,7 +54,7 @@ def with_protocol(body, protocol=4):
 
 @pytest.mark.parametrize("opcode", sorted(HASHING_OPCODES))
 def test_a_file_cannot_make_the_reader_hash_slowly(opcode):
-  """A 400-byte pickle of a self-doubling tuple as a dict key took 2 s to load (2**28 steps);
+  """A 233-byte pickle of a self-doubling tuple as a dict key took 2 s to load (2**28 steps);
   each further level doubles it. Such keys and set items are refused before they are hashed."""
   start = time.perf_counter()
   with pytest.raises(pickle.UnpicklingError, match=r"a dict key or set item is (a tuple|an "
@@ -84,6 +84,26 @@ def test_plain_data_loads_as_pickle_loads_it(protocol):
     data["sets"] = [{"a", 1}, frozenset({b"b", None})]
   raw = pickle.dumps(data, protocol=protocol)
   assert _loads(raw) == pickle.loads(raw) == data
+
+
+def test_memo_indices_from_the_file_stay_in_the_binary_opcodes_range():
+  """Text PUT / GET take any integer: k * (2**61 - 1) all hash to 0, so 16,000 PUTs (400 KB)
+  took 2 s and the time grew with the square of the file (the C unpickler's memo is an array)."""
+  puts = b"".join(b"p%d\n" % (k * (2 ** 61 - 1)) for k in range(1, 200))
+  with pytest.raises(pickle.UnpicklingError, match=r"memo index b'2305843009213693951' is not in "
+                                                   r"\[0, 2\*\*32\)"):
+    _loads(with_protocol(pickle.NONE + puts + pickle.EMPTY_DICT, protocol=2))
+  for bad in (b"g-1\n", b"g4294967296\n", b"g 1\n"):
+    with pytest.raises(pickle.UnpicklingError, match="memo index"):
+      _loads(with_protocol(pickle.NONE + b"p0\n" + bad, protocol=2))
+  assert _loads(with_protocol(pickle.NONE + b"p0\n0" + b"g0\n", protocol=2)) is None
+
+
+def test_extension_codes_are_refused_whatever_copyreg_holds():
+  """EXT opcodes look globals up through copyreg's process-wide cache, where a stand-in would
+  stay for every later unpickling in the process."""
+  with pytest.raises(pickle.UnpicklingError, match="extension code 1 .* refused"):
+    _loads(with_protocol(pickle.EXT1 + b"\x01", protocol=2))
 
 
 def test_it_resolves_no_global():

@@ -345,11 +345,12 @@ def _label_map(path: str, database: dict, fmt: str, taxonomy: Optional[list],
   if fmt == "activitynet" and taxonomy:
     nodes = taxonomy if isinstance(taxonomy, list) else [taxonomy]
     for i, node in enumerate(nodes):
-      if not isinstance(node, dict) or not isinstance(node.get("nodeName"), str):
+      if (not isinstance(node, dict) or not isinstance(node.get("nodeName"), str)
+          or not isinstance(node.get("parentName"), (str, type(None)))):
         raise AnnotationError(
-            f"{path}: taxonomy node {i} ({reprlib.repr(node)}) has no 'nodeName' text; the "
-            "taxonomy is a list of {\"nodeName\": ..., \"parentName\": ...} objects (fix it, or "
-            "pin ids with --label_map_file)")
+            f"{path}: taxonomy node {i} ({reprlib.repr(node)}) needs 'nodeName' text and a "
+            "'parentName' that is text or null; the taxonomy is a list of {\"nodeName\": ..., "
+            "\"parentName\": ...} objects (fix it, or pin ids with --label_map_file)")
     parents = {n.get("parentName") for n in nodes}
     leaves = sorted({n["nodeName"] for n in nodes if n["nodeName"] not in parents})
     return {name: i for i, name in enumerate(leaves)}

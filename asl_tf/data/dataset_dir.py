@@ -6,7 +6,8 @@ requested parameters alone; otherwise it writes the dataset into a temporary sib
 the manifest last and swaps the folder in, so that readers never see a partial dataset. A folder
 that a generator did not write (no such manifest) is never replaced: it may be the user's.
 Processes that build the same folder at once (the workers of one machine) take turns on a lock
-file beside it: the first builds, the others find its manifest and leave it alone.
+file beside it: the first builds, the others find its manifest and leave it alone. A folder
+that is already built is used without the lock (its parent may be read-only).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def build_once(out_dir: str, params: Mapping[str, Any], write_fn: Callable[[str]
   Raises:
     FolderNotGeneratedError: `out_dir` is not empty and has no generator's manifest.
   """
+  if read_manifest(out_dir) == params:
+    return out_dir
   parent = os.path.dirname(os.path.abspath(out_dir))
   name = os.path.basename(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
@@ -74,7 +77,10 @@ def _exclusive(path: str):
   try:
     yield
   finally:
-    os.unlink(path)
+    try:
+      os.unlink(path)
+    except FileNotFoundError:
+      pass
     lock.close()
 
 

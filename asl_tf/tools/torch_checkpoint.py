@@ -416,6 +416,8 @@ def _load_legacy(path: str, raw: bytes) -> Tuple[Any, Dict[str, np.ndarray]]:
   unpickler = _RestrictedUnpickler(stream, path, legacy=True)
   obj = unpickler.load()
   keys = _RestrictedUnpickler(stream, path, legacy=True).load()
+  if not isinstance(keys, list) or any(type(k) is not str for k in keys):  # hashed below
+    raise CheckpointError(f"{path}: the storage key list is not a list of strings")
   flats = {}
   for key in keys:
     if key not in unpickler.storages:

@@ -181,6 +181,8 @@ def test_official_activitynet_taxonomy_and_sorted_names(tmp_path):
     ([{"nodeName": "Root"}, {"parentName": "Root"}], r"1 \(\{'parentName': 'Root'\}\)"),
     ({"Root": "Sports"}, r"0 \(\{'Root': 'Sports'\}\)"),
     (["Root", "Sports"], r"0 \('Root'\)"),
+    ([{"nodeName": "Run", "parentName": ["Root"]}],  # was an unhashable-list TypeError
+     r"0 \(\{'nodeName': 'Run', 'parentName': \['Root'\]\}\)"),
 ])
 def test_a_malformed_taxonomy_names_the_node(tmp_path, taxonomy, node):
   """Were KeyError / AttributeError tracebacks from train, evaluate and visualize."""
@@ -188,7 +190,8 @@ def test_a_malformed_taxonomy_names_the_node(tmp_path, taxonomy, node):
                       "annotations": [{"segment": [1.0, 9.0], "label": "Surfing"}]}}
   path = _write(tmp_path, {"version": "VERSION 1.3", "taxonomy": taxonomy, "database": database})
   with pytest.raises(annotations.AnnotationError,
-                     match=f"{re.escape(path)}: taxonomy node {node} has no 'nodeName' text"):
+                     match=f"{re.escape(path)}: taxonomy node {node} needs 'nodeName' text and "
+                           "a 'parentName' that is text or null"):
     annotations.load_annotations(path, "validation", num_classes=2)
 
 

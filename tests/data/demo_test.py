@@ -242,3 +242,19 @@ def test_processes_building_one_folder_at_once_build_it_once(tmp_path):
   assert [p.returncode for p in procs] == [0, 0] and outputs == ["x\n", "x\n"]
   assert log.read_text() == "built\n"
   assert sorted(os.listdir(tmp_path)) == ["builds.log", "d"]  # no lock file or copy left
+
+
+def test_a_built_folder_is_used_without_taking_the_lock(tmp_path, monkeypatch):
+  """The lock file is created beside the folder: a dataset built once and then shared from a
+  read-only place failed with a PermissionError where it had been used as it was."""
+  from asl_tf.data import dataset_dir  # pylint: disable=g-import-not-at-top
+  cfg = _demo_config(tmp_path)
+  demo.ensure_demo_data(cfg)
+
+  def no_lock(path):
+    raise AssertionError(f"took the lock {path}")
+
+  monkeypatch.setattr(dataset_dir, "_exclusive", no_lock)
+  assert demo.ensure_demo_data(cfg) == cfg.demo_dir
+  with pytest.raises(AssertionError, match="took the lock"):
+    demo.ensure_demo_data(_demo_config(tmp_path, input_dim=8))  # a rebuild still locks
