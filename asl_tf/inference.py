@@ -252,7 +252,7 @@ def evaluate_model(model: detector_lib.ASLDetector, config: config_lib.Config,
   Writes `<output_dir>/eval/metrics.json` (`tiou_thresholds`, `mAP`, `average_mAP` as
   fractions, per-class AP, Recall@1x/5x, the videos and ground-truth segments scored),
   `detections.json` (ActivityNet results layout) and `per_class_ap.csv`. The ground truth is
-  the file's segments as the ActivityNet protocol reads them (`VideoRecord.eval_segments_sec`:
+  the file's segments as ActionFormer's evaluation reads them (`VideoRecord.eval_segments_sec`:
   not clipped to the video, unlike training's).
 
   `trained_names` (the run's class names, `trained_class_names`) are checked against the

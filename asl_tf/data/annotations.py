@@ -47,7 +47,7 @@ DIRTY_ROW_RULES = collections.OrderedDict([
                           "training"),
     ("outside_video", "segment starts at or after the video's end (nothing left after "
                       "clipping): dropped from training, still scored by evaluation (as the "
-                      "ActivityNet protocol does; no detection can match it)"),
+                      "ActivityNet evaluation does; no detection can match it)"),
     ("zero_length", f"segment shorter than {SEGMENT_TOL_SEC} s: dropped"),
     ("duplicate", f"same label, start and end within {SEGMENT_TOL_SEC} s of an earlier segment: "
                   "dropped"),
@@ -78,10 +78,10 @@ class VideoRecord:
     labels: int32 [M] label ids in [0, num_classes).
     label_names: the M label names as written in the file.
     features: feature files and per-video timebase; None until `features.scan_features` ran.
-    eval_segments_sec: float64 [E, 2], the ground truth evaluation scores against, as the
-      ActivityNet protocol (and ActionFormer's evaluation) reads the file: only segments
-      shorter than SEGMENT_TOL_SEC and duplicates are dropped, nothing is clipped to the
-      video (a segment past its end stays, and no detection can match it). None: segments_sec.
+    eval_segments_sec: float64 [E, 2], the ground truth evaluation scores against, as
+      ActionFormer's evaluation reads the file (the ActivityNet evaluation code, less rows
+      shorter than SEGMENT_TOL_SEC and duplicates): nothing is clipped to the video (a segment
+      past its end stays, and no detection can match it). None: segments_sec.
     eval_labels: int32 [E], their label ids (None: labels).
   """
   video_id: str

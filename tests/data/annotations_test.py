@@ -71,7 +71,7 @@ def test_dirty_rows_fixed_and_counted(tmp_path):
   assert "v1" in report.summary() and "duplicate: 1" in report.summary()
 
 
-def test_evaluation_rows_are_the_files_as_the_activitynet_protocol_reads_them(tmp_path):
+def test_evaluation_rows_are_the_files_as_actionformers_evaluation_reads_them(tmp_path):
   """Training clips and drops rows past the video; evaluation scored those clipped rows too,
   so a segment after the video's end (26 in THUMOS14 test) was one miss fewer than the
   reference evaluation counts: HammerThrow's AP of a perfect detector was 1.0, not 0.909."""
