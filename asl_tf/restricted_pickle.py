@@ -4,7 +4,7 @@ PyTorch-checkpoint reader (`tools.torch_checkpoint`).
 Each reader resolves a few globals to local stand-ins and refuses the rest, so a file runs no
 code. What remains is pickle's own opcodes, and some of them hash what the file built: a dict
 key (SETITEM, SETITEMS, DICT) and a set item (ADDITEMS, FROZENSET). Hashing is where a small
-file can cost unbounded time: a tuple made of itself twice, 40 levels deep, is 300 bytes and
+file can cost unbounded time: a tuple made of itself twice, 40 levels deep, is 330 bytes and
 takes 2**40 steps to hash; tuples of integers can be chosen to share one hash, which makes
 every insert scan all the others. `BoundedUnpickler` therefore lets the file hash only values
 whose hash is cheap and cannot be chosen to collide: str, bytes (hashed with Python's random
