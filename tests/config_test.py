@@ -260,8 +260,8 @@ def test_a_config_saved_with_a_removed_field_loads():
 
 def test_a_config_saved_before_normalisation_existed_keeps_its_behaviour():
   """Runs saved without `sensitivity_normalization` (or `evaluator_loss`, `adamw_form`) trained
-  without it (with MSE, Keras' Adam): loading (to evaluate or resume) must not switch today's default on; a section
-  saved with it keeps its value."""
+  without it (with MSE, Keras' Adam): loading (to evaluate or resume) must not switch today's
+  default on; a section saved with it keeps its value."""
   old = config_lib.Config().to_dict()
   del old["loss"]["sensitivity_normalization"]
   del old["loss"]["evaluator_loss"]

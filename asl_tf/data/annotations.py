@@ -203,10 +203,11 @@ def log_report(report: DataReport) -> None:
     named = num_classes - len(ids)
     fix = (f"lower --num_classes to {named}" if ids == tuple(range(named, num_classes))
            else "name every id with --label_map_file")
-    logging.warning("%s: --num_classes=%d but %d label ids have a class name: no label has id%s %s, "
-                    "whose output%s learn%s only background; %s", report.source, num_classes,
-                    named, "s" * (len(ids) > 1), _id_ranges(ids), "s" * (len(ids) > 1),
-                    "s" * (len(ids) == 1), fix)
+    plural = "s" * (len(ids) > 1)
+    logging.warning("%s: --num_classes=%d but %d label ids have a class name: no label has "
+                    "id%s %s, whose output%s learn%s only background; %s", report.source,
+                    num_classes, named, plural, _id_ranges(ids), plural, "s" * (len(ids) == 1),
+                    fix)
   if report.num_issues:
     logging.warning("annotation / feature issues (fixed or skipped, see rules):\n%s",
                     report.summary())
