@@ -110,7 +110,12 @@ def _free_ports(n):
 
 @pytest.mark.slow
 def test_one_device_equals_two_cpu_replicas_equals_two_workers(tiny_data, tmp_path):
-  common = {"dropout": 0.0, "droppath": 0.0, "epochs": 1, "warmup_epochs": 1}
+  # Keras' Adam form: PyTorch's (the default) adds a 32x smaller epsilon early on, so Adam's
+  # step of a near-zero gradient follows that gradient's float32 noise (summed in another order
+  # across replicas): under it one element of a 16-wide vector ended 2.6e-5 apart. The
+  # strategies, not the form, are what this compares (the form: optimizer_test.py).
+  common = {"dropout": 0.0, "droppath": 0.0, "epochs": 1, "warmup_epochs": 1,
+            "adamw_form": "keras"}
   runs = {"one": ({"batch_size": 2}, {}),
           "mirrored": ({"batch_size": 1, "num_cpu_devices": 2}, {})}
   ports = _free_ports(2)
