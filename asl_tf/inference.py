@@ -164,17 +164,9 @@ def class_names(config: config_lib.Config) -> List[str]:
 
 
 def trained_class_names(checkpoint: str) -> Optional[List[str]]:
-  """The class names the checkpoint's run trained on (its `class_names.json`), or None for runs
-  written before the file existed and for imported checkpoints."""
-  path = os.path.join(ckpt_lib.run_folder(checkpoint), ckpt_lib.CLASS_NAMES_FILE)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      names = json.load(f)["class_names"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ckpt_lib.CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
-  return [str(n) for n in names]
+  """The class names the checkpoint's run trained on (its `class_names.json`,
+  `checkpoints.read_class_names`), or None for runs written before the file existed."""
+  return ckpt_lib.read_class_names(ckpt_lib.run_folder(checkpoint))
 
 
 def check_class_names(names: Sequence[str], trained: Optional[Sequence[str]],

@@ -41,7 +41,6 @@ from absl import flags
 from absl import logging
 
 from asl_tf import config as config_lib
-from asl_tf import files
 from asl_tf import flags as asl_flags
 from asl_tf.tools import torch_checkpoint
 
@@ -337,8 +336,7 @@ def import_checkpoint(config: config_lib.Config, torch_checkpoint_path: str, out
                               train=dataclasses.replace(config.train, output_dir=output_dir))
   saved.save(os.path.join(output_dir, ckpt_lib.CONFIG_FILE))
   if names:  # what evaluate checks an annotation file's label ids against, as for a trained run
-    files.write_json_atomic(os.path.join(output_dir, ckpt_lib.CLASS_NAMES_FILE),
-                            {"class_names": list(names)}, indent=1)
+    ckpt_lib.write_class_names(output_dir, names)
   # The layout training writes, without optimizer state (load_model then uses these weights).
   try:
     report.checkpoint = ckpt_lib.RunCheckpointer(output_dir, keep=1, model=model).save(epoch)

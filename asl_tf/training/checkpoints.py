@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from asl_tf import config as config_lib
+from asl_tf import files
 
 CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "class_names.json"  # the training data's class names, in label-id order
@@ -90,6 +92,29 @@ class RunLock:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
+
+
+def write_class_names(run_dir: str, names: Sequence[str]) -> None:
+  """Records a run's class names (label-id order) in `<run_dir>/class_names.json`."""
+  files.write_json_atomic(os.path.join(run_dir, CLASS_NAMES_FILE), {"class_names": list(names)},
+                          indent=1)
+
+
+def read_class_names(run_dir: str) -> Optional[List[str]]:
+  """A run's recorded class names, or None for runs written before the file existed.
+
+  Raises:
+    CheckpointError: the file is unreadable.
+  """
+  path = os.path.join(run_dir, CLASS_NAMES_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      names = json.load(f)["class_names"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+  return [str(n) for n in names]
 
 
 def config_differences(saved: config_lib.Config, new: config_lib.Config) -> List[str]:

@@ -22,7 +22,6 @@ import tensorflow as tf
 from absl import logging
 
 from asl_tf import config as config_lib
-from asl_tf import files
 from asl_tf.data import annotations as annotations_lib
 from asl_tf.data import demo as demo_lib
 from asl_tf.data import pipeline as pipeline_lib
@@ -226,8 +225,7 @@ class Trainer:
     if self.chief:
       os.makedirs(self.output_dir, exist_ok=True)
       cfg.save(os.path.join(self.output_dir, ckpt_lib.CONFIG_FILE))
-      files.write_json_atomic(os.path.join(self.output_dir, ckpt_lib.CLASS_NAMES_FILE),
-                              {"class_names": list(self.data_report.class_names)}, indent=1)
+      ckpt_lib.write_class_names(self.output_dir, self.data_report.class_names)
     total_epochs = cfg.train.epochs + cfg.train.warmup_epochs
     if self.chief:
       print(f"asl_tf training: output_dir={os.path.abspath(self.output_dir)}\n"
