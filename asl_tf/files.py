@@ -58,4 +58,3 @@ def write_json_atomic(path: str, obj: Any, **dump_kwargs) -> None:
   """`json.dumps(obj, **dump_kwargs)` written with `write_text_atomic` (the object is fully
   serialised before the file is touched)."""
   write_text_atomic(path, json.dumps(obj, **dump_kwargs))
-

@@ -462,7 +462,8 @@ def _score_row(value):
   checked before any conversion, so that nested structures cannot make NumPy build more than
   the file holds."""
   if isinstance(value, np.ndarray):
-    return value.astype(np.float64) if value.ndim == 1 and value.dtype.kind in "biuf" else None
+    return (value.astype(np.float64) if value.ndim == 1 and value.dtype.kind in _NUMBER_KINDS
+            else None)
   if isinstance(value, (list, tuple)) and all(
       isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
     return np.asarray(value, np.float64)

@@ -438,7 +438,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "ActivityNet results file.", flag_values=fv)
 
 
-def _input_file_problem(fv: flags.FlagValues) -> str:
+def _flag_problem(fv: flags.FlagValues) -> str:
   """What is wrong with the flags' values or the files they name, or ''."""
   if not fv.server and not fv.rest:
     return "--server and --rest are both empty; give a gRPC host:8500 or a REST host:8501"
@@ -476,7 +476,7 @@ def run(fv: flags.FlagValues = flags.FLAGS, out=sys.stdout) -> int:
     print(f"asl_tf.serving.client: --lengths={','.join(fv.lengths)}: expected comma-separated "
           "integers (valid frames per video)", file=sys.stderr)
     return 2
-  problem = _input_file_problem(fv)
+  problem = _flag_problem(fv)
   if problem:
     print(f"asl_tf.serving.client: {problem} (checked before sending the request)",
           file=sys.stderr)

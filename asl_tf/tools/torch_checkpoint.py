@@ -507,8 +507,7 @@ def select_state_dict(ckpt: Dict[str, Any], use_ema: bool) -> Dict[str, np.ndarr
   for name, value in state.items():
     if not isinstance(value, np.ndarray):
       raise CheckpointError(f"checkpoint[{key!r}][{reprlib.repr(name)}] is a "
-                            f"{type(value).__name__}, "
-                            "not a tensor")
+                            f"{type(value).__name__}, not a tensor")
     short = name[len(_MODULE_PREFIX):] if name.startswith(_MODULE_PREFIX) else name
     if short in out:
       raise CheckpointError(f"checkpoint[{key!r}] has both {reprlib.repr(short)} and "
